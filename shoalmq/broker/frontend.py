@@ -1,0 +1,103 @@
+"""The MQTT listener and the amqtt broker behind it.
+
+ShoalMQ owns the listening socket and hands each accepted connection to amqtt through amqtt's "external"
+listener type. Binding ourselves gives a clear error when the address is taken (amqtt would log a traceback),
+tells us the address really bound, and is where a later fast path takes over ``$queue/`` traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.broker import Broker
+
+from shoalmq.config import Config, HostPort
+from shoalmq.errors import StartupError, os_error_text
+
+log = logging.getLogger(__name__)
+
+LISTENER = "default"
+
+# amqtt's default plugin set adds an event logger and a packet logger (two tasks per packet even when not
+# logging: 30-40% of its throughput) and a $SYS publisher. We keep only what a broker needs: anonymous access.
+AMQTT_PLUGINS: dict[str, Any] = {
+    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+}
+
+SHUTDOWN_DEADLINE = 10.0
+
+
+def amqtt_config(config: Config) -> dict[str, Any]:
+    """The amqtt broker configuration for a ShoalMQ ``Config``."""
+    return {
+        "listeners": {LISTENER: {"type": "external"}},
+        "plugins": dict(AMQTT_PLUGINS),
+    }
+
+
+class MqttFrontEnd:
+    """Listens for MQTT over TCP and serves each connection with an amqtt ``Broker``."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._broker: Broker | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> HostPort:
+        """The address actually listened on."""
+        if self._server is None:
+            raise RuntimeError("front end is not started")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return HostPort(host, port)
+
+    async def start(self) -> None:
+        """Start amqtt, then listen. StartupError if the address can't be bound."""
+        self._broker = Broker(amqtt_config(self._config))
+        await self._broker.start()
+        listen = self._config.listen
+        try:
+            self._server = await asyncio.start_server(
+                self._on_connection, listen.host, listen.port, reuse_address=True, backlog=1024,
+            )
+        except OSError as exc:
+            await self._broker.shutdown()
+            raise StartupError(f"cannot listen on {listen}: {os_error_text(exc)}") from None
+        log.info("MQTT listening on %s", self.address)
+
+    async def stop(self) -> None:
+        """Stop listening, close the client sessions, and wait for them within a deadline."""
+        if self._server is not None:
+            self._server.close()
+        if self._broker is not None:
+            try:
+                await asyncio.wait_for(self._broker.shutdown(), SHUTDOWN_DEADLINE)
+            except TimeoutError:
+                log.warning("amqtt did not shut down within %.0f s", SHUTDOWN_DEADLINE)
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=SHUTDOWN_DEADLINE)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._broker is not None
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._broker.external_connected(
+                StreamReaderAdapter(reader), StreamWriterAdapter(writer), LISTENER,
+            )
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # one bad connection must never take the listener down
+            log.warning("connection from %s ended with an error: %s", writer.get_extra_info("peername"), exc)
+        finally:
+            self._connections.discard(task)
+            writer.close()

@@ -1,0 +1,1 @@
+"""Cluster coordination: etcd membership, partition assignment, and the gRPC transport between nodes."""

@@ -1,0 +1,1 @@
+"""Entry points (console scripts) of the shoalmq package."""

@@ -1,0 +1,145 @@
+"""The broker's configuration: one typed ``Config``, read from a YAML file and overridden by flags.
+
+Every setting is declared once in ``OPTIONS``: its YAML key, its flag, its default and how it is parsed.
+The command line is built from that table, so every flag has a config key and the two can't drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shoalmq.errors import ConfigError, os_error_text
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostPort:
+    """A TCP endpoint, written ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: Any) -> HostPort:
+        if not isinstance(text, str):
+            raise ValueError(f"expected HOST:PORT as a string, got {text!r}")
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IPv6 address") from None
+        elif ":" in host:
+            raise ValueError(f"write an IPv6 address in brackets, as [{host}]:{port_text}")
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"port must be a number from 1 to 65535, got {port_text!r}")
+        return cls(host, int(port_text))
+
+
+def _parse_log_level(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.lower()
+
+
+def _parse_path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a path, got {value!r}")
+    return Path(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting: its YAML key (also the ``Config`` field), its flag, default, parser and help."""
+
+    key: str
+    flag: str
+    default: Any
+    parse: Callable[[Any], Any]
+    metavar: str
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", "--listen", "127.0.0.1:1883", HostPort.parse, "HOST:PORT",
+           "address for MQTT over TCP"),
+    Option("data_dir", "--data-dir", "./data", _parse_path, "PATH",
+           "directory for the node's durable state (created if missing; one broker per directory)"),
+    Option("log_level", "--log-level", "info", _parse_log_level, "LEVEL",
+           f"log verbosity: {', '.join(LOG_LEVELS)}"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The broker's effective configuration (defaults, then the config file, then flags)."""
+
+    listen: HostPort = HostPort.parse("127.0.0.1:1883")
+    data_dir: Path = Path("./data")
+    log_level: str = "info"
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level.upper()]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping of option keys to raw values; ConfigError if it can't."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {os_error_text(exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path}: {problem}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
+    known = {o.key for o in OPTIONS}
+    for key in data:
+        if key not in known:
+            hint = f" (did you mean {key.replace('-', '_')!r}?)" if str(key).replace("-", "_") in known else ""
+            raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}")
+    return data
+
+
+def build_config(file_values: Mapping[str, Any] | None = None,
+                 flag_values: Mapping[str, Any] | None = None,
+                 source: str = "config file") -> Config:
+    """Merge defaults, file values and flag values (flags win) into a validated ``Config``."""
+    file_values = file_values or {}
+    flag_values = flag_values or {}
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        if flag_values.get(option.key) is not None:
+            raw, origin = flag_values[option.key], option.flag
+        elif option.key in file_values:
+            raw, origin = file_values[option.key], f"{source}: {option.key}"
+        else:
+            raw, origin = option.default, f"default {option.key}"
+        try:
+            values[option.key] = option.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+    return Config(**values)

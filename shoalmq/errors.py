@@ -1,0 +1,41 @@
+"""All of ShoalMQ's errors, rooted in one exception, and the exit codes of the ``broker`` command."""
+
+import enum
+import os
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of the ``broker`` command (the README lists them; a test checks the list is complete)."""
+
+    OK = 0
+    """Stopped normally (including by SIGTERM or SIGINT)."""
+    RUNTIME_ERROR = 1
+    """Could not start or keep serving: the listen address is taken, the data directory is unusable or locked."""
+    USAGE_ERROR = 2
+    """Bad command-line flags or a bad configuration file; nothing was started."""
+
+
+class ShoalError(Exception):
+    """Root of every error ShoalMQ raises on purpose; ``exit_code`` is what ``broker`` exits with on it."""
+
+    exit_code = ExitCode.RUNTIME_ERROR
+
+
+class ConfigError(ShoalError):
+    """A flag or configuration value is missing, malformed or out of range."""
+
+    exit_code = ExitCode.USAGE_ERROR
+
+
+class StartupError(ShoalError):
+    """The broker could not start: a resource it needs (address, data directory) is unavailable."""
+
+
+def os_error_text(exc: OSError) -> str:
+    """The short system message for an OSError ("Address already in use"), however it was raised.
+
+    uvloop puts a long sentence in ``strerror``; the errno's own text is shorter and the same everywhere.
+    """
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)

@@ -1,0 +1,1 @@
+"""The gRPC service definitions between nodes (``.proto`` sources) and their generated Python code."""

@@ -1,0 +1,98 @@
+"""Configuration: defaults, the YAML file, flags over the file, and a clear error for every bad value."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from shoalmq.cmd.broker import load_config
+from shoalmq.config import OPTIONS, Config, HostPort, build_config, read_config_file
+from shoalmq.errors import ConfigError
+
+
+def test_every_option_is_a_config_field_and_every_field_an_option() -> None:
+    assert [o.key for o in OPTIONS] == [f.name for f in dataclasses.fields(Config)]
+    assert all(o.flag == "--" + o.key.replace("_", "-") for o in OPTIONS)
+
+
+def test_defaults_are_the_embedded_single_node() -> None:
+    config = load_config([])
+    assert config == Config()
+    assert config.listen == HostPort("127.0.0.1", 1883)
+    assert config.data_dir == Path("./data")
+    assert config.log_level == "info"
+    # Config() field defaults and the option table's defaults agree.
+    assert build_config() == Config()
+
+
+def test_file_values_are_used_and_flags_override_them(tmp_path: Path) -> None:
+    path = tmp_path / "shoal.yaml"
+    path.write_text("listen: 0.0.0.0:2000\ndata_dir: /var/lib/shoal\nlog_level: debug\n")
+    from_file = load_config(["--config", str(path)])
+    assert from_file == Config(HostPort("0.0.0.0", 2000), Path("/var/lib/shoal"), "debug")
+    overridden = load_config(["--config", str(path), "--listen", "127.0.0.1:3000", "--log-level", "WARNING"])
+    assert overridden == Config(HostPort("127.0.0.1", 3000), Path("/var/lib/shoal"), "warning")
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set\n")
+    assert load_config(["--config", str(path)]) == Config()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:1", HostPort("127.0.0.1", 1)),
+    ("localhost:65535", HostPort("localhost", 65535)),
+    ("[::1]:1884", HostPort("::1", 1884)),
+])
+def test_host_port_parses(text: str, expected: HostPort) -> None:
+    assert HostPort.parse(text) == expected
+    assert HostPort.parse(str(expected)) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1883", "expected HOST:PORT"),
+    (":1883", "expected HOST:PORT"),
+    ("host:", "port must be a number"),
+    ("host:0", "port must be a number from 1 to 65535"),
+    ("host:70000", "port must be a number from 1 to 65535"),
+    ("host:http", "port must be a number"),
+    ("::1:1883", "in brackets"),
+    ("[nope]:1883", "not an IPv6 address"),
+])
+def test_bad_listen_values_name_the_flag_and_the_problem(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(["--listen", text])
+    assert str(info.value).startswith("--listen: ")
+
+
+def test_bad_value_in_file_names_the_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("listen: 1883\n")
+    with pytest.raises(ConfigError, match=r"config file .*c\.yaml: listen: expected HOST:PORT as a string"):
+        load_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("listen: [1, 2\n", r"expected ',' or ']'.* at line 2"),
+    ("- a\n- b\n", "expected a mapping of settings"),
+    ("lisen: 127.0.0.1:1\n", "unknown setting 'lisen'"),
+    ("data-dir: /x\n", "did you mean 'data_dir'"),
+    ("log_level: loud\n", "log_level: expected one of debug, info, warning, error"),
+])
+def test_bad_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", str(path)])
+
+
+def test_unreadable_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file .*: No such file or directory"):
+        read_config_file(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="cannot read config file .*: Is a directory"):
+        read_config_file(tmp_path)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00listen")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_config_file(binary)
