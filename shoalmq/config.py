@@ -18,6 +18,7 @@ import yaml
 from shoalmq.errors import ConfigError, os_error_text
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SYNC_MODES = ("fsync", "async")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,25 @@ def _parse_log_level(value: Any) -> str:
     return value.lower()
 
 
+def _parse_sync(value: Any) -> str:
+    if value not in SYNC_MODES:
+        raise ValueError(f"expected one of {', '.join(SYNC_MODES)}, got {value!r}")
+    return value
+
+
+def _int_parser(low: int, high: int, power_of_two: bool = False) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}, got {value!r}")
+        if power_of_two and value & (value - 1):
+            raise ValueError(f"expected a power of two, got {value}")
+        return value
+
+    return parse
+
+
 def _parse_path(value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a path, got {value!r}")
@@ -81,6 +101,15 @@ OPTIONS: tuple[Option, ...] = (
            "directory for the node's durable state (created if missing; one broker per directory)"),
     Option("log_level", "--log-level", "info", _parse_log_level, "LEVEL",
            f"log verbosity: {', '.join(LOG_LEVELS)}"),
+    Option("sync", "--sync", "fsync", _parse_sync, "MODE",
+           "fsync: acknowledge a queued message once its commit is synced to disk; "
+           "async: acknowledge at once, commit within the flush interval (a crash may lose that interval)"),
+    Option("batch_size", "--batch-size", 500, _int_parser(1, 100_000), "N",
+           "most messages of one partition per segment written by a commit"),
+    Option("flush_interval_ms", "--flush-interval-ms", 10, _int_parser(0, 60_000), "MS",
+           "with --sync async, the longest a message waits before its commit starts"),
+    Option("ring_capacity", "--ring-capacity", 16384, _int_parser(2, 1 << 24, power_of_two=True), "N",
+           "ready messages each partition keeps in memory (a power of two); the rest wait on disk"),
 )
 
 
@@ -91,6 +120,10 @@ class Config:
     listen: HostPort = HostPort.parse("127.0.0.1:1883")
     data_dir: Path = Path("./data")
     log_level: str = "info"
+    sync: str = "fsync"
+    batch_size: int = 500
+    flush_interval_ms: int = 10
+    ring_capacity: int = 16384
 
     @property
     def log_level_number(self) -> int:

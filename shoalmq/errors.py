@@ -39,3 +39,23 @@ def os_error_text(exc: OSError) -> str:
     if exc.errno:
         return os.strerror(exc.errno)
     return exc.strerror or str(exc)
+
+
+class QueueError(ShoalError):
+    """A queue refused a message (the publisher must not be acknowledged)."""
+
+
+class QueueFull(QueueError):
+    """The queue holds ``max_depth`` messages already."""
+
+
+class PayloadTooLarge(QueueError):
+    """The payload is larger than the queue's ``max_payload``."""
+
+
+class StorageError(ShoalError):
+    """The partition log could not make a write durable; the writes of that commit are not acknowledged."""
+
+
+class StorageFull(StorageError):
+    """The disk (or the configured ``max_map_size``) is full."""

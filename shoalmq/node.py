@@ -10,6 +10,7 @@ from shoalmq import __version__
 from shoalmq.broker import MqttFrontEnd
 from shoalmq.config import Config
 from shoalmq.datadir import DataDir
+from shoalmq.queue.storage import open_lmdb_store
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +29,26 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        with DataDir.open(self.config.data_dir) as data_dir:
-            front_end = MqttFrontEnd(self.config)
-            await front_end.start()
-            log.info(
-                "ShoalMQ %s ready: mqtt://%s, data %s, embedded (single node), event loop %s",
-                __version__, front_end.address, data_dir.path, type(loop).__module__.split(".")[0],
-            )
+        config = self.config
+        with DataDir.open(config.data_dir) as data_dir:
+            store = open_lmdb_store(data_dir.path, sync=config.sync, batch_size=config.batch_size,
+                                    flush_interval=config.flush_interval_ms / 1000,
+                                    ring_capacity=config.ring_capacity)
+            log.info("partition log: %d partition(s), %d message(s) recovered in %.0f ms (sync: %s)",
+                     len(store.known_partitions()), store.recovered_messages, store.recovery_seconds * 1000,
+                     config.sync)
             try:
-                await self._stop.wait()
+                front_end = MqttFrontEnd(config)
+                await front_end.start()
+                log.info(
+                    "ShoalMQ %s ready: mqtt://%s, data %s, embedded (single node), event loop %s",
+                    __version__, front_end.address, data_dir.path, type(loop).__module__.split(".")[0],
+                )
+                try:
+                    await self._stop.wait()
+                finally:
+                    log.info("shutting down")
+                    await front_end.stop()
             finally:
-                log.info("shutting down")
-                await front_end.stop()
+                await store.close()
         log.info("stopped")

@@ -14,6 +14,8 @@ from tests.support import BIN_DIR, BrokerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = str(BIN_DIR / "broker")
+# Runtime errors are checked without the INFO lines a broker logs while it starts.
+QUIET = ("--log-level", "warning")
 
 
 def run_broker(*args: str, cwd: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -64,19 +66,19 @@ def test_address_in_use_is_one_line_and_exit_code_1(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_broker("--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"))
+        result = run_broker("--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"), *QUIET)
     assert_one_clear_line(result, ExitCode.RUNTIME_ERROR, rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use")
 
 
 def test_data_dir_that_is_a_file_is_one_line_and_exit_code_1(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
-    result = run_broker("--listen", "127.0.0.1:1", "--data-dir", str(not_a_dir))
+    result = run_broker("--listen", "127.0.0.1:1", "--data-dir", str(not_a_dir), *QUIET)
     assert_one_clear_line(result, ExitCode.RUNTIME_ERROR, r"data directory .*/file: (File exists|Not a directory)")
 
 
 def test_second_broker_on_the_same_data_dir_is_refused(broker: BrokerProcess) -> None:
-    result = run_broker("--listen", "127.0.0.1:1", "--data-dir", str(broker.data_dir))
+    result = run_broker("--listen", "127.0.0.1:1", "--data-dir", str(broker.data_dir), *QUIET)
     assert_one_clear_line(result, ExitCode.RUNTIME_ERROR, rf"data directory .* is in use by process {broker.pid}")
     assert broker.running
 

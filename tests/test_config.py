@@ -34,6 +34,27 @@ def test_file_values_are_used_and_flags_override_them(tmp_path: Path) -> None:
     assert overridden == Config(HostPort("127.0.0.1", 3000), Path("/var/lib/shoal"), "warning")
 
 
+def test_storage_settings(tmp_path: Path) -> None:
+    path = tmp_path / "shoal.yaml"
+    path.write_text("sync: async\nbatch_size: 100\nflush_interval_ms: 5\nring_capacity: 1024\n")
+    config = load_config(["--config", str(path), "--batch-size", "250"])
+    assert (config.sync, config.batch_size, config.flush_interval_ms, config.ring_capacity) == ("async", 250, 5, 1024)
+    assert (Config().sync, Config().batch_size, Config().flush_interval_ms, Config().ring_capacity) == (
+        "fsync", 500, 10, 16384)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sync", "sometimes"], "--sync: expected one of fsync, async"),
+    (["--batch-size", "0"], "--batch-size: expected a whole number from 1 to 100000"),
+    (["--batch-size", "ten"], "--batch-size: expected a whole number"),
+    (["--ring-capacity", "1000"], "--ring-capacity: expected a power of two, got 1000"),
+    (["--flush-interval-ms", "-1"], "--flush-interval-ms: expected a whole number from 0"),
+])
+def test_bad_storage_settings(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(args)
+
+
 def test_empty_file_means_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing set\n")
@@ -79,6 +100,7 @@ def test_bad_value_in_file_names_the_file_and_key(tmp_path: Path) -> None:
     ("lisen: 127.0.0.1:1\n", "unknown setting 'lisen'"),
     ("data-dir: /x\n", "did you mean 'data_dir'"),
     ("log_level: loud\n", "log_level: expected one of debug, info, warning, error"),
+    ("batch_size: true\n", "batch_size: expected a whole number"),
 ])
 def test_bad_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"

@@ -9,13 +9,16 @@ This package knows nothing of MQTT, queues or the network.
 
 import os
 
+from ._errors import RingFull  # one class, raised by both ring and ring_py
+
 PURE_PYTHON = os.environ.get("SHOALMQ_PURE_PYTHON", "") not in ("", "0")
 
 if PURE_PYTHON:
     from . import hashing_py as hashing
+    from . import ring_py as ring
 else:
     try:
-        from . import hashing
+        from . import hashing, ring
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
             "shoalmq's Cython extensions are not built; reinstall the package "
@@ -24,5 +27,6 @@ else:
 
 fnv1a_32 = hashing.fnv1a_32
 partition_of = hashing.partition_of
+RingBuffer = ring.RingBuffer
 
-__all__ = ["PURE_PYTHON", "fnv1a_32", "hashing", "partition_of"]
+__all__ = ["PURE_PYTHON", "RingBuffer", "RingFull", "fnv1a_32", "hashing", "partition_of", "ring"]

@@ -1,0 +1,97 @@
+"""How partition logs are laid out as keys and values (in LMDB, or in the in-memory backend's dicts).
+
+Three named databases, all keys big-endian so that byte order is numeric order:
+
+``segments``   key: pid u32 | first_offset u64 (12 bytes)
+               value: count u32 | lengths u32[count] | payloads, concatenated
+               One segment holds the messages of one partition written by one commit (at most
+               ``batch_size`` of them), with consecutive offsets first_offset .. first_offset+count-1.
+               A range scan over the prefix ``pid`` returns a partition's segments in offset order.
+``states``     key: same as the segment's
+               value: enqueued_at_ms u64 | count u32 | state u8[count]
+               state[i] is the delivery count of message first_offset+i (0..254), or 255 once acked.
+               Written with the segment, rewritten when deliveries or acks change it; the segment and its
+               state are deleted together when every message is acked. Recovery reads only this database
+               (and ``partitions``), never the payloads, so it costs O(segments), not O(messages).
+``partitions`` key: queue name (UTF-8) | 0x00 | partition u32
+               value: pid u32 | next_offset u64
+               pid is a node-local id that keeps message keys short; next_offset is the high-water mark
+               that keeps offsets growing after every message below it was acked and deleted.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+SEGMENTS = "segments"
+STATES = "states"
+PARTITIONS = "partitions"
+DATABASES = (SEGMENTS, STATES, PARTITIONS)
+
+ACKED = 255
+MAX_DELIVERIES_COUNTED = 254
+
+_SEGMENT_KEY = struct.Struct(">IQ")
+_STATE_HEADER = struct.Struct(">QI")
+_PARTITION_VALUE = struct.Struct(">IQ")
+_U32 = struct.Struct(">I")
+
+SEGMENT_KEY_SIZE = _SEGMENT_KEY.size
+
+
+def segment_key(pid: int, first_offset: int) -> bytes:
+    return _SEGMENT_KEY.pack(pid, first_offset)
+
+
+def parse_segment_key(key: bytes) -> tuple[int, int]:
+    return _SEGMENT_KEY.unpack(key)
+
+
+def pid_prefix(pid: int) -> bytes:
+    return _U32.pack(pid)
+
+
+def pack_segment(payloads: list[bytes]) -> bytes:
+    """Encode a list of payloads as one segment value."""
+    lengths = np.fromiter(map(len, payloads), dtype=">u4", count=len(payloads))
+    return b"".join((_U32.pack(len(payloads)), lengths.tobytes(), *payloads))
+
+
+def unpack_segment(value: bytes) -> list[bytes]:
+    """Decode a segment value into its payloads."""
+    (count,) = _U32.unpack_from(value, 0)
+    lengths = np.frombuffer(value, dtype=">u4", count=count, offset=4)
+    ends = (np.cumsum(lengths, dtype=np.int64) + (4 + 4 * count)).tolist()
+    if ends and ends[-1] != len(value):
+        raise ValueError(f"corrupt segment: {len(value)} bytes, lengths say {ends[-1]}")
+    starts = [4 + 4 * count, *ends[:-1]]
+    return [value[s:e] for s, e in zip(starts, ends)]
+
+
+def pack_state(enqueued_at: int, state: np.ndarray) -> bytes:
+    return _STATE_HEADER.pack(enqueued_at, len(state)) + state.tobytes()
+
+
+def unpack_state(value: bytes) -> tuple[int, np.ndarray]:
+    enqueued_at, count = _STATE_HEADER.unpack_from(value, 0)
+    state = np.frombuffer(value, dtype=np.uint8, count=count, offset=_STATE_HEADER.size).copy()
+    return enqueued_at, state
+
+
+def partition_key(queue: str, partition: int) -> bytes:
+    return queue.encode() + b"\x00" + _U32.pack(partition)
+
+
+def parse_partition_key(key: bytes) -> tuple[str, int]:
+    # The partition number is the last 4 bytes (it may itself contain zero bytes).
+    return key[:-5].decode(), _U32.unpack(key[-4:])[0]
+
+
+def pack_partition(pid: int, next_offset: int) -> bytes:
+    return _PARTITION_VALUE.pack(pid, next_offset)
+
+
+def unpack_partition(value: bytes) -> tuple[int, int]:
+    return _PARTITION_VALUE.unpack(value)

@@ -1,0 +1,601 @@
+"""Partition logs and the store that commits them: group commit, acks, redelivery state, limits, recovery.
+
+One ``Store`` per node owns a backend (LMDB, or memory for unit tests) and every ``PartitionLog`` on it.
+
+Writing. ``PartitionLog.enqueue`` appends a payload to the partition's pending list, gives it the next offset and
+returns the store's current ``flush``: one future shared by every write that will ride in the next commit (no
+future or task per message). The store commits when the first write arrives and no commit is running (at the end
+of the current event-loop iteration, so the messages of one socket read share a commit), and otherwise as soon as
+the running commit ends: under load, commits grow by themselves, at low load a message waits for one sync, not an
+interval. One commit carries every partition's pending appends, as segments of at most ``batch_size`` messages,
+and every pending state change (deliveries, acks, deletions) in one transaction, synced before its flush resolves.
+With ``sync="async"`` enqueue returns an already-resolved future and commits start when ``batch_size`` messages
+are pending or ``flush_interval`` after the first one: faster for the publisher, and a crash loses what was
+acknowledged in the last interval.
+
+Reading. Committed messages enter the partition's ring buffer (``shoalmq._native.RingBuffer``, the hot head of the
+partition) while it has room and nothing older is waiting on disk; otherwise they stay on disk only and the ring
+is refilled from the segments when it runs low. ``take`` pops ready messages, drops expired ones, counts the
+delivery and holds them in flight until ``ack`` (deleted) or ``nack`` (back to the head of the partition, ahead of
+the ring, delivery count kept). Delivery counts and acks change a per-segment state array in memory, written with the next commit.
+
+Recovery. Opening a store reads the ``partitions`` and ``states`` databases (never the payloads): every message
+not acked is ready again, in offset order, with its delivery count; offsets continue from the high-water mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import heapq
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from shoalmq._native import RingBuffer
+from shoalmq.errors import PayloadTooLarge, QueueFull, StorageError
+from shoalmq.queue.storage import keys as K
+from shoalmq.queue.storage.backend import Backend, Delete, Put
+
+log = logging.getLogger(__name__)
+
+SyncMode = Literal["fsync", "async"]
+
+#: Seconds between retries after a failed commit (a full disk, say).
+RETRY_INTERVAL = 0.2
+NEVER = 1 << 62
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-queue limits, enforced by each of the queue's partitions."""
+
+    #: Most messages (ready, in flight or being written) a partition holds; a publish beyond it is refused.
+    max_depth: int | None = None
+    #: Seconds a message may wait before delivery; older ones are dropped (and counted) instead. None: forever.
+    ttl: float | None = None
+    #: Largest payload accepted, in bytes.
+    max_payload: int = 256 * 1024
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Message:
+    """A message taken for delivery; it stays in flight until acked or nacked."""
+
+    __slots__ = ("deliveries", "enqueued_at", "offset", "payload", "_index", "_segment")
+
+    def __init__(self, offset: int, payload: bytes, enqueued_at: int, deliveries: int,
+                 segment: _Segment, index: int) -> None:
+        self.offset = offset
+        self.payload = payload
+        self.enqueued_at = enqueued_at
+        self.deliveries = deliveries
+        self._segment = segment
+        self._index = index
+
+    def __repr__(self) -> str:
+        return f"Message(offset={self.offset}, deliveries={self.deliveries}, {len(self.payload)} bytes)"
+
+
+class _Segment:
+    """The in-memory state of one committed segment: a delivery count (or ACKED) per message."""
+
+    __slots__ = ("count", "enqueued_at", "first", "remaining", "state")
+
+    def __init__(self, first: int, enqueued_at: int, state: np.ndarray) -> None:
+        self.first = first
+        self.count = len(state)
+        self.enqueued_at = enqueued_at
+        self.state = state
+        self.remaining = int(np.count_nonzero(state != K.ACKED))
+
+
+class PartitionLog:
+    """One partition of one queue: an ordered log of messages with offsets, a ring-buffer head and ack state."""
+
+    def __init__(self, store: Store, queue: str, index: int, pid: int, next_offset: int, limits: Limits) -> None:
+        self.store = store
+        self.queue = queue
+        self.index = index
+        self.pid = pid
+        self.limits = limits
+        self._max_payload = limits.max_payload
+        self._max_depth = limits.max_depth if limits.max_depth is not None else 1 << 62
+        self.ring = RingBuffer(store.ring_capacity)
+        # Offsets: [.. loaded_upto) are in the ring, in flight or acked; [loaded_upto .. committed_end) wait on
+        # disk; [committed_end .. next_offset) are pending in memory or being committed.
+        self._next_offset = next_offset
+        self._committed_end = next_offset
+        self._loaded_upto = next_offset
+        self._pending: list[bytes] = []
+        self._pending_first = next_offset
+        self._segments: dict[int, _Segment] = {}
+        self._segment_starts: list[int] = []
+        self._dirty_segments: set[_Segment] = set()
+        self._inflight: dict[int, Message] = {}
+        # Messages handed back by nack, by offset: delivered before anything in the ring.
+        self._requeued: list[tuple[int, Message]] = []
+        self._depth = 0
+        self._registered = False
+        self._meta_dirty = False
+        #: The offset given to the last enqueued message.
+        self.last_offset = next_offset - 1
+        #: Messages dropped because their TTL passed before delivery.
+        self.expired = 0
+
+    # -- counts -----------------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Messages not yet acked: ready, in flight, or being written. O(1)."""
+        return self._depth
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def ready(self) -> int:
+        """Committed messages waiting for delivery (in the ring or on disk)."""
+        return self._depth - len(self._inflight) - (self._next_offset - self._committed_end)
+
+    @property
+    def next_offset(self) -> int:
+        return self._next_offset
+
+    # -- writing ----------------------------------------------------------------------------------------
+
+    def enqueue(self, payload: bytes) -> asyncio.Future[None]:
+        """Append a message; the returned future resolves once it is durable (see ``Store``).
+
+        Raises PayloadTooLarge, QueueFull or StorageError (the store cannot write) without storing anything.
+        The message's offset is ``last_offset`` right after the call.
+        """
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        if len(payload) > self._max_payload:
+            raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds max_payload {self._max_payload} "
+                                  f"of queue {self.queue!r}")
+        if self._depth >= self._max_depth:
+            raise QueueFull(f"queue {self.queue!r} partition {self.index} is full ({self._depth} messages)")
+        store = self.store
+        if store.failure is not None:
+            raise store.failure
+        if not self._pending:
+            store._dirty_partitions.add(self)
+        self._pending.append(payload)
+        self.last_offset = self._next_offset
+        self._next_offset += 1
+        self._depth += 1
+        store._pending_count += 1
+        if not store._commit_requested:
+            store._request_commit()
+        elif store._pending_count >= store._early_commit_at:
+            store._commit_early()
+        return store._flush
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def take(self, max_count: int, now: int | None = None) -> list[Message]:
+        """Take up to ``max_count`` ready messages for delivery, oldest first, and hold them in flight.
+
+        Each taken message's delivery count goes up by one (written with the next commit). Messages past their
+        TTL are dropped instead, acked and counted in ``expired``.
+        """
+        out: list[Message] = []
+        if max_count <= 0:
+            return out
+        ttl_cutoff = None
+        if self.limits.ttl is not None:
+            ttl_cutoff = (now if now is not None else now_ms()) - int(self.limits.ttl * 1000)
+        segments_touched = self._dirty_segments
+        while self._requeued and len(out) < max_count:
+            _, message = heapq.heappop(self._requeued)
+            segment, index = message._segment, message._index
+            if ttl_cutoff is not None and message.enqueued_at < ttl_cutoff:
+                self._settle(segment, index)
+                self.expired += 1
+                continue
+            message.deliveries += 1
+            segment.state[index] = min(message.deliveries, K.MAX_DELIVERIES_COUNTED)
+            segments_touched.add(segment)
+            self._inflight[message.offset] = message
+            out.append(message)
+        while len(out) < max_count:
+            if len(self.ring) < max_count - len(out) and self._loaded_upto < self._committed_end:
+                self._refill()
+            if not self.ring:
+                break
+            offsets, payloads, enqueued, deliveries = self.ring.pop_many(max_count - len(out))
+            for offset, payload, enqueued_at, count in zip(offsets.tolist(), payloads, enqueued.tolist(),
+                                                           deliveries.tolist()):
+                segment = self._segment_of(offset)
+                index = offset - segment.first
+                if ttl_cutoff is not None and enqueued_at < ttl_cutoff:
+                    self._settle(segment, index)
+                    self.expired += 1
+                    continue
+                count += 1
+                segment.state[index] = min(count, K.MAX_DELIVERIES_COUNTED)
+                segments_touched.add(segment)
+                message = Message(offset, payload, enqueued_at, count, segment, index)
+                self._inflight[offset] = message
+                out.append(message)
+        if self._dirty_segments:
+            self.store._mark_dirty(self)
+        return out
+
+    def ack(self, offsets: Iterable[int]) -> int:
+        """Remove in-flight messages for good; returns how many were in flight (others are ignored)."""
+        done = 0
+        inflight = self._inflight
+        for offset in offsets:
+            message = inflight.pop(offset, None)
+            if message is not None:
+                self._settle(message._segment, message._index)
+                done += 1
+        if done:
+            self.store._mark_dirty(self)
+        return done
+
+    def nack(self, offsets: Iterable[int]) -> int:
+        """Hand in-flight messages back: they go to the head of the partition (in offset order, delivery counts
+        kept) and are the next to be taken. Returns how many were in flight."""
+        done = 0
+        for offset in offsets:
+            message = self._inflight.pop(offset, None)
+            if message is not None:
+                heapq.heappush(self._requeued, (offset, message))
+                done += 1
+        return done
+
+    def inflight_messages(self) -> list[Message]:
+        return list(self._inflight.values())
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _settle(self, segment: _Segment, index: int) -> None:
+        segment.state[index] = K.ACKED
+        segment.remaining -= 1
+        self._depth -= 1
+        self._dirty_segments.add(segment)
+
+    def _segment_of(self, offset: int) -> _Segment:
+        starts = self._segment_starts
+        return self._segments[starts[bisect.bisect_right(starts, offset) - 1]]
+
+    def _add_segment(self, segment: _Segment) -> None:
+        self._segments[segment.first] = segment
+        if not self._segment_starts or segment.first > self._segment_starts[-1]:
+            self._segment_starts.append(segment.first)
+        else:
+            bisect.insort(self._segment_starts, segment.first)
+
+    def _drop_segment(self, segment: _Segment) -> None:
+        del self._segments[segment.first]
+        starts = self._segment_starts
+        del starts[bisect.bisect_left(starts, segment.first)]
+
+    def _refill(self) -> None:
+        """Load messages waiting on disk into the ring, oldest first, while it has room."""
+        starts = self._segment_starts
+        i = max(bisect.bisect_right(starts, self._loaded_upto) - 1, 0)
+        backend = self.store.backend
+        while i < len(starts) and self.ring.free and self._loaded_upto < self._committed_end:
+            segment = self._segments[starts[i]]
+            i += 1
+            if segment.first + segment.count <= self._loaded_upto:
+                continue
+            value = backend.get(K.SEGMENTS, K.segment_key(self.pid, segment.first))
+            if value is None:
+                raise StorageError(f"segment {segment.first} of {self.queue}/{self.index} missing from the log")
+            payloads = K.unpack_segment(value)
+            state = segment.state
+            for index in range(max(self._loaded_upto - segment.first, 0), segment.count):
+                if not self.ring.free:
+                    return
+                if state[index] != K.ACKED:
+                    self.ring.push(segment.first + index, payloads[index], segment.enqueued_at, int(state[index]))
+                self._loaded_upto = segment.first + index + 1
+        if i >= len(starts) and self.ring.free:
+            # Every segment is loaded; what lies between here and committed_end are offsets of failed commits.
+            self._loaded_upto = self._committed_end
+
+    def _on_committed(self, first: int, batches: list[list[bytes]], enqueued_at: int) -> None:
+        """Segments appended by a successful commit become readable."""
+        offset = first
+        for payloads in batches:
+            segment = _Segment(offset, enqueued_at, np.zeros(len(payloads), dtype=np.uint8))
+            self._add_segment(segment)
+            if self._loaded_upto == offset and self.ring.free >= len(payloads):
+                self.ring.push_many(offset, payloads, enqueued_at)
+                self._loaded_upto = offset + len(payloads)
+            offset += len(payloads)
+        self._committed_end = offset
+
+    def _on_failed(self, first: int, count: int) -> None:
+        """Appends whose commit failed were never stored: forget them; their offsets stay unused."""
+        self._depth -= count
+        if self._loaded_upto == first:
+            self._loaded_upto = first + count
+        self._committed_end = first + count
+        self._meta_dirty = True  # the next commit records the high-water mark past the unused offsets
+
+
+class Store:
+    """The node's partition logs over one backend, with the group-commit machinery they share."""
+
+    def __init__(self, backend: Backend, *, sync: SyncMode = "fsync", batch_size: int = 500,
+                 flush_interval: float = 0.010, ring_capacity: int = 16384) -> None:
+        if sync not in ("fsync", "async"):
+            raise ValueError(f"sync must be 'fsync' or 'async', got {sync!r}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.backend = backend
+        self.sync = sync
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.ring_capacity = ring_capacity
+        self._loop = asyncio.get_running_loop()
+        self._partitions: dict[tuple[str, int], PartitionLog] = {}
+        self._dirty_partitions: set[PartitionLog] = set()
+        self._pending_count = 0
+        self._commit_requested = False
+        self._committing = False
+        self._timer: asyncio.TimerHandle | None = None
+        # In async mode, while a timer waits for the interval: the pending count that starts a commit sooner.
+        self._early_commit_at = NEVER
+        self._commit_end: asyncio.Future[None] | None = None
+        self._flush: asyncio.Future[None] = self._new_flush()
+        self._next_pid = 1
+        self._closed = False
+        self._stopped = False
+        #: The error of the last failed commit, raised by enqueue until a commit succeeds again.
+        self.failure: StorageError | None = None
+        self.commits = 0
+        self._recovered: dict[tuple[str, int], tuple[int, int, list[_Segment]]] = {}
+        self._recover()
+
+    # -- opening and recovery -------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        started = time.perf_counter()
+        by_pid: dict[int, tuple[str, int, int]] = {}
+        for key, value in self.backend.scan(K.PARTITIONS):
+            queue, index = K.parse_partition_key(key)
+            pid, next_offset = K.unpack_partition(value)
+            by_pid[pid] = (queue, index, next_offset)
+            self._next_pid = max(self._next_pid, pid + 1)
+        segments: dict[int, list[_Segment]] = {pid: [] for pid in by_pid}
+        for key, value in self.backend.scan(K.STATES):
+            pid, first = K.parse_segment_key(key)
+            enqueued_at, state = K.unpack_state(value)
+            if pid in segments:
+                segments[pid].append(_Segment(first, enqueued_at, state))
+        for pid, (queue, index, next_offset) in by_pid.items():
+            self._recovered[(queue, index)] = (pid, next_offset, segments[pid])
+        #: Messages not acked that recovery found, and how long reading them took (seconds).
+        self.recovered_messages = sum(s.remaining for parts in segments.values() for s in parts)
+        self.recovery_seconds = time.perf_counter() - started
+
+    def known_partitions(self) -> list[tuple[str, int]]:
+        """The (queue, partition) pairs this store holds, recovered or opened."""
+        return sorted(set(self._recovered) | set(self._partitions))
+
+    def partition(self, queue: str, index: int, limits: Limits = Limits()) -> PartitionLog:
+        """The log of partition ``index`` of ``queue``, recovered from the backend if it was stored before."""
+        key = (queue, index)
+        existing = self._partitions.get(key)
+        if existing is not None:
+            return existing
+        recovered = self._recovered.pop(key, None)
+        if recovered is None:
+            pid, next_offset, segments = self._next_pid, 0, []
+            self._next_pid += 1
+        else:
+            pid, next_offset, segments = recovered
+        part = PartitionLog(self, queue, index, pid, next_offset, limits)
+        part._registered = recovered is not None
+        if segments:
+            first = segments[0].first
+            part._loaded_upto = first
+            for segment in segments:
+                part._add_segment(segment)
+                part._depth += segment.remaining
+            part._refill()
+        self._partitions[key] = part
+        if not part._registered:
+            self._mark_dirty(part)
+        return part
+
+    # -- group commit -----------------------------------------------------------------------------------------
+
+    def _new_flush(self) -> asyncio.Future[None]:
+        future = self._loop.create_future()
+        if self.sync == "async":
+            future.set_result(None)
+        return future
+
+    def _mark_dirty(self, part: PartitionLog) -> None:
+        """A partition has state changes (deliveries, acks, registration) to write. They ride with the next commit
+        of appends, or, if none comes within ``flush_interval``, with one of their own: at low load, a delivery and
+        an ack do not each cost a sync."""
+        self._dirty_partitions.add(part)
+        if not self._commit_requested and self._timer is None:
+            self._timer = self._loop.call_later(self.flush_interval, self._commit_now)
+
+    def _commit_now(self) -> None:
+        self._timer = None
+        self._commit_requested = True
+        self._start_commit()
+
+    def _request_commit(self) -> None:
+        self._commit_requested = True
+        if self._committing:
+            return  # the running commit starts the next one when it ends
+        if self.sync == "fsync" or self._pending_count >= self.batch_size:
+            self._loop.call_soon(self._start_commit)
+        elif self._timer is None:
+            self._timer = self._loop.call_later(self.flush_interval, self._start_commit)
+            self._early_commit_at = self.batch_size
+
+    def _commit_early(self) -> None:
+        """In async mode, ``batch_size`` messages are pending before the interval ended: commit now."""
+        self._early_commit_at = NEVER
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop.call_soon(self._start_commit)
+
+    def _start_commit(self) -> None:
+        self._early_commit_at = NEVER
+        if self._timer is not None:
+            self._timer.cancel()  # no-op if it is what called us
+            self._timer = None
+        if self._committing or not self._commit_requested or self._stopped:
+            return  # a running commit starts the next one when it ends
+        self._commit_requested = False
+        puts: list[Put] = []
+        deletes: list[Delete] = []
+        commit = _Commit(self._flush, [], [], now_ms(), self._pending_count)
+        for part in self._dirty_partitions:
+            self._collect(part, commit, puts, deletes)
+        self._dirty_partitions = set()
+        self._flush = self._new_flush()
+        self._pending_count = 0
+        self._committing = True
+        error: StorageError | None = None
+        try:
+            self.backend.commit(puts, deletes)
+        except StorageError as exc:
+            error = exc
+        # Resolved on the next loop iteration, so that callbacks never run inside an enqueue or flush call.
+        self._loop.call_soon(self._commit_done, commit, error)
+
+    def _collect(self, part: PartitionLog, commit: _Commit, puts: list[Put], deletes: list[Delete]) -> None:
+        """Move a partition's pending appends and state changes into a commit."""
+        key_of = K.segment_key
+        if part._pending:
+            pending, first = part._pending, part._pending_first
+            part._pending = []
+            part._pending_first = part._next_offset
+            size = self.batch_size
+            batches = [pending[i:i + size] for i in range(0, len(pending), size)]
+            offset = first
+            for payloads in batches:
+                key = key_of(part.pid, offset)
+                puts.append((K.SEGMENTS, key, K.pack_segment(payloads)))
+                puts.append((K.STATES, key, K.pack_state(commit.enqueued_at, np.zeros(len(payloads), np.uint8))))
+                offset += len(payloads)
+            commit.appended.append((part, first, batches))
+            part._meta_dirty = True
+        if part._dirty_segments:
+            segments = list(part._dirty_segments)
+            part._dirty_segments = set()
+            for segment in segments:
+                key = key_of(part.pid, segment.first)
+                if segment.remaining == 0:
+                    deletes.append((K.SEGMENTS, key))
+                    deletes.append((K.STATES, key))
+                else:
+                    puts.append((K.STATES, key, K.pack_state(segment.enqueued_at, segment.state)))
+            commit.states.append((part, segments))
+        if part._meta_dirty or not part._registered:
+            part._meta_dirty = False
+            puts.append((K.PARTITIONS, K.partition_key(part.queue, part.index),
+                         K.pack_partition(part.pid, part._next_offset)))
+            commit.registered.append(part)
+
+    def _commit_done(self, commit: _Commit, error: BaseException | None) -> None:
+        self._committing = False
+        if error is None:
+            self.commits += 1
+            if self.failure is not None:
+                log.warning("partition log writable again")
+                self.failure = None
+            for part in commit.registered:
+                part._registered = True
+            for part, first, batches in commit.appended:
+                part._on_committed(first, batches, commit.enqueued_at)
+            for part, segments in commit.states:
+                for segment in segments:
+                    if segment.remaining == 0 and segment.first in part._segments:
+                        part._drop_segment(segment)
+            if not commit.flush.done():
+                commit.flush.set_result(None)
+        else:
+            self._commit_failed(commit, error)
+        waiter, self._commit_end = self._commit_end, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._commit_requested and self._timer is None:
+            self._loop.call_soon(self._start_commit)
+
+    def _commit_failed(self, commit: _Commit, error: BaseException) -> None:
+        if not isinstance(error, StorageError):
+            error = StorageError(f"commit failed: {error!r}")
+        if self.failure is None or str(self.failure) != str(error):
+            log.error("%s: %d message(s) not stored, their publishers not acknowledged", error, commit.count)
+        self.failure = error
+        for part, first, batches in commit.appended:
+            part._on_failed(first, sum(map(len, batches)))
+            self._dirty_partitions.add(part)
+        for part, segments in commit.states:
+            part._dirty_segments.update(segments)  # kept in memory, written by the next commit
+            self._dirty_partitions.add(part)
+        for part in commit.registered:
+            part._meta_dirty = True
+            self._dirty_partitions.add(part)
+        if not commit.flush.done():
+            commit.flush.set_exception(error)
+            commit.flush.exception()  # retrieved: a publisher that never awaits it must not log it again
+        # Retry (the state changes, and a probe that clears `failure` once the disk has room) after a pause.
+        self._commit_requested = True
+        if self._timer is None:
+            self._timer = self._loop.call_later(RETRY_INTERVAL, self._start_commit)
+
+    async def flush(self) -> None:
+        """Wait until everything enqueued or changed so far is committed; StorageError if a commit fails."""
+        while self._committing or self._dirty_partitions:
+            if not self._committing:
+                self._commit_requested = True
+                self._start_commit()
+            if self._commit_end is None:
+                self._commit_end = self._loop.create_future()
+            await asyncio.shield(self._commit_end)
+            if self.failure is not None:
+                raise self.failure
+
+    async def close(self) -> None:
+        """Commit what is pending, then close the backend."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.flush()
+        except StorageError as exc:
+            log.error("closing with changes not written: %s", exc)
+        finally:
+            self._stopped = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self.backend.close()
+
+
+@dataclass
+class _Commit:
+    """What one commit carries, to apply to memory once it succeeds (or undo if it fails)."""
+
+    flush: asyncio.Future[None]
+    appended: list[tuple[PartitionLog, int, list[list[bytes]]]]
+    states: list[tuple[PartitionLog, list[_Segment]]]
+    enqueued_at: int
+    count: int
+    registered: list[PartitionLog] = field(default_factory=list)
