@@ -6,7 +6,7 @@ import random
 import pytest
 
 import shoalmq._native as native
-from shoalmq._native import hashing_py
+from shoalmq._native import hashing_py, segment_py
 
 IMPLEMENTATIONS = [pytest.param(native.hashing, id="native"), pytest.param(hashing_py, id="pure")]
 
@@ -23,7 +23,8 @@ def test_compiled_module_is_loaded() -> None:
     if os.environ.get("SHOALMQ_PURE_PYTHON"):
         pytest.skip("suite asked to run against the pure-Python twins")
     assert not native.PURE_PYTHON
-    assert native.hashing.__file__.endswith(".so"), native.hashing.__file__
+    for module in (native.hashing, native.ring, native.segment):
+        assert module.__file__.endswith(".so"), module.__file__
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -69,3 +70,47 @@ def test_keys_spread_evenly_over_partitions() -> None:
     for i in range(8000):
         counts[native.partition_of(f"key-{i}".encode(), 8)] += 1
     assert min(counts) > 800 and max(counts) < 1200, counts
+
+
+SEGMENT_IMPLEMENTATIONS = [pytest.param(native.segment, id="native"), pytest.param(segment_py, id="pure")]
+
+
+@pytest.mark.parametrize("impl", SEGMENT_IMPLEMENTATIONS)
+def test_segment_round_trip(impl) -> None:
+    for payloads in ([], [b""], [b"a"], [b"", b"abc", b"\x00" * 70_000, b"z"]):
+        value = impl.pack(payloads)
+        assert len(value) == 4 + 4 * len(payloads) + sum(map(len, payloads))
+        assert impl.unpack(value) == payloads
+
+
+@pytest.mark.parametrize("impl", SEGMENT_IMPLEMENTATIONS)
+def test_segment_layout_is_big_endian_count_lengths_payloads(impl) -> None:
+    assert impl.pack([b"ab", b"c"]) == b"\x00\x00\x00\x02" b"\x00\x00\x00\x02" b"\x00\x00\x00\x01" b"abc"
+
+
+@pytest.mark.parametrize("impl", SEGMENT_IMPLEMENTATIONS)
+def test_corrupt_segments_are_refused(impl) -> None:
+    good = impl.pack([b"abc", b"de"])
+    for bad in (b"", b"\x00\x00", good[:-1], good + b"x", b"\xff\xff\xff\xff" + good[4:], b"\x00\x00\x00\x01"):
+        with pytest.raises(ValueError, match="corrupt segment"):
+            impl.unpack(bad)
+
+
+@pytest.mark.parametrize("impl", SEGMENT_IMPLEMENTATIONS)
+def test_segment_type_errors(impl) -> None:
+    for bad in ([b"ok", "text"], [bytearray(b"x")], [None]):
+        with pytest.raises(TypeError):
+            impl.pack(bad)
+    with pytest.raises(TypeError):
+        impl.pack((b"a",))
+    with pytest.raises(TypeError):
+        impl.unpack(bytearray(b"\x00\x00\x00\x00"))
+
+
+def test_segment_native_and_pure_agree_on_random_input() -> None:
+    rng = random.Random(11)
+    for _ in range(300):
+        payloads = [rng.randbytes(rng.randrange(0, 300)) for _ in range(rng.randrange(0, 40))]
+        value = native.segment.pack(payloads)
+        assert value == segment_py.pack(payloads)
+        assert native.segment.unpack(value) == segment_py.unpack(value) == payloads

@@ -416,7 +416,6 @@ def test_sigkill_loses_nothing_that_resolved(tmp_path: Path, kill_after: int) ->
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert child.stdout is not None
-    lines: list[bytes] = []
     buffer = b""
     try:
         def enough() -> bool:

@@ -16,9 +16,10 @@ PURE_PYTHON = os.environ.get("SHOALMQ_PURE_PYTHON", "") not in ("", "0")
 if PURE_PYTHON:
     from . import hashing_py as hashing
     from . import ring_py as ring
+    from . import segment_py as segment
 else:
     try:
-        from . import hashing, ring
+        from . import hashing, ring, segment
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
             "shoalmq's Cython extensions are not built; reinstall the package "
@@ -29,4 +30,4 @@ fnv1a_32 = hashing.fnv1a_32
 partition_of = hashing.partition_of
 RingBuffer = ring.RingBuffer
 
-__all__ = ["PURE_PYTHON", "RingBuffer", "RingFull", "fnv1a_32", "hashing", "partition_of", "ring"]
+__all__ = ["PURE_PYTHON", "RingBuffer", "RingFull", "fnv1a_32", "hashing", "partition_of", "ring", "segment"]

@@ -25,6 +25,8 @@ import struct
 
 import numpy as np
 
+from shoalmq._native import segment
+
 SEGMENTS = "segments"
 STATES = "states"
 PARTITIONS = "partitions"
@@ -53,21 +55,9 @@ def pid_prefix(pid: int) -> bytes:
     return _U32.pack(pid)
 
 
-def pack_segment(payloads: list[bytes]) -> bytes:
-    """Encode a list of payloads as one segment value."""
-    lengths = np.fromiter(map(len, payloads), dtype=">u4", count=len(payloads))
-    return b"".join((_U32.pack(len(payloads)), lengths.tobytes(), *payloads))
-
-
-def unpack_segment(value: bytes) -> list[bytes]:
-    """Decode a segment value into its payloads."""
-    (count,) = _U32.unpack_from(value, 0)
-    lengths = np.frombuffer(value, dtype=">u4", count=count, offset=4)
-    ends = (np.cumsum(lengths, dtype=np.int64) + (4 + 4 * count)).tolist()
-    if ends and ends[-1] != len(value):
-        raise ValueError(f"corrupt segment: {len(value)} bytes, lengths say {ends[-1]}")
-    starts = [4 + 4 * count, *ends[:-1]]
-    return [value[s:e] for s, e in zip(starts, ends)]
+#: Encode a list of payloads as one segment value, and back (Cython, in shoalmq._native.segment).
+pack_segment = segment.pack
+unpack_segment = segment.unpack
 
 
 def pack_state(enqueued_at: int, state: np.ndarray) -> bytes:
