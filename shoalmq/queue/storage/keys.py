@@ -13,6 +13,8 @@ Three named databases, all keys big-endian so that byte order is numeric order:
                Written with the segment, rewritten when deliveries or acks change it; the segment and its
                state are deleted together when every message is acked. Recovery reads only this database
                (and ``partitions``), never the payloads, so it costs O(segments), not O(messages).
+``queues``     key: queue name (UTF-8)
+               value: JSON, at least ``{"partitions": N}``: a queue's partition count, fixed once written.
 ``partitions`` key: queue name (UTF-8) | 0x00 | partition u32
                value: pid u32 | next_offset u64
                pid is a node-local id that keeps message keys short; next_offset is the high-water mark
@@ -30,7 +32,8 @@ from shoalmq._native import segment
 SEGMENTS = "segments"
 STATES = "states"
 PARTITIONS = "partitions"
-DATABASES = (SEGMENTS, STATES, PARTITIONS)
+QUEUES = "queues"
+DATABASES = (SEGMENTS, STATES, PARTITIONS, QUEUES)
 
 ACKED = 255
 MAX_DELIVERIES_COUNTED = 254

@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import heapq
+import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -359,6 +360,10 @@ class Store:
         self._stopped = False
         #: The error of the last failed commit, raised by enqueue until a commit succeeds again.
         self.failure: StorageError | None = None
+        #: Called after each successful commit with the partitions it made new messages readable in.
+        self.on_readable: Callable[[list[PartitionLog]], None] | None = None
+        self._queue_definitions: dict[str, dict] = {}
+        self._pending_definitions: list[tuple[str, dict]] = []
         self.commits = 0
         self._recovered: dict[tuple[str, int], tuple[int, int, list[_Segment]]] = {}
         self._recover()
@@ -367,6 +372,8 @@ class Store:
 
     def _recover(self) -> None:
         started = time.perf_counter()
+        for key, value in self.backend.scan(K.QUEUES):
+            self._queue_definitions[key.decode()] = json.loads(value)
         by_pid: dict[int, tuple[str, int, int]] = {}
         for key, value in self.backend.scan(K.PARTITIONS):
             queue, index = K.parse_partition_key(key)
@@ -384,6 +391,23 @@ class Store:
         #: Messages not acked that recovery found, and how long reading them took (seconds).
         self.recovered_messages = sum(s.remaining for parts in segments.values() for s in parts)
         self.recovery_seconds = time.perf_counter() - started
+
+    def queue_names(self) -> list[str]:
+        """The queues defined in this store."""
+        return sorted(self._queue_definitions)
+
+    def queue_definition(self, name: str) -> dict | None:
+        """What ``define_queue`` stored for ``name`` (its partition count, ...), or None."""
+        return self._queue_definitions.get(name)
+
+    def define_queue(self, name: str, definition: dict) -> None:
+        """Record a new queue's definition; it is written with the next commit (before any of its messages)."""
+        if name in self._queue_definitions:
+            raise ValueError(f"queue {name!r} is already defined")
+        self._queue_definitions[name] = definition
+        self._pending_definitions.append((name, definition))
+        if not self._commit_requested and self._timer is None:
+            self._timer = self._loop.call_later(self.flush_interval, self._commit_now)
 
     def known_partitions(self) -> list[tuple[str, int]]:
         """The (queue, partition) pairs this store holds, recovered or opened."""
@@ -465,6 +489,9 @@ class Store:
         puts: list[Put] = []
         deletes: list[Delete] = []
         commit = _Commit(self._flush, [], [], now_ms(), self._pending_count)
+        commit.definitions, self._pending_definitions = self._pending_definitions, []
+        for name, definition in commit.definitions:
+            puts.append((K.QUEUES, name.encode(), json.dumps(definition, sort_keys=True).encode()))
         for part in self._dirty_partitions:
             self._collect(part, commit, puts, deletes)
         self._dirty_partitions = set()
@@ -530,6 +557,8 @@ class Store:
                         part._drop_segment(segment)
             if not commit.flush.done():
                 commit.flush.set_result(None)
+            if self.on_readable is not None and commit.appended:
+                self.on_readable([part for part, _, _ in commit.appended])
         else:
             self._commit_failed(commit, error)
         waiter, self._commit_end = self._commit_end, None
@@ -544,6 +573,7 @@ class Store:
         if self.failure is None or str(self.failure) != str(error):
             log.error("%s: %d message(s) not stored, their publishers not acknowledged", error, commit.count)
         self.failure = error
+        self._pending_definitions[:0] = commit.definitions
         for part, first, batches in commit.appended:
             part._on_failed(first, sum(map(len, batches)))
             self._dirty_partitions.add(part)
@@ -563,7 +593,7 @@ class Store:
 
     async def flush(self) -> None:
         """Wait until everything enqueued or changed so far is committed; StorageError if a commit fails."""
-        while self._committing or self._dirty_partitions:
+        while self._committing or self._dirty_partitions or self._pending_definitions:
             if not self._committing:
                 self._commit_requested = True
                 self._start_commit()
@@ -599,3 +629,4 @@ class _Commit:
     enqueued_at: int
     count: int
     registered: list[PartitionLog] = field(default_factory=list)
+    definitions: list[tuple[str, dict]] = field(default_factory=list)

@@ -1,0 +1,511 @@
+"""The queue manager: named queues over partition logs, and competing consumers with windows, acks and redelivery.
+
+It knows no MQTT: the front end hands it publishes (a topic and a payload) and consumers (anything with a
+``deliver`` method and a window), and reports acks, unsubscribes and disconnects. Its interface is batch-shaped:
+``publish`` returns the shared completion of the next commit, and deliveries reach a consumer as one list per
+dispatch, so a front end can write them with one socket write.
+
+Topics. ``$queue/<name>`` or ``$queue/<name>/<key...>`` addresses queue ``<name>`` (1-128 letters, digits, ``.``,
+``_``, ``-``). A key picks the partition by FNV-1a, so one key's messages stay in order; without a key, messages go
+round-robin over the partitions. The stored record is ``key length u16 | key | payload``, so a message is delivered
+with the topic it was published on.
+
+Dispatch. Committed messages are taken from the partitions (round-robin, so no partition starves) and handed to the
+online consumer with the fewest unacknowledged messages, never beyond its window. A consumer's ack deletes the
+message; a consumer that unsubscribes or goes away, or does not ack within ``ack_timeout``, has its messages put back
+at the head of their partitions; they are delivered again (``dup`` set) to whoever is online. A message taken for the
+``max_deliveries + 1``-th time moves to the queue ``<name>.dlq`` instead (the original is acked once the copy is
+durable). Dead-letter queues do not dead-letter further.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
+
+from shoalmq._native import partition_of
+from shoalmq.errors import ConfigError, PayloadTooLarge, QueueError
+from shoalmq.queue.storage import Limits, Message, PartitionLog, Store
+
+log = logging.getLogger(__name__)
+
+QUEUE_PREFIX = "$queue/"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+DLQ_SUFFIX = ".dlq"
+MAX_KEY = 0xFFFF
+_KEY_LEN = struct.Struct(">H")
+
+
+class BadQueueName(QueueError):
+    """The topic does not name a queue (``$queue/<name>`` with a valid name)."""
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """A queue's settings; ``partitions`` is fixed once the queue exists."""
+
+    partitions: int = 8
+    #: Most unacked messages per partition; None: unbounded.
+    max_depth: int | None = None
+    #: Seconds a message may wait for delivery; None: forever.
+    ttl: float | None = None
+    #: Deliveries before a message moves to ``<name>.dlq``; 0: never.
+    max_deliveries: int = 5
+    #: Seconds a consumer has to ack a delivery before it is given to another.
+    ack_timeout: float = 60.0
+    #: Largest payload accepted, in bytes.
+    max_payload: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.partitions, 1, 4096, "partitions"),
+            (self.max_deliveries, 0, 254, "max_deliveries"),
+            (self.max_payload, 0, 256 << 20, "max_payload"),
+        ]
+        for value, low, high, name in checks:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+        if self.max_depth is not None and (isinstance(self.max_depth, bool) or not isinstance(self.max_depth, int)
+                                           or self.max_depth < 1):
+            raise ConfigError(f"max_depth must be a positive whole number, got {self.max_depth!r}")
+        for name in ("ttl", "ack_timeout"):
+            value = getattr(self, name)
+            if value is None and name == "ttl":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    @classmethod
+    def from_mapping(cls, values: dict, base: QueueConfig | None = None) -> QueueConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown queue setting {sorted(unknown)[0]!r} (known: {', '.join(sorted(known))})")
+        return replace(base or cls(), **values)
+
+    def limits(self) -> Limits:
+        # The stored record carries the key too: the payload limit is checked here, the log's is a backstop.
+        return Limits(max_depth=self.max_depth, ttl=self.ttl, max_payload=self.max_payload + 2 + MAX_KEY)
+
+
+def parse_queue_topic(topic: str) -> tuple[str, str]:
+    """Split ``$queue/<name>[/<key>]`` into (name, key); BadQueueName if it is not a valid queue topic."""
+    if not topic.startswith(QUEUE_PREFIX):
+        raise BadQueueName(f"{topic!r} is not a $queue/ topic")
+    name, _, key = topic[len(QUEUE_PREFIX):].partition("/")
+    if not NAME_PATTERN.fullmatch(name) and not (
+            name.endswith(DLQ_SUFFIX) and NAME_PATTERN.fullmatch(name[:-len(DLQ_SUFFIX)])):
+        raise BadQueueName(f"bad queue name {name!r} in {topic!r}: 1-128 letters, digits, '.', '_' or '-'")
+    return name, key
+
+
+def is_queue_topic(topic: str) -> bool:
+    return topic.startswith(QUEUE_PREFIX)
+
+
+def queue_of_filter(topic_filter: str) -> str | None:
+    """The queue a subscription filter consumes (``$queue/<name>`` or ``$queue/<name>/#``), else None.
+
+    BadQueueName for a ``$queue/`` filter of another shape."""
+    if not topic_filter.startswith(QUEUE_PREFIX):
+        return None
+    name, key = parse_queue_topic(topic_filter)
+    if key not in ("", "#"):
+        raise BadQueueName(f"a queue is consumed whole: subscribe to $queue/{name} or $queue/{name}/#, "
+                           f"not {topic_filter!r}")
+    if "+" in name or "#" in name:
+        raise BadQueueName(f"bad queue name {name!r}")
+    return name
+
+
+class Consumer(Protocol):
+    """What the manager needs from a consumer (an MQTT session subscribed to a queue)."""
+
+    #: Most unacknowledged deliveries it may hold (across all its queues).
+    window: int
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        """Send these deliveries (one batch; the consumer writes them and later acks them)."""
+
+
+class Delivery:
+    """One message handed to one consumer, until acked or handed back."""
+
+    __slots__ = ("consumer", "deadline", "message", "partition", "queue", "topic")
+
+    def __init__(self, queue: Queue, partition: PartitionLog, message: Message, topic: str,
+                 consumer: Consumer, deadline: float) -> None:
+        self.queue = queue
+        self.partition = partition
+        self.message = message
+        self.topic = topic
+        self.consumer = consumer
+        self.deadline = deadline
+
+    @property
+    def payload(self) -> bytes:
+        record = self.message.payload
+        (key_len,) = _KEY_LEN.unpack_from(record, 0)
+        return record[2 + key_len:]
+
+    @property
+    def dup(self) -> bool:
+        """Delivered before (to this or another consumer)."""
+        return self.message.deliveries > 1
+
+
+@dataclass(eq=False)
+class _ConsumerState:
+    consumer: Consumer
+    queues: set[str] = field(default_factory=set)
+    inflight: dict[tuple[int, int], Delivery] = field(default_factory=dict)  # (partition pid, offset) -> delivery
+    #: At-most-once subscribers: messages are acked as they are sent.
+    at_most_once: set[str] = field(default_factory=set)
+
+
+class Queue:
+    """One named queue: its partitions and its consumers."""
+
+    def __init__(self, manager: QueueManager, name: str, config: QueueConfig) -> None:
+        self.manager = manager
+        self.name = name
+        self.config = config
+        limits = config.limits()
+        self.partitions = [manager.store.partition(name, p, limits) for p in range(config.partitions)]
+        self.consumers: list[_ConsumerState] = []
+        self.is_dlq = name.endswith(DLQ_SUFFIX)
+        self._next_partition = 0  # round-robin for unkeyed messages
+        self._next_take = 0  # round-robin start for dispatch
+        self.dead_lettered = 0
+
+    @property
+    def depth(self) -> int:
+        return sum(p.depth for p in self.partitions)
+
+    @property
+    def expired(self) -> int:
+        return sum(p.expired for p in self.partitions)
+
+    def publish(self, key: str, payload: bytes) -> asyncio.Future[None]:
+        if len(payload) > self.config.max_payload:
+            raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds max_payload {self.config.max_payload} "
+                                  f"of queue {self.name!r}")
+        key_bytes = key.encode()
+        if key_bytes:
+            partition = self.partitions[partition_of(key_bytes, len(self.partitions))]
+        else:
+            partition = self.partitions[self._next_partition]
+            self._next_partition = (self._next_partition + 1) % len(self.partitions)
+        flush = partition.enqueue(_KEY_LEN.pack(len(key_bytes)) + key_bytes + payload)
+        return flush
+
+    def topic_of(self, record: bytes) -> str:
+        (key_len,) = _KEY_LEN.unpack_from(record, 0)
+        if not key_len:
+            return QUEUE_PREFIX + self.name
+        return f"{QUEUE_PREFIX}{self.name}/{record[2:2 + key_len].decode()}"
+
+
+class QueueManager:
+    """All queues of a node, their consumers, and the dispatch between them."""
+
+    def __init__(self, store: Store, queues: dict[str, QueueConfig] | None = None,
+                 defaults: QueueConfig = QueueConfig(), consumer_window: int = 32) -> None:
+        self.store = store
+        self.defaults = defaults
+        self.consumer_window = consumer_window
+        self._declared = dict(queues or {})
+        self._queues: dict[str, Queue] = {}
+        self._consumers: dict[int, _ConsumerState] = {}  # id(consumer) -> state
+        self._dispatch_scheduled: set[Queue] = set()
+        self._loop = asyncio.get_running_loop()
+        self._by_pid: dict[int, Queue] = {}
+        self._ack_timer: asyncio.TimerHandle | None = None
+        store.on_readable = self._on_readable
+        for name, config in self._declared.items():
+            self.queue(name)
+        # Queues stored before (created on first use in an earlier run) come back with their stored settings.
+        for name in store.queue_names():
+            self.queue(name)
+        self._arm_ack_timer()
+
+    # -- queues -----------------------------------------------------------------------------------------
+
+    def queue(self, name: str) -> Queue:
+        """The queue ``name``, created with its declared or default settings on first use.
+
+        ConfigError if the stored partition count differs from the declared one: a queue's partitions never
+        change silently."""
+        queue = self._queues.get(name)
+        if queue is not None:
+            return queue
+        if not NAME_PATTERN.fullmatch(name) and not (
+                name.endswith(DLQ_SUFFIX) and NAME_PATTERN.fullmatch(name[:-len(DLQ_SUFFIX)])):
+            raise BadQueueName(f"bad queue name {name!r}")
+        stored = self.store.queue_definition(name)
+        config = self._declared.get(name)
+        if stored is not None:
+            stored_partitions = stored["partitions"]
+            if config is not None and config.partitions != stored_partitions:
+                raise ConfigError(f"queue {name!r} has {stored_partitions} partitions in the data directory but "
+                                  f"{config.partitions} in the configuration; a queue's partition count cannot change")
+            if config is None:
+                config = replace(self.defaults, partitions=stored_partitions)
+        if config is None:
+            config = self.defaults
+            if name.endswith(DLQ_SUFFIX):
+                base = self._declared.get(name[:-len(DLQ_SUFFIX)], self.defaults)
+                config = replace(base, max_deliveries=0, max_depth=None)
+        if stored is None:
+            self.store.define_queue(name, {"partitions": config.partitions, "created": int(time.time())})
+        queue = Queue(self, name, config)
+        self._queues[name] = queue
+        for part in queue.partitions:
+            self._by_pid[part.pid] = queue
+        return queue
+
+    def queues(self) -> list[Queue]:
+        return list(self._queues.values())
+
+    def describe(self) -> dict[str, dict]:
+        """Queue name -> settings and counts (for logs and status)."""
+        return {name: {**asdict(q.config), "depth": q.depth, "consumers": len(q.consumers),
+                       "expired": q.expired, "dead_lettered": q.dead_lettered}
+                for name, q in sorted(self._queues.items())}
+
+    # -- publishing -------------------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes) -> asyncio.Future[None]:
+        """Enqueue a message published on a ``$queue/`` topic; the future resolves once it is durable.
+
+        Raises BadQueueName, PayloadTooLarge, QueueFull or StorageError: the publish must not be acknowledged."""
+        name, key = parse_queue_topic(topic)
+        if len(key.encode()) > MAX_KEY:
+            raise BadQueueName(f"queue key longer than {MAX_KEY} bytes")
+        return self.queue(name).publish(key, payload)
+
+    # -- consumers --------------------------------------------------------------------------------------
+
+    def subscribe(self, consumer: Consumer, queue_name: str, at_most_once: bool = False) -> None:
+        """Make ``consumer`` a competing consumer of ``queue_name``."""
+        queue = self.queue(queue_name)
+        state = self._consumers.get(id(consumer))
+        if state is None:
+            state = self._consumers[id(consumer)] = _ConsumerState(consumer)
+        if queue_name not in state.queues:
+            state.queues.add(queue_name)
+            queue.consumers.append(state)
+        if at_most_once:
+            state.at_most_once.add(queue_name)
+        else:
+            state.at_most_once.discard(queue_name)
+        self._schedule_dispatch(queue)
+
+    def unsubscribe(self, consumer: Consumer, queue_name: str) -> None:
+        """Stop delivering ``queue_name`` to ``consumer``; its unacknowledged messages of that queue go back."""
+        state = self._consumers.get(id(consumer))
+        if state is None or queue_name not in state.queues:
+            return
+        state.queues.discard(queue_name)
+        state.at_most_once.discard(queue_name)
+        queue = self._queues[queue_name]
+        queue.consumers.remove(state)
+        self._requeue([d for d in state.inflight.values() if d.queue is queue])
+        if not state.queues:
+            del self._consumers[id(consumer)]
+
+    def consumer_gone(self, consumer: Consumer) -> int:
+        """The consumer disconnected: its subscriptions end and its unacknowledged messages go back.
+        Returns how many were requeued."""
+        state = self._consumers.pop(id(consumer), None)
+        if state is None:
+            return 0
+        for name in state.queues:
+            self._queues[name].consumers.remove(state)
+        deliveries = list(state.inflight.values())
+        self._requeue(deliveries)
+        return len(deliveries)
+
+    def subscriptions(self, consumer: Consumer) -> set[str]:
+        state = self._consumers.get(id(consumer))
+        return set(state.queues) if state else set()
+
+    def inflight(self, consumer: Consumer) -> int:
+        state = self._consumers.get(id(consumer))
+        return len(state.inflight) if state else 0
+
+    def ack(self, deliveries: Iterable[Delivery]) -> int:
+        """The consumers acknowledged these deliveries: remove the messages. Returns how many were still theirs."""
+        done = 0
+        touched: set[Queue] = set()
+        for delivery in deliveries:
+            state = self._consumers.get(id(delivery.consumer))
+            key = (delivery.partition.pid, delivery.message.offset)
+            if state is None or state.inflight.get(key) is not delivery:
+                continue  # requeued meanwhile (timeout, unsubscribe): the ack is too late to count
+            del state.inflight[key]
+            done += delivery.partition.ack((delivery.message.offset,))
+            touched.add(delivery.queue)
+        for queue in touched:
+            self._schedule_dispatch(queue)
+        return done
+
+    # -- dispatch ---------------------------------------------------------------------------------------
+
+    def _on_readable(self, parts: list[PartitionLog]) -> None:
+        for part in parts:
+            queue = self._by_pid.get(part.pid)
+            if queue is not None and queue.consumers:
+                self._schedule_dispatch(queue)
+
+    def _schedule_dispatch(self, queue: Queue) -> None:
+        if not self._dispatch_scheduled:
+            self._loop.call_soon(self._dispatch)
+        self._dispatch_scheduled.add(queue)
+
+    def _dispatch(self) -> None:
+        queues, self._dispatch_scheduled = self._dispatch_scheduled, set()
+        for queue in queues:
+            self._dispatch_queue(queue)
+
+    def _dispatch_queue(self, queue: Queue) -> None:
+        consumers = [s for s in queue.consumers if len(s.inflight) < s.consumer.window]
+        if not consumers:
+            return
+        capacity = sum(s.consumer.window - len(s.inflight) for s in consumers)
+        taken = self._take(queue, capacity)
+        if not taken:
+            return
+        now = time.monotonic()
+        deadline = now + queue.config.ack_timeout
+        batches: dict[int, tuple[_ConsumerState, list[Delivery]]] = {}
+        # Fewest in flight first: hand out one message at a time to whoever has the least.
+        consumers.sort(key=lambda s: len(s.inflight))
+        for part, message in taken:
+            state = min(consumers, key=lambda s: len(s.inflight))
+            if len(state.inflight) >= state.consumer.window:
+                # Cannot happen (capacity was counted), but never overfill a window.
+                part.nack((message.offset,))
+                continue
+            delivery = Delivery(queue, part, message, queue.topic_of(message.payload), state.consumer, deadline)
+            state.inflight[(part.pid, message.offset)] = delivery
+            batches.setdefault(id(state), (state, []))[1].append(delivery)
+        for state, deliveries in batches.values():
+            if queue.name in state.at_most_once:
+                # At most once: removed as it is sent.
+                for d in deliveries:
+                    del state.inflight[(d.partition.pid, d.message.offset)]
+                    d.partition.ack((d.message.offset,))
+            state.consumer.deliver(deliveries)
+        if any(s.queues and len(s.inflight) < s.consumer.window for s in consumers):
+            # Room left and maybe more on disk: continue on the next loop iteration.
+            if any(p.ready for p in queue.partitions):
+                self._schedule_dispatch(queue)
+
+    def _take(self, queue: Queue, count: int) -> list[tuple[PartitionLog, Message]]:
+        """Up to ``count`` messages, round-robin over the partitions; dead-letters what was delivered too often."""
+        parts = queue.partitions
+        taken: list[tuple[PartitionLog, Message]] = []
+        max_deliveries = queue.config.max_deliveries
+        empty = 0
+        i = queue._next_take
+        while len(taken) < count and empty < len(parts):
+            part = parts[i % len(parts)]
+            i += 1
+            share = max(1, (count - len(taken)) // len(parts))
+            got = part.take(share)
+            if not got:
+                empty += 1
+                continue
+            empty = 0
+            for message in got:
+                if max_deliveries and message.deliveries > max_deliveries and not queue.is_dlq:
+                    try:
+                        self._dead_letter(queue, part, message)
+                        continue
+                    except QueueError as exc:  # the DLQ is full or the disk is: deliver it once more instead
+                        log.warning("cannot dead-letter message %d of %s/%d: %s", message.offset, queue.name,
+                                    part.index, exc)
+                taken.append((part, message))
+        queue._next_take = i % len(parts)
+        return taken
+
+    def _dead_letter(self, queue: Queue, part: PartitionLog, message: Message) -> None:
+        """Move a message to ``<name>.dlq``; the original is acked once the copy is durable.
+        QueueError (the message stays where it is, in flight) if the dead-letter queue refuses it."""
+        dlq = self.queue(queue.name + DLQ_SUFFIX)
+        record = message.payload
+        (key_len,) = _KEY_LEN.unpack_from(record, 0)
+        key = record[2:2 + key_len].decode()
+        flush = dlq.publish(key, record[2 + key_len:])
+        queue.dead_lettered += 1
+
+        def settle(future: asyncio.Future[None]) -> None:
+            if future.exception() is None:
+                part.ack((message.offset,))
+            else:
+                part.nack((message.offset,))
+
+        flush.add_done_callback(settle)
+
+    def _requeue(self, deliveries: list[Delivery]) -> None:
+        by_part: dict[int, tuple[PartitionLog, list[int]]] = {}
+        for d in deliveries:
+            state = self._consumers.get(id(d.consumer))
+            if state is not None:
+                state.inflight.pop((d.partition.pid, d.message.offset), None)
+            by_part.setdefault(d.partition.pid, (d.partition, []))[1].append(d.message.offset)
+        queues = set()
+        for part, offsets in by_part.values():
+            part.nack(offsets)
+            queues.add(self._by_pid[part.pid])
+        for queue in queues:
+            self._schedule_dispatch(queue)
+
+    # -- ack timeouts -----------------------------------------------------------------------------------
+
+    def _arm_ack_timer(self) -> None:
+        shortest = min((q.config.ack_timeout for q in self._queues.values()), default=self.defaults.ack_timeout)
+        self._ack_timer = self._loop.call_later(max(min(shortest / 4, 1.0), 0.05), self._check_ack_timeouts)
+
+    def _check_ack_timeouts(self) -> None:
+        now = time.monotonic()
+        expired = [d for s in self._consumers.values() for d in s.inflight.values() if d.deadline <= now]
+        if expired:
+            log.info("%d delivery(ies) not acked in time: handed to other consumers", len(expired))
+            self._requeue(expired)
+        self._arm_ack_timer()
+
+    def close(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+        self.store.on_readable = None
+
+
+def queue_configs_from_mapping(values: object) -> dict[str, QueueConfig]:
+    """Parse the ``queues:`` section of the configuration file."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError("queues: expected a mapping of queue names to settings")
+    out = {}
+    for name, settings in values.items():
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"queues: bad queue name {name!r}: 1-128 letters, digits, '.', '_' or '-'")
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, dict):
+            raise ConfigError(f"queues: {name}: expected a mapping of settings")
+        try:
+            out[name] = QueueConfig.from_mapping(settings)
+        except ConfigError as exc:
+            raise ConfigError(f"queues: {name}: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"queues: {name}: {exc}") from None
+    return out

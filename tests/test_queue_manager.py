@@ -1,0 +1,310 @@
+"""The queue manager, on the in-memory store (the broker tests run it on LMDB with real MQTT clients)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from shoalmq.errors import ConfigError, PayloadTooLarge, QueueFull
+from shoalmq.queue.manager import (
+    BadQueueName,
+    Delivery,
+    QueueConfig,
+    QueueManager,
+    parse_queue_topic,
+    queue_configs_from_mapping,
+    queue_of_filter,
+)
+from shoalmq.queue.storage import MemoryBackend, Store
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+class FakeConsumer:
+    """Records what it is handed; acks only when told to."""
+
+    def __init__(self, name: str, window: int = 32) -> None:
+        self.name = name
+        self.window = window
+        self.received: list[Delivery] = []
+        self._acked = 0  # received[:_acked] were acked
+        self.max_held = 0
+        self.manager: QueueManager | None = None
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        self.received += deliveries
+        if self.manager is not None:
+            self.max_held = max(self.max_held, self.manager.inflight(self))
+
+    def ack_all(self, manager: QueueManager) -> int:
+        unacked, self._acked = self.received[self._acked:], len(self.received)
+        return manager.ack(unacked)
+
+
+async def settle(until: Callable[[], bool] | None = None, timeout: float = 5.0) -> None:
+    """Let commits and dispatches run until ``until()`` holds (or a few loop turns if none is given)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for _ in range(20):
+        await asyncio.sleep(0)
+    while until is not None and not until():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def manager_on(backend: MemoryBackend, **kwargs: Any) -> QueueManager:
+    return QueueManager(Store(backend), **kwargs)
+
+
+# -- topics ---------------------------------------------------------------------------------------------------------
+
+def test_queue_topics_and_filters() -> None:
+    assert parse_queue_topic("$queue/orders") == ("orders", "")
+    assert parse_queue_topic("$queue/orders/eu/42") == ("orders", "eu/42")
+    assert parse_queue_topic("$queue/orders.dlq") == ("orders.dlq", "")
+    for bad in ("$queue/", "$queue//k", "$queue/bad name", "$queue/" + "x" * 129, "$queue/a+b", "orders"):
+        with pytest.raises(BadQueueName):
+            parse_queue_topic(bad)
+    assert queue_of_filter("$queue/orders") == "orders"
+    assert queue_of_filter("$queue/orders/#") == "orders"
+    assert queue_of_filter("a/b/#") is None
+    for bad in ("$queue/orders/+", "$queue/orders/eu", "$queue/#", "$queue/+"):
+        with pytest.raises(BadQueueName):
+            queue_of_filter(bad)
+
+
+def test_queue_settings_from_the_config_file() -> None:
+    configs = queue_configs_from_mapping({"orders": {"partitions": 4, "max_depth": 100, "ttl": 30},
+                                          "jobs": None})
+    assert configs["orders"] == QueueConfig(partitions=4, max_depth=100, ttl=30)
+    assert configs["jobs"] == QueueConfig()
+    for bad, message in [
+        ({"bad name": {}}, "bad queue name"),
+        ({"q": {"partitions": 0}}, "partitions must be a whole number from 1"),
+        ({"q": {"partiton": 2}}, "unknown queue setting 'partiton'"),
+        ({"q": {"ack_timeout": -1}}, "ack_timeout must be a positive number"),
+        ({"q": {"max_deliveries": "5"}}, "max_deliveries must be a whole number"),
+        ({"q": [1]}, "expected a mapping of settings"),
+        ([1], "expected a mapping of queue names"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            queue_configs_from_mapping(bad)
+
+
+# -- publish and consume ----------------------------------------------------------------------------------------
+
+def test_publish_then_consume_with_topic_and_ack() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend())
+        consumer = FakeConsumer("c")
+        manager.subscribe(consumer, "orders")
+        await manager.publish("$queue/orders", b"plain")
+        await manager.publish("$queue/orders/eu/42", b"keyed")
+        await settle(lambda: len(consumer.received) == 2)
+        got = sorted((d.topic, d.payload, d.dup) for d in consumer.received)
+        assert got == [("$queue/orders", b"plain", False), ("$queue/orders/eu/42", b"keyed", False)]
+        assert manager.queue("orders").depth == 2
+        assert consumer.ack_all(manager) == 2
+        assert manager.queue("orders").depth == 0
+        manager.close()
+
+    run(body())
+
+
+def test_competing_consumers_share_messages_exactly_once_within_their_windows() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend())
+        consumers = [FakeConsumer(f"c{i}", window=5) for i in range(3)]
+        for c in consumers:
+            c.manager = manager
+            manager.subscribe(c, "jobs")
+        for i in range(300):
+            manager.publish("$queue/jobs", str(i).encode())
+        total = lambda: sum(len(c.received) for c in consumers)  # noqa: E731
+        while total() < 300:
+            await settle()
+            for c in consumers:
+                c.ack_all(manager)
+        payloads = Counter(d.payload for c in consumers for d in c.received)
+        assert len(payloads) == 300 and set(payloads.values()) == {1}
+        assert all(c.received for c in consumers)
+        assert all(c.max_held <= 5 for c in consumers)
+        manager.close()
+
+    run(body())
+
+
+def test_new_messages_go_to_the_consumer_with_fewest_in_flight() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend())
+        busy, idle = FakeConsumer("busy", window=10), FakeConsumer("idle", window=10)
+        manager.subscribe(busy, "q")
+        for i in range(4):
+            manager.publish("$queue/q", b"%d" % i)
+        await settle(lambda: len(busy.received) == 4)
+        manager.subscribe(idle, "q")
+        for i in range(4):
+            manager.publish("$queue/q", b"n%d" % i)
+        await settle(lambda: len(idle.received) + len(busy.received) == 8)
+        # idle had 0 in flight against busy's 4: it gets the new messages until they are even.
+        assert len(idle.received) == 4 and len(busy.received) == 4
+        manager.close()
+
+    run(body())
+
+
+def test_a_vanished_consumer_s_messages_are_redelivered_with_dup() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend())
+        first, second = FakeConsumer("first"), FakeConsumer("second", window=100)
+        manager.subscribe(first, "q")
+        for i in range(10):
+            manager.publish("$queue/q", b"%d" % i)
+        await settle(lambda: len(first.received) == 10)
+        manager.subscribe(second, "q")
+        assert manager.consumer_gone(first) == 10
+        await settle(lambda: len(second.received) == 10)
+        assert sorted(d.payload for d in second.received) == sorted(b"%d" % i for i in range(10))
+        assert all(d.dup for d in second.received)
+        assert first.ack_all(manager) == 0, "acks from a consumer that is gone count for nothing"
+        manager.close()
+
+    run(body())
+
+
+def test_unsubscribe_requeues_and_stops_delivery() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend())
+        a, b = FakeConsumer("a"), FakeConsumer("b")
+        manager.subscribe(a, "q")
+        manager.publish("$queue/q", b"m")
+        await settle(lambda: len(a.received) == 1)
+        manager.unsubscribe(a, "q")
+        manager.subscribe(b, "q")
+        manager.publish("$queue/q", b"n")
+        await settle(lambda: len(b.received) == 2)
+        assert len(a.received) == 1
+        assert {(d.payload, d.dup) for d in b.received} == {(b"m", True), (b"n", False)}
+        manager.close()
+
+    run(body())
+
+
+def test_ack_timeout_hands_the_message_to_another_consumer() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend(), defaults=QueueConfig(ack_timeout=0.1))
+        slow = FakeConsumer("slow", window=1)
+        manager.subscribe(slow, "q")
+        manager.publish("$queue/q", b"m")
+        await settle(lambda: len(slow.received) == 1)
+        fast = FakeConsumer("fast")
+        manager.subscribe(fast, "q")
+        await settle(lambda: len(fast.received) + len(slow.received) >= 2)
+        redelivered = (fast.received + slow.received[1:])[0]
+        assert redelivered.payload == b"m" and redelivered.dup
+        manager.close()
+
+    run(body())
+
+
+def test_too_many_deliveries_move_the_message_to_the_dead_letter_queue() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend(), defaults=QueueConfig(max_deliveries=2))
+        manager.publish("$queue/q/k1", b"poison")
+        for round_ in range(2):
+            consumer = FakeConsumer(f"c{round_}")
+            manager.subscribe(consumer, "q")
+            await settle(lambda: len(consumer.received) == 1)
+            manager.consumer_gone(consumer)
+        late = FakeConsumer("late")
+        manager.subscribe(late, "q")
+        dlq_consumer = FakeConsumer("dlq")
+        manager.subscribe(dlq_consumer, "q.dlq")
+        await settle(lambda: len(dlq_consumer.received) == 1)
+        [dead] = dlq_consumer.received
+        assert (dead.topic, dead.payload, dead.dup) == ("$queue/q.dlq/k1", b"poison", False)
+        await settle(lambda: manager.queue("q").depth == 0)
+        assert late.received == [] and manager.queue("q").dead_lettered == 1
+        manager.close()
+
+    run(body())
+
+
+def test_at_most_once_subscribers_remove_messages_as_they_are_sent() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend())
+        consumer = FakeConsumer("c")
+        manager.subscribe(consumer, "q", at_most_once=True)
+        for i in range(50):
+            manager.publish("$queue/q", b"%d" % i)
+        await settle(lambda: len(consumer.received) == 50)
+        assert manager.queue("q").depth == 0 and manager.inflight(consumer) == 0
+        manager.close()
+
+    run(body())
+
+
+def test_keys_pick_partitions_and_keep_their_order() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend(), defaults=QueueConfig(partitions=4))
+        for i in range(200):
+            manager.publish(f"$queue/q/key{i % 5}", b"%d" % i)
+        for i in range(200):
+            manager.publish("$queue/q", b"u%d" % i)
+        await manager.store.flush()
+        queue = manager.queue("q")
+        consumer = FakeConsumer("c", window=1000)
+        manager.subscribe(consumer, "q")
+        await settle(lambda: len(consumer.received) == 400)
+        by_key: dict[str, list[int]] = {}
+        for d in consumer.received:
+            if d.topic != "$queue/q":
+                by_key.setdefault(d.topic, []).append(int(d.payload))
+        assert len(by_key) == 5 and all(v == sorted(v) for v in by_key.values())
+        unkeyed_per_partition = Counter(d.partition.index for d in consumer.received if d.topic == "$queue/q")
+        assert sorted(unkeyed_per_partition.values()) == [50, 50, 50, 50]
+        assert len(queue.partitions) == 4
+        manager.close()
+
+    run(body())
+
+
+def test_limits_refuse_publishes() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend(), queues={"small": QueueConfig(partitions=1, max_depth=2,
+                                                                            max_payload=8)})
+        manager.publish("$queue/small", b"1")
+        manager.publish("$queue/small", b"2")
+        with pytest.raises(QueueFull):
+            manager.publish("$queue/small", b"3")
+        with pytest.raises(PayloadTooLarge):
+            manager.publish("$queue/small", b"123456789")
+        with pytest.raises(BadQueueName):
+            manager.publish("$queue/bad name", b"x")
+        manager.close()
+
+    run(body())
+
+
+def test_partition_count_is_fixed_once_a_queue_exists() -> None:
+    async def body() -> None:
+        backend = MemoryBackend()
+        manager = manager_on(backend, queues={"q": QueueConfig(partitions=3)})
+        manager.publish("$queue/auto", b"x")  # created on first use with the defaults (8)
+        await manager.store.flush()
+        manager.close()
+
+        again = manager_on(backend)
+        assert len(again.queue("q").partitions) == 3, "stored partition count kept when the config is silent"
+        assert len(again.queue("auto").partitions) == 8
+        again.close()
+        with pytest.raises(ConfigError, match="'q' has 3 partitions in the data directory but 5"):
+            manager_on(backend, queues={"q": QueueConfig(partitions=5)})
+
+    run(body())
