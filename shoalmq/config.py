@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from shoalmq.errors import ConfigError, os_error_text
+from shoalmq.queue.manager import QueueConfig, queue_config_from_mapping, queue_configs_from_mapping
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SYNC_MODES = ("fsync", "async")
@@ -110,7 +111,17 @@ OPTIONS: tuple[Option, ...] = (
            "with --sync async, the longest a message waits before its commit starts"),
     Option("ring_capacity", "--ring-capacity", 16384, _int_parser(2, 1 << 24, power_of_two=True), "N",
            "ready messages each partition keeps in memory (a power of two); the rest wait on disk"),
+    Option("consumer_window", "--consumer-window", 32, _int_parser(1, 65535), "N",
+           "most unacknowledged $queue/ messages a consumer holds"),
+    Option("connect_timeout", "--connect-timeout", 10, _int_parser(1, 3600), "SECONDS",
+           "a new connection that sends no CONNECT within this time is closed"),
 )
+
+#: Settings only the configuration file can give (nested mappings): key -> parser of the raw value.
+FILE_SECTIONS: dict[str, Callable[[Any], Any]] = {
+    "queues": queue_configs_from_mapping,
+    "queue_defaults": queue_config_from_mapping,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +135,11 @@ class Config:
     batch_size: int = 500
     flush_interval_ms: int = 10
     ring_capacity: int = 16384
+    consumer_window: int = 32
+    connect_timeout: int = 10
+    #: Queues declared in the configuration file (others are created on first use with ``queue_defaults``).
+    queues: Mapping[str, QueueConfig] = dataclasses.field(default_factory=dict)
+    queue_defaults: QueueConfig = QueueConfig()
 
     @property
     def log_level_number(self) -> int:
@@ -149,7 +165,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
-    known = {o.key for o in OPTIONS}
+    known = {o.key for o in OPTIONS} | set(FILE_SECTIONS)
     for key in data:
         if key not in known:
             hint = f" (did you mean {key.replace('-', '_')!r}?)" if str(key).replace("-", "_") in known else ""
@@ -175,4 +191,10 @@ def build_config(file_values: Mapping[str, Any] | None = None,
             values[option.key] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{origin}: {exc}") from None
+    for key, parse in FILE_SECTIONS.items():
+        if key in file_values:
+            try:
+                values[key] = parse(file_values[key])
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {key}: {exc}") from None
     return Config(**values)

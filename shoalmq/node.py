@@ -10,6 +10,7 @@ from shoalmq import __version__
 from shoalmq.broker import MqttFrontEnd
 from shoalmq.config import Config
 from shoalmq.datadir import DataDir
+from shoalmq.queue.manager import QueueManager
 from shoalmq.queue.storage import open_lmdb_store
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,12 @@ class Node:
             log.info("partition log: %d partition(s), %d message(s) recovered in %.0f ms (sync: %s)",
                      len(store.known_partitions()), store.recovered_messages, store.recovery_seconds * 1000,
                      config.sync)
+            queues: QueueManager | None = None
             try:
-                front_end = MqttFrontEnd(config)
+                queues = QueueManager(store, config.queues, config.queue_defaults, config.consumer_window)
+                for name, info in queues.describe().items():
+                    log.info("queue %s: %d partition(s), %d message(s)", name, info["partitions"], info["depth"])
+                front_end = MqttFrontEnd(config, queues)
                 await front_end.start()
                 log.info(
                     "ShoalMQ %s ready: mqtt://%s, data %s, embedded (single node), event loop %s",
@@ -50,5 +55,7 @@ class Node:
                     log.info("shutting down")
                     await front_end.stop()
             finally:
+                if queues is not None:
+                    queues.close()
                 await store.close()
         log.info("stopped")

@@ -444,3 +444,139 @@ class MosquittoSub:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+
+
+# -- a raw-socket MQTT client, for what paho hides: packet ids, DUP flags, silence, abrupt death ------------------
+
+@dataclass(frozen=True)
+class Frame:
+    type: int
+    flags: int
+    body: bytes
+
+    @property
+    def qos(self) -> int:
+        return (self.flags >> 1) & 3
+
+    @property
+    def dup(self) -> bool:
+        return bool(self.flags & 0x08)
+
+    def publish_fields(self) -> tuple[str, int | None, bytes]:
+        """(topic, packet id or None, payload) of a PUBLISH."""
+        (topic_len,) = struct.unpack_from("!H", self.body, 0)
+        topic = self.body[2:2 + topic_len].decode()
+        pos = 2 + topic_len
+        packet_id = None
+        if self.qos:
+            (packet_id,) = struct.unpack_from("!H", self.body, pos)
+            pos += 2
+        return topic, packet_id, self.body[pos:]
+
+
+def publish_packet(topic: str, payload: bytes, qos: int = 1, packet_id: int = 1, dup: bool = False) -> bytes:
+    body = _utf8_field(topic.encode()) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return bytes([0x30 | (qos << 1) | (0x08 if dup else 0)]) + encode_remaining_length(len(body)) + body
+
+
+def subscribe_packet(topic_filter: str, qos: int = 1, packet_id: int = 1) -> bytes:
+    body = struct.pack("!H", packet_id) + _utf8_field(topic_filter.encode()) + bytes([qos])
+    return b"\x82" + encode_remaining_length(len(body)) + body
+
+
+def puback_packet(packet_id: int) -> bytes:
+    return b"\x40\x02" + struct.pack("!H", packet_id)
+
+
+class RawMqtt:
+    """A minimal MQTT 3.1.1 client on a blocking socket."""
+
+    def __init__(self, port: int, client_id: str = "", keep_alive: int = 60, clean_session: bool = True,
+                 host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buffer = b""
+        self._early: list[Frame] = []
+        self.sock.sendall(connect_packet(client_id, keep_alive=keep_alive, clean_session=clean_session))
+        connack = self.read()
+        if connack.type != 2 or connack.body[1] != 0:
+            raise ConnectionError(f"CONNECT refused: {connack}")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self, timeout: float | None = None) -> Frame:
+        """The next frame; TimeoutError if none within ``timeout``, EOFError if the broker closed."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        while True:
+            frame = self._parse()
+            if frame is not None:
+                return frame
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise TimeoutError("no frame from the broker in time") from None
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                raise EOFError("the broker closed the connection")
+            self._buffer += chunk
+
+    def _parse(self) -> Frame | None:
+        buf = self._buffer
+        if len(buf) < 2:
+            return None
+        length, multiplier, pos = 0, 1, 1
+        while True:
+            if pos >= len(buf):
+                return None
+            byte = buf[pos]
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            pos += 1
+            if not byte & 0x80:
+                break
+        if len(buf) < pos + length:
+            return None
+        self._buffer = buf[pos + length:]
+        return Frame(buf[0] >> 4, buf[0] & 0x0F, buf[pos:pos + length])
+
+    def subscribe(self, topic_filter: str, qos: int = 1, packet_id: int = 1) -> int:
+        """Subscribe and return the granted QoS (0x80: refused); frames before the SUBACK are kept."""
+        self.send(subscribe_packet(topic_filter, qos, packet_id))
+        early: list[Frame] = []
+        while True:
+            frame = self.read()
+            if frame.type == 9:
+                self._early = early
+                return frame.body[2]
+            early.append(frame)
+
+    def publishes(self, count: int, timeout: float = 10.0) -> list[Frame]:
+        """The next ``count`` PUBLISH frames (including any that came before the SUBACK)."""
+        out = [f for f in self._early if f.type == 3]
+        self._early = []
+        deadline = time.monotonic() + timeout
+        while len(out) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"got {len(out)} of {count} publishes")
+            frame = self.read(remaining)
+            if frame.type == 3:
+                out.append(frame)
+        return out
+
+    def closed_by_broker(self, timeout: float) -> bool:
+        """True if the broker closes the connection within ``timeout`` (frames meanwhile are discarded)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.read(max(deadline - time.monotonic(), 0.01))
+        except EOFError:
+            return True
+        except (TimeoutError, OSError):
+            return False
+        return False
+
+    def close(self) -> None:
+        self.sock.close()

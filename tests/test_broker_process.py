@@ -106,3 +106,19 @@ def test_a_broken_connection_does_not_disturb_other_clients(broker: BrokerProces
     mqtt_client(broker.port).publish("t", b"still here", qos=1)
     assert sub.expect(1)[0].payload == b"still here"
     assert broker.running
+
+
+def test_a_queue_s_partition_count_cannot_change_across_restarts(tmp_path: Path, broker_factory) -> None:
+    config = tmp_path / "shoal.yaml"
+    config.write_text("queues:\n  orders: {partitions: 2}\n")
+    first = broker_factory(["--config", str(config)])
+    assert "queue orders: 2 partition(s)" in first.log
+    assert first.stop() == 0
+
+    config.write_text("queues:\n  orders: {partitions: 3}\n")
+    result = subprocess.run([str(BIN_DIR / "broker"), "--listen", f"127.0.0.1:{first.port}", "--data-dir",
+                             str(first.data_dir), "--config", str(config), "--log-level", "warning"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "queue 'orders' has 2 partitions in the data directory but 3 in the configuration" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -57,8 +57,8 @@ def test_bad_input_is_one_line_and_exit_code_2(args: list[str], pattern: str) ->
 
 def test_bad_config_file_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
     path = tmp_path / "shoal.yaml"
-    path.write_text("listen: 127.0.0.1:1884\nqueues: {}\n")
-    assert_one_clear_line(run_broker("--config", str(path)), ExitCode.USAGE_ERROR, r"unknown setting 'queues'")
+    path.write_text("listen: 127.0.0.1:1884\ncolour: red\n")
+    assert_one_clear_line(run_broker("--config", str(path)), ExitCode.USAGE_ERROR, r"unknown setting 'colour'")
 
 
 def test_address_in_use_is_one_line_and_exit_code_1(tmp_path: Path) -> None:

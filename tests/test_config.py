@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 
 from shoalmq.cmd.broker import load_config
-from shoalmq.config import OPTIONS, Config, HostPort, build_config, read_config_file
+from shoalmq.config import FILE_SECTIONS, OPTIONS, Config, HostPort, build_config, read_config_file
+from shoalmq.queue.manager import QueueConfig
 from shoalmq.errors import ConfigError
 
 
 def test_every_option_is_a_config_field_and_every_field_an_option() -> None:
-    assert [o.key for o in OPTIONS] == [f.name for f in dataclasses.fields(Config)]
+    assert [o.key for o in OPTIONS] + list(FILE_SECTIONS) == [f.name for f in dataclasses.fields(Config)]
     assert all(o.flag == "--" + o.key.replace("_", "-") for o in OPTIONS)
 
 
@@ -118,3 +119,28 @@ def test_unreadable_files_are_clear_errors(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00listen")
     with pytest.raises(ConfigError, match="not UTF-8"):
         read_config_file(binary)
+
+
+def test_queues_section(tmp_path: Path) -> None:
+    path = tmp_path / "shoal.yaml"
+    path.write_text("consumer_window: 8\nqueue_defaults: {partitions: 2, ack_timeout: 5}\n"
+                    "queues:\n  orders: {partitions: 16, max_depth: 1000, ttl: 3600, max_deliveries: 3}\n  jobs:\n")
+    config = load_config(["--config", str(path)])
+    assert config.consumer_window == 8
+    assert config.queue_defaults == QueueConfig(partitions=2, ack_timeout=5)
+    assert config.queues == {"orders": QueueConfig(partitions=16, max_depth=1000, ttl=3600, max_deliveries=3),
+                             "jobs": QueueConfig()}
+    assert Config().queues == {} and Config().queue_defaults == QueueConfig()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("queues: {orders: {partitions: -1}}\n", r"config file .*: queues: orders: partitions must be a whole number"),
+    ("queues: {'a b': {}}\n", "queues: bad queue name 'a b'"),
+    ("queue_defaults: {color: red}\n", "queue_defaults: unknown queue setting 'color'"),
+    ("queue_defaults: 5\n", "queue_defaults: expected a mapping"),
+])
+def test_bad_queue_settings(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", str(path)])

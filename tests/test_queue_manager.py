@@ -90,7 +90,7 @@ def test_queue_settings_from_the_config_file() -> None:
         ({"q": {"partiton": 2}}, "unknown queue setting 'partiton'"),
         ({"q": {"ack_timeout": -1}}, "ack_timeout must be a positive number"),
         ({"q": {"max_deliveries": "5"}}, "max_deliveries must be a whole number"),
-        ({"q": [1]}, "expected a mapping of settings"),
+        ({"q": [1]}, "q: expected a mapping of queue settings"),
         ([1], "expected a mapping of queue names"),
     ]:
         with pytest.raises(ConfigError, match=message):

@@ -12,10 +12,11 @@ import logging
 from typing import Any
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
-from amqtt.broker import Broker
 
+from shoalmq.broker.queue_broker import ShoalBroker
 from shoalmq.config import Config, HostPort
 from shoalmq.errors import StartupError, os_error_text
+from shoalmq.queue.manager import QueueManager
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,12 @@ def amqtt_config(config: Config) -> dict[str, Any]:
 
 
 class MqttFrontEnd:
-    """Listens for MQTT over TCP and serves each connection with an amqtt ``Broker``."""
+    """Listens for MQTT over TCP and serves each connection with amqtt (``ShoalBroker``, which adds ``$queue/``)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, queues: QueueManager) -> None:
         self._config = config
-        self._broker: Broker | None = None
+        self._queues = queues
+        self._broker: ShoalBroker | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -57,7 +59,7 @@ class MqttFrontEnd:
 
     async def start(self) -> None:
         """Start amqtt, then listen. StartupError if the address can't be bound."""
-        self._broker = Broker(amqtt_config(self._config))
+        self._broker = ShoalBroker(amqtt_config(self._config), self._queues, self._config.connect_timeout)
         await self._broker.start()
         listen = self._config.listen
         try:

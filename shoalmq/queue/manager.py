@@ -13,9 +13,10 @@ with the topic it was published on.
 Dispatch. Committed messages are taken from the partitions (round-robin, so no partition starves) and handed to the
 online consumer with the fewest unacknowledged messages, never beyond its window. A consumer's ack deletes the
 message; a consumer that unsubscribes or goes away, or does not ack within ``ack_timeout``, has its messages put back
-at the head of their partitions; they are delivered again (``dup`` set) to whoever is online. A message taken for the
-``max_deliveries + 1``-th time moves to the queue ``<name>.dlq`` instead (the original is acked once the copy is
-durable). Dead-letter queues do not dead-letter further.
+at the head of their partitions; they are delivered again (``dup`` set) to whoever is online. A message handed back
+after its ``max_deliveries``-th delivery moves to the queue ``<name>.dlq`` instead (the original is acked once the
+copy is durable; one found over the limit when taken, after a restart, moves then). Dead-letter queues do not
+dead-letter further.
 """
 
 from __future__ import annotations
@@ -455,11 +456,20 @@ class QueueManager:
         flush.add_done_callback(settle)
 
     def _requeue(self, deliveries: list[Delivery]) -> None:
+        """Hand deliveries back to their partitions, or to the dead-letter queue once delivered too often."""
         by_part: dict[int, tuple[PartitionLog, list[int]]] = {}
         for d in deliveries:
             state = self._consumers.get(id(d.consumer))
             if state is not None:
                 state.inflight.pop((d.partition.pid, d.message.offset), None)
+            limit = d.queue.config.max_deliveries
+            if limit and d.message.deliveries >= limit and not d.queue.is_dlq:
+                try:
+                    self._dead_letter(d.queue, d.partition, d.message)
+                    continue
+                except QueueError as exc:
+                    log.warning("cannot dead-letter message %d of %s/%d: %s", d.message.offset, d.queue.name,
+                                d.partition.index, exc)
             by_part.setdefault(d.partition.pid, (d.partition, []))[1].append(d.message.offset)
         queues = set()
         for part, offsets in by_part.values():
@@ -489,23 +499,26 @@ class QueueManager:
 
 
 def queue_configs_from_mapping(values: object) -> dict[str, QueueConfig]:
-    """Parse the ``queues:`` section of the configuration file."""
+    """Parse the ``queues:`` section of the configuration file (queue name -> settings)."""
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ConfigError("queues: expected a mapping of queue names to settings")
+        raise ConfigError("expected a mapping of queue names to settings")
     out = {}
     for name, settings in values.items():
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            raise ConfigError(f"queues: bad queue name {name!r}: 1-128 letters, digits, '.', '_' or '-'")
-        if settings is None:
-            settings = {}
-        if not isinstance(settings, dict):
-            raise ConfigError(f"queues: {name}: expected a mapping of settings")
+            raise ConfigError(f"bad queue name {name!r}: 1-128 letters, digits, '.', '_' or '-'")
         try:
-            out[name] = QueueConfig.from_mapping(settings)
+            out[name] = queue_config_from_mapping(settings)
         except ConfigError as exc:
-            raise ConfigError(f"queues: {name}: {exc}") from None
-        except TypeError as exc:
-            raise ConfigError(f"queues: {name}: {exc}") from None
+            raise ConfigError(f"{name}: {exc}") from None
     return out
+
+
+def queue_config_from_mapping(settings: object) -> QueueConfig:
+    """Parse one queue's settings (the ``queue_defaults:`` section, or an entry of ``queues:``)."""
+    if settings is None:
+        return QueueConfig()
+    if not isinstance(settings, dict):
+        raise ConfigError("expected a mapping of queue settings")
+    return QueueConfig.from_mapping(settings)

@@ -1,0 +1,288 @@
+"""amqtt's broker, taught ``$queue/`` topics: durable publishes, competing consumers, acks, redelivery.
+
+amqtt 0.12.1 has no hook that can hold back a PUBACK or pick one consumer per message, so ShoalMQ subclasses it.
+The overrides are few and named here; docs/design.md ("amqtt seams") lists them and the tests that cover them.
+
+- ``ShoalBroker._initialize_client_session``: after amqtt reads CONNECT, turns its handler into a
+  ``QueueProtocolHandler`` and its session into a ``QueueSession`` (``__class__`` assignment: amqtt hard-codes the
+  classes it builds); bounds the wait for CONNECT (amqtt waits forever); and enforces keep-alive at 1.5 times
+  the client's value, as MQTT 3.1.1 asks (amqtt never drops a silent client).
+- ``ShoalBroker.add_subscription`` / ``_del_subscription``: a ``$queue/`` filter registers the connection with the
+  queue manager instead of amqtt's subscription table, so a subscriber to ``#`` never sees queue traffic.
+- ``QueueProtocolHandler.handle_publish``: a ``$queue/`` publish goes to the queue manager and is acknowledged
+  (PUBACK, or PUBREC for QoS 2) only when its commit is durable; a rejected one closes the connection. A publish
+  to any other ``$`` topic closes the connection too (amqtt would leave it half-dead).
+- ``handle_puback`` / ``handle_pubrel``: acks of queue deliveries, and the end of a QoS 2 queue publish.
+- ``handle_read_timeout``: keep-alive expiry closes the connection. ``stop``: the consumer is gone; its
+  unacknowledged messages go back to their queues.
+- ``QueueSession.next_packet_id``: amqtt's own packet ids skip the ids of queue deliveries in flight.
+
+Ordinary topics are untouched: amqtt serves them as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import struct
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.errors import AMQTTError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import Session
+
+from shoalmq.errors import QueueError, ShoalError
+from shoalmq.queue.manager import BadQueueName, Delivery, QueueManager, is_queue_topic, queue_of_filter
+
+log = logging.getLogger(__name__)
+
+SUBACK_FAILURE = 0x80
+_PUBACK = b"\x40\x02"
+_PUBREC = b"\x50\x02"
+_PUBCOMP = b"\x70\x02"
+_U16 = struct.Struct(">H")
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = divmod(n, 128)
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def encode_publish(topic: bytes, payload: bytes, packet_id: int | None, dup: bool) -> bytes:
+    """A PUBLISH frame: QoS 1 with ``packet_id``, or QoS 0 without."""
+    if packet_id is None:
+        header = 0x30
+        variable = _U16.pack(len(topic)) + topic
+    else:
+        header = 0x32 | (0x08 if dup else 0)
+        variable = _U16.pack(len(topic)) + topic + _U16.pack(packet_id)
+    return bytes((header,)) + _remaining_length(len(variable) + len(payload)) + variable + payload
+
+
+class QueueSession(Session):
+    """amqtt's session, whose packet ids also skip those of queue deliveries in flight."""
+
+    queue_inflight: dict[int, Delivery]
+
+    @property
+    def next_packet_id(self) -> int:
+        while True:
+            packet_id = Session.next_packet_id.fget(self)  # type: ignore[attr-defined]
+            if packet_id not in self.queue_inflight:
+                return packet_id
+
+
+class QueueProtocolHandler(BrokerProtocolHandler):
+    """amqtt's per-connection handler, also a queue publisher and a competing consumer."""
+
+    queues: QueueManager
+    window: int
+
+    def _init_queue_state(self, queues: QueueManager) -> None:
+        self.queues = queues
+        self.window = queues.consumer_window
+        self._pending_acks: list[Delivery] = []
+        self._ack_scheduled = False
+        # QoS 2 publishes stored, waiting for PUBREL (packet ids, [MQTT-4.3.3-2]).
+        self._qos2_stored: set[int] = set()
+        self._closing = False
+
+    @property
+    def _queue_inflight(self) -> dict[int, Delivery]:
+        return self.session.queue_inflight  # type: ignore[union-attr]
+
+    # -- publishing -----------------------------------------------------------------------------------
+
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        topic = publish_packet.topic_name
+        if topic is None or not topic.startswith("$"):
+            await super().handle_publish(publish_packet)
+            return
+        if not is_queue_topic(topic):
+            self._refuse(f"publish to {topic!r}: topics starting with '$' are reserved")
+            return
+        qos = publish_packet.qos
+        packet_id = publish_packet.packet_id
+        if qos == 2 and packet_id in self._qos2_stored:
+            self._write(_PUBREC + _U16.pack(packet_id))  # a retransmission: stored already [MQTT-4.3.3-2]
+            return
+        try:
+            flush = self.queues.publish(topic, bytes(publish_packet.data or b""))
+        except (QueueError, ShoalError) as exc:
+            self._refuse(f"publish to {topic!r} refused: {exc}")
+            return
+        if qos == 0:
+            return
+        if qos == 2:
+            self._qos2_stored.add(packet_id)
+        ack = (_PUBACK if qos == 1 else _PUBREC) + _U16.pack(packet_id)
+        flush.add_done_callback(lambda f: self._acknowledge(f, ack, topic))
+
+    def _acknowledge(self, flush: asyncio.Future[None], ack: bytes, topic: str) -> None:
+        # Commits resolve in order, so PUBACKs leave in the order the PUBLISHes came [MQTT-4.6.0-2].
+        if flush.exception() is not None:
+            self._refuse(f"publish to {topic!r} not stored: {flush.exception()}")
+            return
+        self._write(ack)
+
+    async def handle_pubrel(self, pubrel: Any) -> None:
+        packet_id = pubrel.packet_id
+        if packet_id in self._qos2_stored:
+            self._qos2_stored.discard(packet_id)
+            self._write(_PUBCOMP + _U16.pack(packet_id))
+            return
+        await super().handle_pubrel(pubrel)
+
+    # -- consuming --------------------------------------------------------------------------------------
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        """Write a batch of queue deliveries as PUBLISH frames, in one write."""
+        if self._closing or self.session is None:
+            self.queues.consumer_gone(self)
+            return
+        frames = []
+        inflight = self._queue_inflight
+        qos0_queues = self.session.queue_qos0  # type: ignore[attr-defined]
+        for delivery in deliveries:
+            topic = delivery.topic.encode()
+            if delivery.queue.name in qos0_queues:  # at most once: the manager removed it as it was handed over
+                frames.append(encode_publish(topic, delivery.payload, None, False))
+                continue
+            packet_id = self.session.next_packet_id
+            inflight[packet_id] = delivery
+            frames.append(encode_publish(topic, delivery.payload, packet_id, delivery.dup))
+        self._write(b"".join(frames))
+
+    async def handle_puback(self, puback: Any) -> None:
+        packet_id = puback.variable_header.packet_id
+        delivery = self._queue_inflight.pop(packet_id, None)
+        if delivery is None:
+            await super().handle_puback(puback)
+            return
+        self._pending_acks.append(delivery)
+        if not self._ack_scheduled:
+            # Every PUBACK read in this loop iteration is applied as one batch.
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._apply_acks)
+
+    def _apply_acks(self) -> None:
+        self._ack_scheduled = False
+        acks, self._pending_acks = self._pending_acks, []
+        self.queues.ack(acks)
+
+    # -- connection life ------------------------------------------------------------------------------
+
+    def handle_read_timeout(self) -> None:
+        client = self.session.client_id if self.session else "?"
+        log.info("client %s sent nothing within 1.5 x its keep-alive: closing its connection", client)
+        self._close()
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self.session is not None:
+            requeued = self.queues.consumer_gone(self)
+            if requeued:
+                log.info("client %s left with %d unacknowledged queue message(s): requeued",
+                         self.session.client_id, requeued)
+            self._queue_inflight.clear()
+        await super().stop()
+
+    def _refuse(self, reason: str) -> None:
+        """MQTT 3.1.1 has no negative acknowledgement: log the reason once and close the connection."""
+        if self._closing:
+            return
+        client = self.session.client_id if self.session else "?"
+        log.warning("client %s: %s; closing its connection", client, reason)
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        transport = self._transport()
+        if transport is not None:
+            transport.abort()
+
+    def _write(self, data: bytes) -> None:
+        if self._closing or not data:
+            return
+        transport = self._transport()
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _transport(self) -> asyncio.Transport | None:
+        writer = getattr(self.writer, "_writer", None)  # amqtt's StreamWriterAdapter wraps an asyncio StreamWriter
+        return writer.transport if writer is not None else None
+
+
+class ShoalBroker(Broker):
+    """amqtt's broker with ``$queue/`` topics served by a ``QueueManager``."""
+
+    def __init__(self, config: dict[str, Any], queues: QueueManager, connect_timeout: float = 10.0) -> None:
+        super().__init__(config)
+        self.queues = queues
+        #: Seconds a new connection has to send CONNECT.
+        self.connect_timeout = connect_timeout
+
+    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
+                                         remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            handler, session = await asyncio.wait_for(
+                super()._initialize_client_session(reader, writer, remote_address, remote_port), self.connect_timeout)
+        except TimeoutError:
+            await writer.close()
+            raise AMQTTError(f"no CONNECT from {remote_address}:{remote_port} "
+                             f"within {self.connect_timeout:.0f} s") from None
+        if not isinstance(session, QueueSession):
+            session.__class__ = QueueSession
+            session.queue_inflight = {}  # type: ignore[attr-defined]
+            session.queue_qos0 = set()  # type: ignore[attr-defined]
+        handler.__class__ = QueueProtocolHandler
+        handler._init_queue_state(self.queues)  # type: ignore[attr-defined]
+        if session.keep_alive > 0:
+            # [MQTT-3.1.2-24]: one and a half times the keep-alive (amqtt adds its own delay, 0 here).
+            session.keep_alive = math.ceil(session.keep_alive * 1.5)
+        return handler, session
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter, qos = subscription
+        if not topic_filter.startswith("$"):
+            return await super().add_subscription(subscription, session)
+        try:
+            name = queue_of_filter(topic_filter)
+        except BadQueueName as exc:
+            log.warning("client %s: subscription refused: %s", session.client_id, exc)
+            return SUBACK_FAILURE
+        handler = self._handler_of(session)
+        if name is None or handler is None:
+            return SUBACK_FAILURE
+        granted = 1 if qos >= 1 else 0
+        if granted == 0:
+            session.queue_qos0.add(name)  # type: ignore[attr-defined]
+        else:
+            session.queue_qos0.discard(name)  # type: ignore[attr-defined]
+        self.queues.subscribe(handler, name, at_most_once=granted == 0)
+        return granted
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        if not a_filter.startswith("$"):
+            return super()._del_subscription(a_filter, session)
+        try:
+            name = queue_of_filter(a_filter)
+        except BadQueueName:
+            return 0
+        handler = self._handler_of(session)
+        if name is None or handler is None or name not in self.queues.subscriptions(handler):
+            return 0
+        self.queues.unsubscribe(handler, name)
+        return 1
+
+    def _handler_of(self, session: Session) -> QueueProtocolHandler | None:
+        entry = self._sessions.get(session.client_id)
+        handler = entry[1] if entry is not None else None
+        return handler if isinstance(handler, QueueProtocolHandler) else None

@@ -1,0 +1,273 @@
+"""``$queue/`` topics through a real broker process, with real clients (paho-mqtt, mosquitto, raw sockets)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BrokerFactory
+from tests.support import (
+    BrokerProcess,
+    Frame,
+    MosquittoSub,
+    RawMqtt,
+    mosquitto_pub,
+    publish_packet,
+    puback_packet,
+    wait_until,
+)
+
+
+def test_publish_on_one_client_consume_on_another(broker: BrokerProcess, mqtt_client) -> None:
+    consumer = mqtt_client(broker.port, client_id="consumer")
+    assert [rc.value for rc in consumer.subscribe("$queue/orders", qos=1)] == [1]
+    producer = mqtt_client(broker.port, client_id="producer")
+    producer.publish("$queue/orders", b"order-1", qos=1)
+    producer.publish("$queue/orders/eu/42", b"order-2", qos=1)
+    got = consumer.expect(2)
+    assert sorted((m.topic, m.payload, m.qos) for m in got) == [
+        ("$queue/orders", b"order-1", 1), ("$queue/orders/eu/42", b"order-2", 1)]
+
+
+def test_mosquitto_clients_publish_and_consume(broker: BrokerProcess) -> None:
+    with MosquittoSub(broker.port, "$queue/jobs/#", 1).wait_subscribed() as sub:
+        for i in range(3):
+            result = mosquitto_pub(broker.port, "$queue/jobs", f"job-{i}", 1)
+            assert result.returncode == 0, result.stderr
+        assert sorted(sub.lines(3)) == ["$queue/jobs job-0", "$queue/jobs job-1", "$queue/jobs job-2"]
+
+
+def test_messages_wait_durably_for_a_consumer_across_a_restart(broker: BrokerProcess, mqtt_client) -> None:
+    producer = mqtt_client(broker.port)
+    for i in range(20):
+        producer.publish("$queue/later", b"%d" % i, qos=1)
+    producer.disconnect()
+    assert broker.stop() == 0
+    broker.start()
+    consumer = mqtt_client(broker.port)
+    consumer.subscribe("$queue/later")
+    assert sorted(int(m.payload) for m in consumer.expect(20)) == list(range(20))
+
+
+@pytest.mark.timeout(120)
+def test_three_consumers_share_messages_exactly_once(broker: BrokerProcess, mqtt_client) -> None:
+    consumers = [mqtt_client(broker.port, client_id=f"c{i}") for i in range(3)]
+    for c in consumers:
+        c.subscribe("$queue/work")
+    producer = mqtt_client(broker.port, client_id="p")
+    for i in range(3000):
+        producer.client.publish("$queue/work", b"%d" % i, qos=1)
+    wait_until(lambda: sum(c.messages.qsize() for c in consumers) >= 3000, 60, "3000 deliveries")
+    per_consumer = [[m.payload for m in c.expect(c.messages.qsize())] for c in consumers]
+    assert all(c.no_message(0.3) for c in consumers), "nothing beyond the 3000"
+    counts = Counter(p for got in per_consumer for p in got)
+    assert len(counts) == 3000 and set(counts.values()) == {1}
+    assert all(per_consumer), [len(got) for got in per_consumer]
+
+
+def test_a_killed_consumer_s_messages_reach_another_with_dup(broker: BrokerProcess, mqtt_client) -> None:
+    doomed = RawMqtt(broker.port, "doomed")
+    assert doomed.subscribe("$queue/tasks") == 1
+    producer = mqtt_client(broker.port)
+    for i in range(5):
+        producer.publish("$queue/tasks", b"t%d" % i, qos=1)
+    got = doomed.publishes(5)
+    assert all(f.qos == 1 and not f.dup for f in got)
+    doomed.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    doomed.close()  # RST, no DISCONNECT, nothing acked
+
+    survivor = RawMqtt(broker.port, "survivor")
+    survivor.subscribe("$queue/tasks")
+    again = survivor.publishes(5)
+    assert sorted(f.publish_fields()[2] for f in again) == [b"t%d" % i for i in range(5)]
+    assert all(f.dup for f in again)
+    for f in again:
+        survivor.send(puback_packet(f.publish_fields()[1]))
+    survivor.close()
+
+
+def test_an_acked_message_is_gone_and_an_unacked_one_comes_back(broker: BrokerProcess) -> None:
+    first = RawMqtt(broker.port, "first")
+    first.subscribe("$queue/acks")
+    first.send(publish_packet("$queue/acks", b"a", qos=1, packet_id=7))
+    first.send(publish_packet("$queue/acks", b"b", qos=1, packet_id=8))
+    frames = []
+    while len([f for f in frames if f.type == 3]) < 2:
+        frames.append(first.read())
+    deliveries = {f.publish_fields()[2]: f.publish_fields()[1] for f in frames if f.type == 3}
+    assert {f.body for f in frames if f.type == 4} <= {b"\x00\x07", b"\x00\x08"}
+    first.send(puback_packet(deliveries[b"a"]))
+    first.send(b"\xe0\x00")  # DISCONNECT, leaving b unacked
+    first.close()
+    second = RawMqtt(broker.port, "second")
+    second.subscribe("$queue/acks")
+    [frame] = second.publishes(1)
+    assert frame.publish_fields()[2] == b"b" and frame.dup
+    with pytest.raises(TimeoutError):
+        second.publishes(1, timeout=0.5)
+
+
+def test_a_subscriber_to_everything_never_sees_queue_traffic(broker: BrokerProcess, mqtt_client) -> None:
+    everything = mqtt_client(broker.port)
+    everything.subscribe("#", qos=1)
+    consumer = mqtt_client(broker.port)
+    consumer.subscribe("$queue/private")
+    producer = mqtt_client(broker.port)
+    producer.publish("$queue/private", b"secret", qos=1)
+    producer.publish("plain/topic", b"public", qos=1)
+    assert consumer.expect(1)[0].payload == b"secret"
+    assert [m.topic for m in everything.expect(1)] == ["plain/topic"]
+    assert everything.no_message(0.3)
+
+
+def test_keyed_messages_keep_their_order(broker: BrokerProcess, mqtt_client) -> None:
+    producer = mqtt_client(broker.port)
+    for i in range(300):
+        producer.client.publish(f"$queue/keyed/k{i % 3}", b"%d" % i, qos=1)
+    consumer = mqtt_client(broker.port)
+    consumer.subscribe("$queue/keyed/#")
+    by_key: dict[str, list[int]] = {}
+    for m in consumer.expect(300, timeout=30):
+        by_key.setdefault(m.topic, []).append(int(m.payload))
+    assert sorted(by_key) == ["$queue/keyed/k0", "$queue/keyed/k1", "$queue/keyed/k2"]
+    assert all(v == sorted(v) and len(v) == 100 for v in by_key.values())
+
+
+def test_qos2_publish_is_stored_exactly_once(broker: BrokerProcess) -> None:
+    client = RawMqtt(broker.port, "q2")
+    client.send(publish_packet("$queue/exact", b"once", qos=2, packet_id=3))
+    assert client.read() == Frame(5, 0, b"\x00\x03")  # PUBREC, after the message is durable
+    client.send(publish_packet("$queue/exact", b"once", qos=2, packet_id=3, dup=True))  # a retransmission
+    assert client.read() == Frame(5, 0, b"\x00\x03")
+    client.send(b"\x62\x02\x00\x03")  # PUBREL
+    assert client.read() == Frame(7, 0, b"\x00\x03")  # PUBCOMP
+    consumer = RawMqtt(broker.port, "reader")
+    consumer.subscribe("$queue/exact")
+    assert [f.publish_fields()[2] for f in consumer.publishes(1)] == [b"once"]
+    with pytest.raises(TimeoutError):
+        consumer.publishes(1, timeout=0.5)
+
+
+def test_consumer_window_limits_unacknowledged_deliveries(broker_factory: BrokerFactory, mqtt_client) -> None:
+    broker = broker_factory(["--consumer-window", "4"])
+    consumer = RawMqtt(broker.port, "slow")
+    consumer.subscribe("$queue/win")
+    producer = mqtt_client(broker.port)
+    for i in range(10):
+        producer.publish("$queue/win", b"%d" % i, qos=1)
+    first = consumer.publishes(4)
+    with pytest.raises(TimeoutError):
+        consumer.publishes(1, timeout=0.5)
+    consumer.send(puback_packet(first[0].publish_fields()[1]))
+    assert len(consumer.publishes(1)) == 1
+
+
+def test_max_deliveries_moves_a_message_to_the_dead_letter_queue(tmp_path: Path, broker_factory: BrokerFactory,
+                                                                 mqtt_client) -> None:
+    config = tmp_path / "shoal.yaml"
+    config.write_text("queues:\n  fragile: {partitions: 1, max_deliveries: 2}\n")
+    broker = broker_factory(["--config", str(config)])
+    mqtt_client(broker.port).publish("$queue/fragile/k", b"poison", qos=1)
+    for attempt in range(2):
+        consumer = RawMqtt(broker.port, f"attempt{attempt}")
+        consumer.subscribe("$queue/fragile")
+        assert consumer.publishes(1)[0].publish_fields()[2] == b"poison"
+        consumer.close()  # never acked
+    dead = mqtt_client(broker.port)
+    dead.subscribe("$queue/fragile.dlq")
+    [message] = dead.expect(1)
+    assert (message.topic, message.payload) == ("$queue/fragile.dlq/k", b"poison")
+    late = RawMqtt(broker.port, "late")
+    late.subscribe("$queue/fragile")
+    with pytest.raises(TimeoutError):
+        late.publishes(1, timeout=0.5)
+
+
+def test_keep_alive_silent_consumer_is_dropped_and_its_messages_requeued(broker: BrokerProcess,
+                                                                         mqtt_client) -> None:
+    silent = RawMqtt(broker.port, "silent", keep_alive=1)
+    silent.subscribe("$queue/ka")
+    mqtt_client(broker.port).publish("$queue/ka", b"m", qos=1)
+    assert silent.publishes(1)[0].publish_fields()[2] == b"m"
+    started = time.monotonic()
+    assert silent.closed_by_broker(timeout=5), "a client silent past 1.5 x keep-alive must be dropped"
+    assert time.monotonic() - started >= 1.0
+    other = mqtt_client(broker.port)
+    other.subscribe("$queue/ka")
+    [again] = other.expect(1)
+    assert again.payload == b"m" and again.dup
+
+
+@pytest.mark.parametrize("topic, payload, reason", [
+    ("$queue/big", b"x" * (256 * 1024 + 1), "exceeds max_payload"),
+    ("$queue/bad name", b"x", "bad queue name"),
+    ("$queue/", b"x", "bad queue name"),
+    ("$SYS/fake", b"x", "reserved"),
+])
+def test_refused_publishes_close_the_connection_and_are_never_acked(broker: BrokerProcess, mqtt_client,
+                                                                    topic: str, payload: bytes,
+                                                                    reason: str) -> None:
+    bystander = mqtt_client(broker.port)
+    bystander.subscribe("$queue/big")
+    client = RawMqtt(broker.port, "rude")
+    client.send(publish_packet(topic, payload, qos=1, packet_id=9))
+    assert client.closed_by_broker(timeout=5)
+    wait_until(lambda: reason in broker.log, 5, "the reason in the log")
+    assert "Traceback" not in broker.log
+    mqtt_client(broker.port).publish("$queue/big", b"small", qos=1)
+    assert bystander.expect(1)[0].payload == b"small"
+
+
+def test_a_client_that_never_sends_connect_is_closed(broker_factory: BrokerFactory, mqtt_client) -> None:
+    broker = broker_factory(["--connect-timeout", "1"])
+    with socket.create_connection((broker.host, broker.port), timeout=10) as idle:
+        started = time.monotonic()
+        assert idle.recv(1) == b""
+        assert time.monotonic() - started < 5
+    mqtt_client(broker.port).publish("still/serving", b"x", qos=1)
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_under_load_loses_no_acknowledged_message(broker: BrokerProcess, mqtt_client) -> None:
+    consumer = mqtt_client(broker.port, client_id="during")
+    consumer.subscribe("$queue/crash")
+    publisher = RawMqtt(broker.port, "publisher")
+    acked: set[int] = set()
+    inflight: dict[int, int] = {}
+    sent = 0
+    while len(acked) < 2000:
+        while len(inflight) < 50:
+            packet_id = sent % 65535 + 1
+            publisher.send(publish_packet("$queue/crash", b"%d" % sent, qos=1, packet_id=packet_id))
+            inflight[packet_id] = sent
+            sent += 1
+        frame = publisher.read(10)
+        if frame.type == 4:
+            acked.add(inflight.pop(int.from_bytes(frame.body[:2], "big")))
+    broker.kill()
+    try:  # PUBACKs the broker wrote before it died
+        while True:
+            frame = publisher.read(0.5)
+            if frame.type == 4:
+                acked.add(inflight.pop(int.from_bytes(frame.body[:2], "big")))
+    except (TimeoutError, EOFError, OSError):
+        pass
+    delivered = [int(m.payload) for m in consumer.expect(consumer.messages.qsize())]
+
+    broker.start()
+    after = mqtt_client(broker.port, client_id="after")
+    after.subscribe("$queue/crash")
+    seen = set(delivered)
+
+    def all_acked_seen() -> bool:
+        while after.messages.qsize():
+            seen.add(int(after.messages.get().payload))
+        return acked <= seen
+
+    wait_until(all_acked_seen, 60, "every PUBACKed message delivered after the restart")
+    assert seen <= set(range(sent)), "nothing that was not published"
+    assert "Traceback" not in broker.log
