@@ -271,3 +271,22 @@ def test_sigkill_under_load_loses_no_acknowledged_message(broker: BrokerProcess,
     wait_until(all_acked_seen, 60, "every PUBACKed message delivered after the restart")
     assert seen <= set(range(sent)), "nothing that was not published"
     assert "Traceback" not in broker.log
+
+
+def test_unsubscribe_stops_delivery_and_requeues(broker: BrokerProcess, mqtt_client) -> None:
+    leaving = RawMqtt(broker.port, "leaving")
+    leaving.subscribe("$queue/unsub")
+    producer = mqtt_client(broker.port)
+    producer.publish("$queue/unsub", b"held", qos=1)
+    assert leaving.publishes(1)[0].publish_fields()[2] == b"held"
+    topic = b"$queue/unsub"
+    leaving.send(b"\xa2" + bytes([2 + 2 + len(topic)]) + b"\x00\x05" + len(topic).to_bytes(2, "big") + topic)
+    assert leaving.read() == Frame(11, 0, b"\x00\x05")  # UNSUBACK
+    staying = mqtt_client(broker.port)
+    staying.subscribe("$queue/unsub")
+    [again] = staying.expect(1)
+    assert again.payload == b"held" and again.dup
+    producer.publish("$queue/unsub", b"new", qos=1)
+    assert staying.expect(1)[0].payload == b"new"
+    with pytest.raises(TimeoutError):
+        leaving.publishes(1, timeout=0.3)

@@ -147,7 +147,6 @@ def _publish(conn: Connection, index: int, settings: Settings) -> dict[str, Any]
     perf_ns = time.perf_counter_ns
     monotonic = time.monotonic
 
-    refill = max(1, min(per_send, window // int(os.environ.get("LT_REFILL_DIV", "1000000"))))
     slots = [-1] * 65536  # packet id -> sequence number in flight
     acked = bytearray(n)
     next_id = 1
@@ -164,7 +163,7 @@ def _publish(conn: Connection, index: int, settings: Settings) -> dict[str, Any]
         # Send as many as the window allows, up to per_send frames per send().
         room = window - inflight if qos else per_send
         k = min(room, per_send, n - seq)
-        if k >= refill or (k > 0 and k == n - seq):
+        if k > 0:
             ts = perf_ns()
             if not t_first:
                 t_first = ts
