@@ -115,6 +115,8 @@ OPTIONS: tuple[Option, ...] = (
            "most unacknowledged $queue/ messages a consumer holds"),
     Option("connect_timeout", "--connect-timeout", 10, _int_parser(1, 3600), "SECONDS",
            "a new connection that sends no CONNECT within this time is closed"),
+    Option("max_packet_size", "--max-packet-size", 1 << 20, _int_parser(64, 268_435_455), "BYTES",
+           "largest MQTT packet accepted; a larger one closes the connection"),
 )
 
 #: Settings only the configuration file can give (nested mappings): key -> parser of the raw value.
@@ -137,6 +139,7 @@ class Config:
     ring_capacity: int = 16384
     consumer_window: int = 32
     connect_timeout: int = 10
+    max_packet_size: int = 1 << 20
     #: Queues declared in the configuration file (others are created on first use with ``queue_defaults``).
     queues: Mapping[str, QueueConfig] = dataclasses.field(default_factory=dict)
     queue_defaults: QueueConfig = QueueConfig()

@@ -290,3 +290,79 @@ def test_unsubscribe_stops_delivery_and_requeues(broker: BrokerProcess, mqtt_cli
     assert staying.expect(1)[0].payload == b"new"
     with pytest.raises(TimeoutError):
         leaving.publishes(1, timeout=0.3)
+
+
+MALFORMED = {
+    "remaining length over 4 bytes": b"\x30\xff\xff\xff\xff\x7f",
+    "invalid UTF-8 topic": b"\x32\x08\x00\x04\xff\xfe\xfd\xfc\x00\x01",
+    "QoS 3": b"\x36\x07\x00\x03a/b\x00\x01",
+    "wildcard in a publish topic": b"\x32\x07\x00\x03a/#\x00\x01",
+    "empty topic": b"\x32\x04\x00\x00\x00\x01",
+    "topic length past the packet": b"\x30\x05\x00\x09abc",
+    "SUBSCRIBE with QoS 3": b"\x82\x08\x00\x01\x00\x03a/b\x03",
+    "SUBSCRIBE with bad flags": b"\x80\x08\x00\x01\x00\x03a/b\x01",
+    "a second CONNECT": None,
+    "oversize packet": b"\x30\xff\xff\x7f" + b"\x00\x01a",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_packets_close_only_that_connection(broker_factory: BrokerFactory, mqtt_client,
+                                                      case: str) -> None:
+    from tests.support import connect_packet
+
+    broker = broker_factory(["--max-packet-size", "65536"])
+    bystander = mqtt_client(broker.port)
+    bystander.subscribe("$queue/ok")
+    bad = RawMqtt(broker.port, "bad")
+    bad.send(MALFORMED[case] if MALFORMED[case] is not None else connect_packet("bad"))
+    assert bad.closed_by_broker(timeout=5), case
+    mqtt_client(broker.port).publish("$queue/ok", b"fine", qos=1)
+    assert bystander.expect(1)[0].payload == b"fine"
+    assert "Traceback" not in broker.log
+
+
+def test_the_first_packet_must_be_connect(broker: BrokerProcess, mqtt_client) -> None:
+    with socket.create_connection((broker.host, broker.port), timeout=5) as raw:
+        raw.sendall(publish_packet("a/b", b"x", qos=0))
+        assert raw.recv(10) == b""
+    mqtt_client(broker.port).publish("a/b", b"x", qos=1)
+
+
+def test_a_persistent_session_consumer_resumes_without_resubscribing(broker: BrokerProcess, mqtt_client) -> None:
+    worker = mqtt_client(broker.port, client_id="worker", clean_session=False)
+    worker.subscribe("$queue/persist")
+    worker.disconnect()
+    producer = mqtt_client(broker.port)
+    for i in range(3):
+        producer.publish("$queue/persist", b"%d" % i, qos=1)
+    back = mqtt_client(broker.port, client_id="worker", clean_session=False)  # no SUBSCRIBE
+    assert sorted(m.payload for m in back.expect(3)) == [b"0", b"1", b"2"]
+    back.disconnect()
+
+    fresh = mqtt_client(broker.port, client_id="worker", clean_session=True)  # clean session: subscriptions gone
+    producer.publish("$queue/persist", b"later", qos=1)
+    assert fresh.no_message(0.5)
+
+
+def test_max_depth_and_ttl_through_mqtt(tmp_path: Path, broker_factory: BrokerFactory, mqtt_client) -> None:
+    config = tmp_path / "shoal.yaml"
+    config.write_text("queues:\n  small: {partitions: 1, max_depth: 2}\n  brief: {partitions: 1, ttl: 0.5}\n")
+    broker = broker_factory(["--config", str(config)])
+
+    producer = RawMqtt(broker.port, "filler")
+    for packet_id in (1, 2):
+        producer.send(publish_packet("$queue/small", b"fits", qos=1, packet_id=packet_id))
+        assert producer.read() == Frame(4, 0, packet_id.to_bytes(2, "big"))
+    producer.send(publish_packet("$queue/small", b"too many", qos=1, packet_id=3))
+    assert producer.closed_by_broker(timeout=5), "a publish beyond max_depth is refused, never acked"
+    wait_until(lambda: "is full" in broker.log, 5, "the reason in the log")
+
+    mqtt_client(broker.port).publish("$queue/brief", b"stale", qos=1)
+    idle = mqtt_client(broker.port)
+    assert idle.no_message(1.0)  # a deliberate wait past the TTL
+    consumer = mqtt_client(broker.port)
+    consumer.subscribe("$queue/brief")
+    mqtt_client(broker.port).publish("$queue/brief", b"fresh", qos=1)
+    assert [m.payload for m in consumer.expect(1)] == [b"fresh"]
+    assert consumer.no_message(0.3)

@@ -11,8 +11,9 @@ import asyncio
 import logging
 from typing import Any
 
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import StreamWriterAdapter
 
+from shoalmq.broker.frames import FrameGuardReader, MalformedPacket
 from shoalmq.broker.queue_broker import ShoalBroker
 from shoalmq.config import Config, HostPort
 from shoalmq.errors import StartupError, os_error_text
@@ -92,11 +93,18 @@ class MqttFrontEnd:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+
+        def refused(exc: MalformedPacket) -> None:
+            log.warning("connection from %s:%s sent a malformed packet: %s; closing it", *peer[:2], exc)
+            writer.transport.abort()
+
         try:
             await self._broker.external_connected(
-                StreamReaderAdapter(reader), StreamWriterAdapter(writer), LISTENER,
+                FrameGuardReader(reader, self._config.max_packet_size, refused), StreamWriterAdapter(writer),
+                LISTENER,
             )
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, MalformedPacket):
             pass
         except Exception as exc:  # one bad connection must never take the listener down
             log.warning("connection from %s ended with an error: %s", writer.get_extra_info("peername"), exc)

@@ -14,7 +14,8 @@ The overrides are few and named here; docs/design.md ("amqtt seams") lists them 
   to any other ``$`` topic closes the connection too (amqtt would leave it half-dead).
 - ``handle_puback`` / ``handle_pubrel``: acks of queue deliveries, and the end of a QoS 2 queue publish.
 - ``handle_read_timeout``: keep-alive expiry closes the connection. ``stop``: the consumer is gone; its
-  unacknowledged messages go back to their queues.
+  unacknowledged messages go back to their queues. ``start`` (after CONNACK): a client with clean session off is
+  a consumer of its queues again without subscribing anew.
 - ``QueueSession.next_packet_id``: amqtt's own packet ids skip the ids of queue deliveries in flight.
 
 Ordinary topics are untouched: amqtt serves them as before.
@@ -85,9 +86,10 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     queues: QueueManager
     window: int
 
-    def _init_queue_state(self, queues: QueueManager) -> None:
+    def _init_queue_state(self, queues: QueueManager, persistent: dict[str, dict[str, int]]) -> None:
         self.queues = queues
         self.window = queues.consumer_window
+        self._persistent = persistent
         self._pending_acks: list[Delivery] = []
         self._ack_scheduled = False
         # QoS 2 publishes stored, waiting for PUBREL (packet ids, [MQTT-4.3.3-2]).
@@ -179,6 +181,15 @@ class QueueProtocolHandler(BrokerProtocolHandler):
 
     # -- connection life ------------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """After CONNACK: a client with a persistent session is a consumer of its queues again at once."""
+        await super().start()
+        assert self.session is not None
+        for name, qos in self._persistent.get(self.session.client_id, {}).items():
+            if qos == 0:
+                self.session.queue_qos0.add(name)  # type: ignore[attr-defined]
+            self.queues.subscribe(self, name, at_most_once=qos == 0)
+
     def handle_read_timeout(self) -> None:
         client = self.session.client_id if self.session else "?"
         log.info("client %s sent nothing within 1.5 x its keep-alive: closing its connection", client)
@@ -226,6 +237,9 @@ class ShoalBroker(Broker):
     def __init__(self, config: dict[str, Any], queues: QueueManager, connect_timeout: float = 10.0) -> None:
         super().__init__(config)
         self.queues = queues
+        #: Queue subscriptions of clients with clean session off: client id -> queue -> granted QoS. Kept in
+        #: memory: they outlive a disconnect, not a broker restart.
+        self.persistent_queue_subscriptions: dict[str, dict[str, int]] = {}
         #: Seconds a new connection has to send CONNECT.
         self.connect_timeout = connect_timeout
 
@@ -243,7 +257,9 @@ class ShoalBroker(Broker):
             session.queue_inflight = {}  # type: ignore[attr-defined]
             session.queue_qos0 = set()  # type: ignore[attr-defined]
         handler.__class__ = QueueProtocolHandler
-        handler._init_queue_state(self.queues)  # type: ignore[attr-defined]
+        handler._init_queue_state(self.queues, self.persistent_queue_subscriptions)  # type: ignore[attr-defined]
+        if session.clean_session:
+            self.persistent_queue_subscriptions.pop(session.client_id, None)
         if session.keep_alive > 0:
             # [MQTT-3.1.2-24]: one and a half times the keep-alive (amqtt adds its own delay, 0 here).
             session.keep_alive = math.ceil(session.keep_alive * 1.5)
@@ -267,6 +283,8 @@ class ShoalBroker(Broker):
         else:
             session.queue_qos0.discard(name)  # type: ignore[attr-defined]
         self.queues.subscribe(handler, name, at_most_once=granted == 0)
+        if not session.clean_session:
+            self.persistent_queue_subscriptions.setdefault(session.client_id, {})[name] = granted
         return granted
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
@@ -276,6 +294,7 @@ class ShoalBroker(Broker):
             name = queue_of_filter(a_filter)
         except BadQueueName:
             return 0
+        self.persistent_queue_subscriptions.get(session.client_id, {}).pop(name, None)
         handler = self._handler_of(session)
         if name is None or handler is None or name not in self.queues.subscriptions(handler):
             return 0
