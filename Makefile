@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Debian packages the tests drive: etcd (server and etcdctl) and the mosquitto command-line clients.
-DEB_PACKAGES := etcd-server etcd-client mosquitto-clients
+# Debian packages the tests drive: etcd (server and etcdctl), the mosquitto command-line clients, and the
+# mosquitto broker (the reference the load tool is checked and compared against).
+DEB_PACKAGES := etcd-server etcd-client mosquitto-clients mosquitto
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -35,7 +36,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 system-deps:
-	@if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v mosquitto_pub >/dev/null; then \
+	@if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v mosquitto_pub >/dev/null \
+			|| ! command -v mosquitto >/dev/null; then \
 		echo "installing $(DEB_PACKAGES) with apt-get"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); \

@@ -22,7 +22,8 @@ from tests.support import BrokerProcess, EtcdProcess, MqttClient
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    missing = [tool for tool in ("etcd", "etcdctl", "mosquitto_pub", "mosquitto_sub") if shutil.which(tool) is None]
+    missing = [tool for tool in ("etcd", "etcdctl", "mosquitto_pub", "mosquitto_sub", "mosquitto", "stdbuf")
+               if shutil.which(tool) is None]
     if missing:
         raise pytest.UsageError(f"missing {', '.join(missing)}: run `make test`, which installs them")
 

@@ -121,6 +121,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"argument {flag}: not a valid MQTT topic: {value!r}")
     if "+" in args.topic or "#" in args.topic:
         parser.error(f"argument --topic: a topic to publish to has no wildcards: {args.topic!r}")
+    if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"argument --json: no directory {os.path.dirname(os.path.abspath(args.json))!r}")
     if args.broker_pid is not None:
         import psutil
 
