@@ -366,3 +366,30 @@ def test_max_depth_and_ttl_through_mqtt(tmp_path: Path, broker_factory: BrokerFa
     mqtt_client(broker.port).publish("$queue/brief", b"fresh", qos=1)
     assert [m.payload for m in consumer.expect(1)] == [b"fresh"]
     assert consumer.no_message(0.3)
+
+
+def test_qos0_subscription_is_at_most_once(broker: BrokerProcess, mqtt_client) -> None:
+    casual = RawMqtt(broker.port, "casual")
+    assert casual.subscribe("$queue/casual", qos=0) == 0
+    mqtt_client(broker.port).publish("$queue/casual", b"once", qos=1)
+    [frame] = casual.publishes(1)
+    assert frame.qos == 0 and frame.publish_fields()[2] == b"once"
+    casual.close()  # no ack was owed: the message is gone
+    other = mqtt_client(broker.port)
+    other.subscribe("$queue/casual")
+    assert other.no_message(0.5)
+
+
+def test_ack_timeout_redelivers_to_another_consumer(tmp_path: Path, broker_factory: BrokerFactory,
+                                                   mqtt_client) -> None:
+    config = tmp_path / "shoal.yaml"
+    config.write_text("queues:\n  patient: {ack_timeout: 0.5}\n")
+    broker = broker_factory(["--config", str(config)])
+    sleepy = RawMqtt(broker.port, "sleepy")
+    sleepy.subscribe("$queue/patient")
+    mqtt_client(broker.port).publish("$queue/patient", b"job", qos=1)
+    assert sleepy.publishes(1)[0].publish_fields()[2] == b"job"
+    awake = mqtt_client(broker.port)
+    awake.subscribe("$queue/patient")
+    [again] = awake.expect(1, timeout=10)  # after the ack timeout, never before it
+    assert again.payload == b"job" and again.dup

@@ -227,6 +227,8 @@ class QueueManager:
         self._dispatch_scheduled: set[Queue] = set()
         self._loop = asyncio.get_running_loop()
         self._by_pid: dict[int, Queue] = {}
+        # Requeued messages -> the consumer that held them: the next delivery prefers another consumer.
+        self._last_holder: dict[tuple[int, int], int] = {}
         self._ack_timer: asyncio.TimerHandle | None = None
         store.on_readable = self._on_readable
         for name, config in self._declared.items():
@@ -389,13 +391,19 @@ class QueueManager:
         # Fewest in flight first: hand out one message at a time to whoever has the least.
         consumers.sort(key=lambda s: len(s.inflight))
         for part, message in taken:
-            state = min(consumers, key=lambda s: len(s.inflight))
+            key = (part.pid, message.offset)
+            previous = self._last_holder.pop(key, None) if self._last_holder else None
+            candidates = consumers
+            if previous is not None:
+                others = [s for s in consumers if id(s.consumer) != previous and len(s.inflight) < s.consumer.window]
+                candidates = others or consumers
+            state = min(candidates, key=lambda s: len(s.inflight))
             if len(state.inflight) >= state.consumer.window:
                 # Cannot happen (capacity was counted), but never overfill a window.
                 part.nack((message.offset,))
                 continue
             delivery = Delivery(queue, part, message, queue.topic_of(message.payload), state.consumer, deadline)
-            state.inflight[(part.pid, message.offset)] = delivery
+            state.inflight[key] = delivery
             batches.setdefault(id(state), (state, []))[1].append(delivery)
         for state, deliveries in batches.values():
             if queue.name in state.at_most_once:
@@ -459,9 +467,10 @@ class QueueManager:
         """Hand deliveries back to their partitions, or to the dead-letter queue once delivered too often."""
         by_part: dict[int, tuple[PartitionLog, list[int]]] = {}
         for d in deliveries:
+            key = (d.partition.pid, d.message.offset)
             state = self._consumers.get(id(d.consumer))
             if state is not None:
-                state.inflight.pop((d.partition.pid, d.message.offset), None)
+                state.inflight.pop(key, None)
             limit = d.queue.config.max_deliveries
             if limit and d.message.deliveries >= limit and not d.queue.is_dlq:
                 try:
@@ -470,6 +479,9 @@ class QueueManager:
                 except QueueError as exc:
                     log.warning("cannot dead-letter message %d of %s/%d: %s", d.message.offset, d.queue.name,
                                 d.partition.index, exc)
+            if state is not None:
+                # Popped when the message is next dispatched (an entry stays if it expires first: a few bytes).
+                self._last_holder[key] = id(d.consumer)
             by_part.setdefault(d.partition.pid, (d.partition, []))[1].append(d.message.offset)
         queues = set()
         for part, offsets in by_part.values():
