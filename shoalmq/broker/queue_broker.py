@@ -35,7 +35,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
-from shoalmq.errors import QueueError, ShoalError
+from shoalmq.errors import ShoalError
 from shoalmq.queue.manager import BadQueueName, Delivery, QueueManager, is_queue_topic, queue_of_filter
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         self._persistent = persistent
         self._pending_acks: list[Delivery] = []
         self._ack_scheduled = False
-        # QoS 2 publishes stored, waiting for PUBREL (packet ids, [MQTT-4.3.3-2]).
-        self._qos2_stored: set[int] = set()
+        # QoS 2 publishes stored (or being stored), waiting for PUBREL: packet id -> its commit [MQTT-4.3.3-2].
+        self._qos2_stored: dict[int, asyncio.Future[None]] = {}
         self._closing = False
 
     @property
@@ -112,18 +112,17 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             return
         qos = publish_packet.qos
         packet_id = publish_packet.packet_id
-        if qos == 2 and packet_id in self._qos2_stored:
-            self._write(_PUBREC + _U16.pack(packet_id))  # a retransmission: stored already [MQTT-4.3.3-2]
-            return
-        try:
-            flush = self.queues.publish(topic, bytes(publish_packet.data or b""))
-        except (QueueError, ShoalError) as exc:
-            self._refuse(f"publish to {topic!r} refused: {exc}")
-            return
-        if qos == 0:
-            return
-        if qos == 2:
-            self._qos2_stored.add(packet_id)
+        flush = self._qos2_stored.get(packet_id) if qos == 2 else None
+        if flush is None:  # (else a retransmission, stored already: only acknowledged again [MQTT-4.3.3-2])
+            try:
+                flush = self.queues.publish(topic, bytes(publish_packet.data or b""))
+            except ShoalError as exc:
+                self._refuse(f"publish to {topic!r} refused: {exc}")
+                return
+            if qos == 0:
+                return
+            if qos == 2:
+                self._qos2_stored[packet_id] = flush
         ack = (_PUBACK if qos == 1 else _PUBREC) + _U16.pack(packet_id)
         flush.add_done_callback(lambda f: self._acknowledge(f, ack, topic))
 
@@ -137,7 +136,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     async def handle_pubrel(self, pubrel: Any) -> None:
         packet_id = pubrel.packet_id
         if packet_id in self._qos2_stored:
-            self._qos2_stored.discard(packet_id)
+            del self._qos2_stored[packet_id]
             self._write(_PUBCOMP + _U16.pack(packet_id))
             return
         await super().handle_pubrel(pubrel)

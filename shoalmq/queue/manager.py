@@ -231,7 +231,7 @@ class QueueManager:
         self._last_holder: dict[tuple[int, int], int] = {}
         self._ack_timer: asyncio.TimerHandle | None = None
         store.on_readable = self._on_readable
-        for name, config in self._declared.items():
+        for name in self._declared:
             self.queue(name)
         # Queues stored before (created on first use in an earlier run) come back with their stored settings.
         for name in store.queue_names():
