@@ -1,0 +1,292 @@
+"""A small etcd v3 client on etcd3gw: bytes in and out, timeouts, endpoint rotation, and a watch that resumes.
+
+etcd3gw is blocking (requests underneath), so every call runs on a dedicated thread pool, never the event loop's.
+It talks to etcd's JSON gateway; this module speaks the gateway's JSON (base64 keys and values, revisions as
+strings) itself where etcd3gw's helpers fall short:
+
+- etcd3gw has no failover: ``Etcd`` rotates through its endpoints when one refuses or times out.
+- etcd3gw's watch thread dies silently when etcd restarts or the stream breaks, and a watch from a compacted
+  revision is silently dead. ``PrefixWatch`` reconnects from the last revision it saw after any error and after a
+  few seconds of silence (a stream can hang without an error), and on compaction re-lists the prefix and hands the
+  caller a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import etcd3gw
+import requests
+from etcd3gw import exceptions as etcd_exceptions
+
+from shoalmq.errors import ShoalError
+
+log = logging.getLogger(__name__)
+
+
+class EtcdUnavailable(ShoalError):
+    """No etcd endpoint answered."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str | None) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that covers every key starting with ``prefix`` (etcd's convention)."""
+    end = bytearray(prefix)
+    while end and end[-1] == 0xFF:
+        end.pop()
+    if not end:
+        return b"\x00"
+    end[-1] += 1
+    return bytes(end)
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    lease: int
+
+
+def _kv(raw: dict[str, Any]) -> KeyValue:
+    return KeyValue(_unb64(raw.get("key")), _unb64(raw.get("value")), int(raw.get("mod_revision", 0)),
+                    int(raw.get("create_revision", 0)), int(raw.get("lease", 0)))
+
+
+def parse_endpoints(text: str) -> list[str]:
+    """``http://h:p,http://h2:p2`` (or ``h:p``) into a list of base URLs; ValueError if one is malformed."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "://" not in part:
+            part = "http://" + part
+        url = urlsplit(part)
+        if url.scheme not in ("http", "https") or not url.hostname or not url.port:
+            raise ValueError(f"bad etcd endpoint {part!r}: expected http://HOST:PORT")
+        out.append(f"{url.scheme}://{url.hostname}:{url.port}")
+    if not out:
+        raise ValueError("no etcd endpoint given")
+    return out
+
+
+class Etcd:
+    """etcd v3 over etcd3gw, with failover between endpoints. Blocking methods end in ``_sync``; ``call`` runs one
+    on the client's threads from the event loop."""
+
+    def __init__(self, endpoints: list[str], timeout: float = 2.0) -> None:
+        self.endpoints = endpoints
+        self.timeout = timeout
+        self._current = 0
+        self._lock = threading.Lock()
+        self._clients = [self._client(url) for url in endpoints]
+        self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="shoalmq-etcd")
+
+    def _client(self, url: str) -> etcd3gw.Etcd3Client:
+        parts = urlsplit(url)
+        session = requests.Session()
+        session.trust_env = False  # REQUESTS_CA_BUNDLE and proxies from the environment must not apply
+        return etcd3gw.Etcd3Client(host=parts.hostname or "", port=parts.port or 2379, protocol=parts.scheme,
+                                   timeout=self.timeout, api_path="/v3/", session=session)
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[self._current]
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def request_sync(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the gateway, trying each endpoint once (starting with the last one that worked)."""
+        errors = []
+        for attempt in range(len(self._clients)):
+            with self._lock:
+                index = (self._current + attempt) % len(self._clients)
+            client = self._clients[index]
+            try:
+                result = client.post(client.get_url(path), json=body)
+            except (etcd_exceptions.ConnectionFailedError, etcd_exceptions.ConnectionTimeoutError) as exc:
+                errors.append(f"{self.endpoints[index]}: {type(exc).__name__}")
+                continue
+            except etcd_exceptions.Etcd3Exception as exc:
+                raise ShoalError(f"etcd refused {path}: {getattr(exc, 'detail_text', None) or exc}") from None
+            with self._lock:
+                self._current = index
+            return result
+        raise EtcdUnavailable(f"etcd unreachable ({'; '.join(errors)})")
+
+    # -- key-value ----------------------------------------------------------------------------------------
+
+    def get_prefix_sync(self, prefix: bytes) -> tuple[list[KeyValue], int]:
+        """Every key under ``prefix`` and the store revision they were read at."""
+        result = self.request_sync("/kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
+        return [_kv(raw) for raw in result.get("kvs", [])], int(result["header"]["revision"])
+
+    def get_sync(self, key: bytes) -> KeyValue | None:
+        result = self.request_sync("/kv/range", {"key": _b64(key)})
+        kvs = result.get("kvs", [])
+        return _kv(kvs[0]) if kvs else None
+
+    def put_sync(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        return int(self.request_sync("/kv/put", body)["header"]["revision"])
+
+    def delete_sync(self, key: bytes) -> None:
+        self.request_sync("/kv/deleterange", {"key": _b64(key)})
+
+    def create_sync(self, key: bytes, value: bytes, lease: int = 0) -> tuple[bool, KeyValue | None]:
+        """Put ``key`` only if it does not exist. Returns (created, the existing entry if not)."""
+        put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            put["lease"] = str(lease)
+        result = self.request_sync("/kv/txn", {
+            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0"}],
+            "success": [{"request_put": put}],
+            "failure": [{"request_range": {"key": _b64(key)}}],
+        })
+        if result.get("succeeded"):  # absent, not false, when the compare fails
+            return True, None
+        kvs = result["responses"][0]["response_range"].get("kvs", [])
+        return False, (_kv(kvs[0]) if kvs else None)
+
+    def compact_sync(self, revision: int) -> None:
+        self.request_sync("/kv/compaction", {"revision": str(revision), "physical": True})
+
+    # -- leases -------------------------------------------------------------------------------------------
+
+    def grant_sync(self, ttl: int) -> int:
+        return int(self.request_sync("/lease/grant", {"TTL": str(ttl)})["ID"])
+
+    def keepalive_sync(self, lease: int) -> int:
+        """Refresh a lease; its new TTL, or -1 if it has expired."""
+        result = self.request_sync("/lease/keepalive", {"ID": str(lease)})
+        return int(result.get("result", {}).get("TTL", -1))
+
+    def revoke_sync(self, lease: int) -> None:
+        self.request_sync("/kv/lease/revoke", {"ID": str(lease)})
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for client in self._clients:
+            client.session.close()
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    kind: str  # "put" or "delete"
+    kv: KeyValue
+
+
+class PrefixWatch:
+    """Watches a prefix from a thread and hands batches of changes to the event loop.
+
+    ``on_snapshot(kvs)`` is called first with the current keys, and again whenever the watch had to re-list
+    (after a compaction); ``on_events(events)`` with each batch of changes in between. Both run in the loop.
+    """
+
+    #: Seconds without any data after which the stream is re-created (from the last revision): a stream can hang
+    #: silently when etcd restarts.
+    IDLE_RECONNECT = 3.0
+    RETRY_DELAY = 0.2
+
+    def __init__(self, etcd: Etcd, prefix: bytes, on_snapshot: Callable[[list[KeyValue]], None],
+                 on_events: Callable[[list[WatchEvent]], None]) -> None:
+        self.etcd = etcd
+        self.prefix = prefix
+        self._on_snapshot = on_snapshot
+        self._on_events = on_events
+        self._loop = asyncio.get_running_loop()
+        self._stop = threading.Event()
+        self._response: requests.Response | None = None
+        self._thread = threading.Thread(target=self._run, name="shoalmq-watch", daemon=True)
+        self.revision = 0  # the last revision seen (events up to it are delivered)
+        self.reconnects = 0
+        self.relists = 0
+
+    async def start(self) -> None:
+        """List the prefix (``on_snapshot`` runs before this returns), then watch from there."""
+        kvs, revision = await self.etcd.call(self.etcd.get_prefix_sync, self.prefix)
+        self.revision = revision
+        self._on_snapshot(kvs)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        response = self._response
+        if response is not None:
+            response.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._stream_once()
+            except Exception as exc:  # any failure: reconnect from the last revision
+                if self._stop.is_set():
+                    return
+                log.debug("watch on %r broke (%s); resuming from revision %d", self.prefix, exc, self.revision + 1)
+            if self._stop.wait(self.RETRY_DELAY):
+                return
+            self.reconnects += 1
+
+    def _stream_once(self) -> None:
+        url = self.etcd.endpoint + "/v3/watch"
+        body = {"create_request": {"key": _b64(self.prefix), "range_end": _b64(prefix_end(self.prefix)),
+                                   "start_revision": str(self.revision + 1)}}
+        session = self.etcd._clients[self.etcd._current].session
+        try:
+            response = session.post(url, json=body, stream=True, timeout=(self.etcd.timeout, self.IDLE_RECONNECT))
+        except requests.RequestException:
+            self._rotate()
+            raise
+        self._response = response
+        try:
+            for line in response.iter_lines(chunk_size=None):
+                if self._stop.is_set():
+                    return
+                if not line.strip():
+                    continue
+                result = json.loads(line).get("result", {})
+                if int(result.get("compact_revision", 0) or 0) > 0:
+                    self._relist()
+                    return
+                if result.get("canceled"):
+                    raise RuntimeError(f"watch canceled: {result.get('cancel_reason', '')}")
+                events = [WatchEvent("delete" if e.get("type") == "DELETE" else "put", _kv(e["kv"]))
+                          for e in result.get("events", [])]
+                if events:
+                    self.revision = max(self.revision, max(e.kv.mod_revision for e in events))
+                    self._loop.call_soon_threadsafe(self._on_events, events)
+        finally:
+            response.close()
+            self._response = None
+
+    def _relist(self) -> None:
+        kvs, revision = self.etcd.get_prefix_sync(self.prefix)
+        self.revision = revision
+        self.relists += 1
+        log.info("watch on %r was compacted past; re-listed %d key(s) at revision %d", self.prefix, len(kvs),
+                 revision)
+        self._loop.call_soon_threadsafe(self._on_snapshot, kvs)
+
+    def _rotate(self) -> None:
+        with self.etcd._lock:
+            self.etcd._current = (self.etcd._current + 1) % len(self.etcd.endpoints)

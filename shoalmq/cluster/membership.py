@@ -1,0 +1,139 @@
+"""Cluster membership through etcd: each node's key on its own lease, and a live view of every node's.
+
+A node registers ``/<cluster>/nodes/<node-id>`` (JSON: its addresses, version, start time) on a lease of ``ttl``
+seconds, refreshed every ``ttl / 3``. Other nodes watch the prefix, so a node that stops refreshing (crashed, or cut
+off from etcd) disappears from their view when its lease expires; a node that stops cleanly revokes its lease and
+disappears at once.
+
+A node that cannot refresh its lease for ``ttl`` seconds must assume it has lost it: ``healthy`` turns false and
+``on_lease_lost`` runs, so the node stops accepting writes for partitions it owned (another node may own them by
+now). It then keeps trying to register again with a new lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shoalmq.cluster.etcd import Etcd, KeyValue, PrefixWatch, WatchEvent
+from shoalmq.errors import ShoalError
+
+log = logging.getLogger(__name__)
+
+
+class NodeIdInUse(ShoalError):
+    """Another live node is registered with this node id."""
+
+
+class Membership:
+    """This node's registration and the set of live nodes."""
+
+    def __init__(self, etcd: Etcd, cluster: str, node_id: str, info: dict[str, Any], ttl: int = 5) -> None:
+        self.etcd = etcd
+        self.cluster = cluster
+        self.node_id = node_id
+        self.info = {**info, "node_id": node_id, "started": int(time.time())}
+        self.ttl = ttl
+        self.prefix = f"/{cluster}/nodes/".encode()
+        self.key = self.prefix + node_id.encode()
+        #: Live nodes: node id -> the JSON they registered.
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.lease = 0
+        self.healthy = False
+        self.on_change: list[Callable[[dict[str, dict[str, Any]]], None]] = []
+        self.on_lease_lost: list[Callable[[], None]] = []
+        self._watch: PrefixWatch | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._last_refresh = 0.0
+
+    async def start(self) -> None:
+        """Register (NodeIdInUse if a live node holds this id) and start watching the members."""
+        await self._register()
+        self._watch = PrefixWatch(self.etcd, self.prefix, self._on_snapshot, self._on_events)
+        await self._watch.start()
+        self._keepalive_task = asyncio.create_task(self._keepalive(), name="shoalmq-lease")
+
+    async def stop(self) -> None:
+        """Leave: revoke the lease (the node key goes with it) and stop watching."""
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+            await asyncio.gather(self._keepalive_task, return_exceptions=True)
+        if self._watch is not None:
+            self._watch.stop()
+        if self.lease:
+            try:
+                await self.etcd.call(self.etcd.revoke_sync, self.lease)
+            except ShoalError as exc:
+                log.warning("could not revoke lease on leaving: %s (the key expires with it)", exc)
+        self.healthy = False
+
+    async def _register(self) -> None:
+        lease = await self.etcd.call(self.etcd.grant_sync, self.ttl)
+        value = json.dumps(self.info, sort_keys=True).encode()
+        created, existing = await self.etcd.call(self.etcd.create_sync, self.key, value, lease)
+        if not created:
+            if existing is not None and existing.lease == self.lease and self.lease:
+                created = True  # our own key, still on our old lease
+            else:
+                await self.etcd.call(self.etcd.revoke_sync, lease)
+                raise NodeIdInUse(f"node id {self.node_id!r} is registered by a live node in cluster "
+                                  f"{self.cluster!r}; pick another --node-id")
+        self.lease = lease
+        self.healthy = True
+        self._last_refresh = time.monotonic()
+        log.info("registered as %s in cluster %s (lease %x, ttl %d s)", self.node_id, self.cluster, lease, self.ttl)
+
+    async def _keepalive(self) -> None:
+        interval = self.ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ttl = await self.etcd.call(self.etcd.keepalive_sync, self.lease)
+            except ShoalError as exc:
+                ttl = None
+                log.warning("lease refresh failed: %s", exc)
+            if ttl is not None and ttl > 0:
+                self._last_refresh = time.monotonic()
+                continue
+            if self.healthy and (ttl == -1 or time.monotonic() - self._last_refresh >= self.ttl):
+                self.healthy = False
+                log.error("lease of node %s lost: no longer accepting writes for its partitions", self.node_id)
+                for callback in self.on_lease_lost:
+                    callback()
+            if not self.healthy:
+                try:
+                    await self._register()
+                except NodeIdInUse:
+                    raise
+                except ShoalError as exc:
+                    log.warning("cannot register again yet: %s", exc)
+
+    def _on_snapshot(self, kvs: list[KeyValue]) -> None:
+        self.nodes = {}
+        for kv in kvs:
+            self._apply_put(kv)
+        self._changed()
+
+    def _on_events(self, events: list[WatchEvent]) -> None:
+        for event in events:
+            node_id = event.kv.key[len(self.prefix):].decode(errors="replace")
+            if event.kind == "delete":
+                self.nodes.pop(node_id, None)
+            else:
+                self._apply_put(event.kv)
+        self._changed()
+
+    def _apply_put(self, kv: KeyValue) -> None:
+        node_id = kv.key[len(self.prefix):].decode(errors="replace")
+        try:
+            self.nodes[node_id] = json.loads(kv.value)
+        except ValueError:
+            log.warning("ignoring node %s: its registration is not JSON", node_id)
+
+    def _changed(self) -> None:
+        for callback in self.on_change:
+            callback(dict(self.nodes))
