@@ -23,7 +23,7 @@ def test_compiled_module_is_loaded() -> None:
     if os.environ.get("SHOALMQ_PURE_PYTHON"):
         pytest.skip("suite asked to run against the pure-Python twins")
     assert not native.PURE_PYTHON
-    for module in (native.hashing, native.ring, native.segment):
+    for module in (native.hashing, native.mqtt_codec, native.ring, native.segment):
         assert module.__file__.endswith(".so"), module.__file__
 
 

@@ -4,22 +4,24 @@ The compiled modules are used unless ``SHOALMQ_PURE_PYTHON=1`` is set (for debug
 against the twins). A missing compiled module is an error, not a silent fallback: a broker quietly running
 its hot path in pure Python would be several times slower with nothing to say why.
 
-This package knows nothing of MQTT, queues or the network.
+This package knows nothing of queues or the network; of MQTT, only ``mqtt_codec`` knows the framing of a few
+packets (no sessions, no subscriptions).
 """
 
 import os
 
-from ._errors import RingFull  # one class, raised by both ring and ring_py
+from ._errors import MalformedPacket, RingFull  # one class each, raised by both a module and its twin
 
 PURE_PYTHON = os.environ.get("SHOALMQ_PURE_PYTHON", "") not in ("", "0")
 
 if PURE_PYTHON:
     from . import hashing_py as hashing
+    from . import mqtt_codec_py as mqtt_codec
     from . import ring_py as ring
     from . import segment_py as segment
 else:
     try:
-        from . import hashing, ring, segment
+        from . import hashing, mqtt_codec, ring, segment
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
             "shoalmq's Cython extensions are not built; reinstall the package "
@@ -30,4 +32,7 @@ fnv1a_32 = hashing.fnv1a_32
 partition_of = hashing.partition_of
 RingBuffer = ring.RingBuffer
 
-__all__ = ["PURE_PYTHON", "RingBuffer", "RingFull", "fnv1a_32", "hashing", "partition_of", "ring", "segment"]
+__all__ = [
+    "PURE_PYTHON", "MalformedPacket", "RingBuffer", "RingFull", "fnv1a_32", "hashing", "mqtt_codec", "partition_of",
+    "ring", "segment",
+]

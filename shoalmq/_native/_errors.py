@@ -3,3 +3,8 @@
 
 class RingFull(Exception):
     """A push onto a ``RingBuffer`` that has no room left; the buffer is unchanged."""
+
+
+class MalformedPacket(ValueError):
+    """Bytes from a client that break MQTT 3.1.1 (or the broker's ``max_packet_size``), found by ``mqtt_codec``;
+    the message names the rule and its spec clause. The connection that sent them is closed."""

@@ -15,6 +15,11 @@ import logging
 
 from amqtt.adapters import ReaderAdapter
 
+# One exception for every malformed frame, from the codec (fast path) or from these checks. Deliberately not an
+# amqtt ``MQTTError``: amqtt's reader discards those and reads on (mid-packet); any other exception ends its reader
+# loop, which closes the connection.
+from shoalmq._native._errors import MalformedPacket
+
 log = logging.getLogger(__name__)
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
@@ -22,14 +27,6 @@ SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 
 _SERVER_TO_CLIENT = {CONNACK: "CONNACK", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK", PINGRESP: "PINGRESP"}
 _FLAGS_0010 = {PUBREL, SUBSCRIBE, UNSUBSCRIBE}
 _ID_ONLY = {PUBACK, PUBREC, PUBREL, PUBCOMP}
-
-
-class MalformedPacket(Exception):
-    """A frame broke MQTT 3.1.1; the connection is closed.
-
-    Deliberately not an amqtt ``MQTTError``: amqtt's reader discards those and reads on (mid-packet); any other
-    exception ends its reader loop, which closes the connection.
-    """
 
 
 def _utf8_string(body: bytes, pos: int, what: str, *, wildcards: bool) -> tuple[str, int]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from amqtt.adapters import StreamWriterAdapter
 
+from shoalmq.broker.fastpath import QueueFastProtocol
 from shoalmq.broker.frames import FrameGuardReader, MalformedPacket
 from shoalmq.broker.queue_broker import ShoalBroker
 from shoalmq.config import Config, HostPort
@@ -63,9 +64,11 @@ class MqttFrontEnd:
         self._broker = ShoalBroker(amqtt_config(self._config), self._queues, self._config.connect_timeout)
         await self._broker.start()
         listen = self._config.listen
+        max_packet_size = self._config.max_packet_size
         try:
-            self._server = await asyncio.start_server(
-                self._on_connection, listen.host, listen.port, reuse_address=True, backlog=1024,
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: QueueFastProtocol(self._on_connection, max_packet_size),
+                listen.host, listen.port, reuse_address=True, backlog=1024,
             )
         except OSError as exc:
             await self._broker.shutdown()

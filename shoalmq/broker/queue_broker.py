@@ -35,6 +35,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
+from shoalmq._native import mqtt_codec
 from shoalmq.errors import ShoalError
 from shoalmq.queue.manager import BadQueueName, Delivery, QueueManager, is_queue_topic, queue_of_filter
 
@@ -45,26 +46,6 @@ _PUBACK = b"\x40\x02"
 _PUBREC = b"\x50\x02"
 _PUBCOMP = b"\x70\x02"
 _U16 = struct.Struct(">H")
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, byte = divmod(n, 128)
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def encode_publish(topic: bytes, payload: bytes, packet_id: int | None, dup: bool) -> bytes:
-    """A PUBLISH frame: QoS 1 with ``packet_id``, or QoS 0 without."""
-    if packet_id is None:
-        header = 0x30
-        variable = _U16.pack(len(topic)) + topic
-    else:
-        header = 0x32 | (0x08 if dup else 0)
-        variable = _U16.pack(len(topic)) + topic + _U16.pack(packet_id)
-    return bytes((header,)) + _remaining_length(len(variable) + len(payload)) + variable + payload
 
 
 class QueueSession(Session):
@@ -107,39 +88,60 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         if topic is None or not topic.startswith("$"):
             await super().handle_publish(publish_packet)
             return
-        if not is_queue_topic(topic):
-            self._refuse(f"publish to {topic!r}: topics starting with '$' are reserved")
-            return
-        qos = publish_packet.qos
-        packet_id = publish_packet.packet_id
-        flush = self._qos2_stored.get(packet_id) if qos == 2 else None
-        if flush is None:  # (else a retransmission, stored already: only acknowledged again [MQTT-4.3.3-2])
-            try:
-                flush = self.queues.publish(topic, bytes(publish_packet.data or b""))
-            except ShoalError as exc:
-                self._refuse(f"publish to {topic!r} refused: {exc}")
-                return
-            if qos == 0:
-                return
-            if qos == 2:
-                self._qos2_stored[packet_id] = flush
-        ack = (_PUBACK if qos == 1 else _PUBREC) + _U16.pack(packet_id)
-        flush.add_done_callback(lambda f: self._acknowledge(f, ack, topic))
+        self.queue_publishes([(topic, publish_packet.qos or 0, publish_packet.packet_id or 0,
+                               bytes(publish_packet.data or b""))])
 
-    def _acknowledge(self, flush: asyncio.Future[None], ack: bytes, topic: str) -> None:
-        # Commits resolve in order, so PUBACKs leave in the order the PUBLISHes came [MQTT-4.6.0-2].
+    def queue_publishes(self, items: list[tuple[str, int, int, bytes]]) -> asyncio.Future[None] | None:
+        """Store a batch of publishes to ``$`` topics: (topic, qos, packet id, payload) each.
+
+        Each is acknowledged (PUBACK, or PUBREC for QoS 2) once its commit is durable, the acks of one commit in one
+        write; commits resolve in order, so acks leave in the order the PUBLISHes came [MQTT-4.6.0-2]. A publish
+        that is refused, or to a ``$`` topic that is not a queue, closes the connection. Returns the commit the last
+        acknowledged publish waits for (None if none does)."""
+        by_flush: dict[int, tuple[asyncio.Future[None], list[bytes]]] = {}
+        last: asyncio.Future[None] | None = None
+        for topic, qos, packet_id, payload in items:
+            if not is_queue_topic(topic):
+                self._refuse(f"publish to {topic!r}: topics starting with '$' are reserved")
+                break
+            flush = self._qos2_stored.get(packet_id) if qos == 2 else None
+            if flush is None:  # (else a retransmission, stored already: only acknowledged again [MQTT-4.3.3-2])
+                try:
+                    flush = self.queues.publish(topic, payload)
+                except ShoalError as exc:
+                    self._refuse(f"publish to {topic!r} refused: {exc}")
+                    break
+                if qos == 0:
+                    continue
+                if qos == 2:
+                    self._qos2_stored[packet_id] = flush
+            entry = by_flush.get(id(flush))
+            if entry is None:
+                entry = by_flush[id(flush)] = (flush, [])
+            entry[1].append((_PUBACK if qos == 1 else _PUBREC) + _U16.pack(packet_id))
+            last = flush
+        for flush, acks in by_flush.values():
+            data = b"".join(acks)
+            flush.add_done_callback(lambda f, data=data: self._acknowledge(f, data))
+        return last
+
+    def _acknowledge(self, flush: asyncio.Future[None], acks: bytes) -> None:
         if flush.exception() is not None:
-            self._refuse(f"publish to {topic!r} not stored: {flush.exception()}")
+            self._refuse(f"publish not stored: {flush.exception()}")
             return
-        self._write(ack)
+        self._write(acks)
 
     async def handle_pubrel(self, pubrel: Any) -> None:
-        packet_id = pubrel.packet_id
-        if packet_id in self._qos2_stored:
-            del self._qos2_stored[packet_id]
-            self._write(_PUBCOMP + _U16.pack(packet_id))
-            return
-        await super().handle_pubrel(pubrel)
+        if not self.queue_pubrel(pubrel.packet_id):
+            await super().handle_pubrel(pubrel)
+
+    def queue_pubrel(self, packet_id: int) -> bool:
+        """The end of a QoS 2 queue publish: PUBCOMP. False if the packet id is not one of ours."""
+        if packet_id not in self._qos2_stored:
+            return False
+        del self._qos2_stored[packet_id]
+        self._write(_PUBCOMP + _U16.pack(packet_id))
+        return True
 
     # -- consuming --------------------------------------------------------------------------------------
 
@@ -148,30 +150,34 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         if self._closing or self.session is None:
             self.queues.consumer_gone(self)
             return
-        frames = []
+        items = []
         inflight = self._queue_inflight
         qos0_queues = self.session.queue_qos0  # type: ignore[attr-defined]
         for delivery in deliveries:
             topic = delivery.topic.encode()
             if delivery.queue.name in qos0_queues:  # at most once: the manager removed it as it was handed over
-                frames.append(encode_publish(topic, delivery.payload, None, False))
+                items.append((topic, delivery.payload, 0, False))
                 continue
             packet_id = self.session.next_packet_id
             inflight[packet_id] = delivery
-            frames.append(encode_publish(topic, delivery.payload, packet_id, delivery.dup))
-        self._write(b"".join(frames))
+            items.append((topic, delivery.payload, packet_id, delivery.dup))
+        self._write(mqtt_codec.encode_publishes(items))
 
     async def handle_puback(self, puback: Any) -> None:
-        packet_id = puback.variable_header.packet_id
+        if not self.queue_ack(puback.variable_header.packet_id):
+            await super().handle_puback(puback)
+
+    def queue_ack(self, packet_id: int) -> bool:
+        """A consumer's PUBACK of a queue delivery (applied with the others of this loop iteration, as one batch).
+        False if the packet id is not one of ours."""
         delivery = self._queue_inflight.pop(packet_id, None)
         if delivery is None:
-            await super().handle_puback(puback)
-            return
+            return False
         self._pending_acks.append(delivery)
         if not self._ack_scheduled:
-            # Every PUBACK read in this loop iteration is applied as one batch.
             self._ack_scheduled = True
             asyncio.get_running_loop().call_soon(self._apply_acks)
+        return True
 
     def _apply_acks(self) -> None:
         self._ack_scheduled = False
@@ -181,15 +187,25 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     # -- connection life ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """After CONNACK: a client with a persistent session is a consumer of its queues again at once."""
+        """After CONNACK: the connection's fast path takes over ``$queue/`` frames, and a client with a persistent
+        session is a consumer of its queues again at once."""
         await super().start()
         assert self.session is not None
+        transport = self._transport()
+        protocol = transport.get_protocol() if transport is not None else None
+        if hasattr(protocol, "link"):
+            protocol.link(self)
+            self._fast = protocol
         for name, qos in self._persistent.get(self.session.client_id, {}).items():
             if qos == 0:
                 self.session.queue_qos0.add(name)  # type: ignore[attr-defined]
             self.queues.subscribe(self, name, at_most_once=qos == 0)
 
     def handle_read_timeout(self) -> None:
+        fast = getattr(self, "_fast", None)
+        if fast is not None and self.session is not None and (
+                asyncio.get_running_loop().time() - fast.last_read < self.session.keep_alive):
+            return  # amqtt saw nothing, but the client is busy on the fast path
         client = self.session.client_id if self.session else "?"
         log.info("client %s sent nothing within 1.5 x its keep-alive: closing its connection", client)
         self._close()
