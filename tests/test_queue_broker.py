@@ -393,3 +393,29 @@ def test_ack_timeout_redelivers_to_another_consumer(tmp_path: Path, broker_facto
     awake.subscribe("$queue/patient")
     [again] = awake.expect(1, timeout=10)  # after the ack timeout, never before it
     assert again.payload == b"job" and again.dup
+
+
+def test_frames_pipelined_behind_connect_are_served_in_order(broker: BrokerProcess) -> None:
+    from tests.support import connect_packet, subscribe_packet
+
+    with socket.create_connection((broker.host, broker.port), timeout=10) as raw:
+        # CONNECT, SUBSCRIBE and three queue publishes in one write, before any CONNACK.
+        raw.sendall(connect_packet("eager") + subscribe_packet("$queue/eager", 1, 1)
+                    + b"".join(publish_packet("$queue/eager", b"%d" % i, qos=1, packet_id=10 + i) for i in range(3)))
+        client = RawMqtt.__new__(RawMqtt)
+        client.sock, client._buffer, client._early = raw, b"", []
+        frames = [client.read() for _ in range(2 + 3 + 3)]  # CONNACK, SUBACK, 3 PUBACKs, 3 deliveries
+        assert frames[0].type == 2
+        pubacks = [f.body for f in frames if f.type == 4]
+        assert pubacks == [b"\x00\x0a", b"\x00\x0b", b"\x00\x0c"], "acknowledged, in order"
+        assert sorted(f.publish_fields()[2] for f in frames if f.type == 3) == [b"0", b"1", b"2"]
+
+
+def test_a_busy_fast_path_client_is_not_taken_for_a_silent_one(broker: BrokerProcess) -> None:
+    busy = RawMqtt(broker.port, "busy", keep_alive=1)
+    deadline = time.monotonic() + 3.5  # more than 1.5 x its keep-alive, with no PINGREQ
+    packet_id = 0
+    while time.monotonic() < deadline:
+        packet_id = packet_id % 65535 + 1
+        busy.send(publish_packet("$queue/busy", b"x", qos=1, packet_id=packet_id))
+        assert busy.read(5).type == 4  # PUBACK: still connected
