@@ -49,8 +49,9 @@ SyncMode = Literal["fsync", "async"]
 #: Seconds between retries after a failed commit (a full disk, say).
 RETRY_INTERVAL = 0.2
 NEVER = 1 << 62
-#: Loop turns without new pending writes after which a commit starts (fsync mode). amqtt takes several turns
-#: per packet (a task per packet, a wait_for per header), so fewer turns cut commits down to single messages.
+#: Loop turns without new pending writes after which a commit starts (fsync mode). The fast path enqueues a whole
+#: socket read in one turn, but a packet on amqtt's path spans several (a task per packet, a wait_for per header):
+#: with 2 turns, commits there shrank to one message each.
 QUIET_TURNS = 6
 
 
@@ -487,8 +488,8 @@ class Store:
     def _commit_when_drained(self) -> None:
         """Commit once the input stops adding to the pending writes, or at ``batch_size`` or ``flush_interval``.
 
-        A commit runs in the event loop and blocks it for its fsyncs, so committing after every packet would make
-        commits of one message each under load. Instead, each loop turn checks whether the pending count grew:
+        A commit runs in the event loop and blocks it for its fsyncs, so committing at the first chance would make
+        commits of a few messages each under load. Instead, each loop turn checks whether the pending count grew:
         after ``QUIET_TURNS`` turns without growth (every socket read so far is in), or once ``batch_size``
         messages are pending, or ``flush_interval`` after gathering began, the commit starts. At low load that is
         a few loop turns, microseconds: a lone message waits for one sync, not the interval."""
