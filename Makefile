@@ -19,6 +19,7 @@ test: system-deps $(VENV)/.installed-test
 
 bench: system-deps $(VENV)/.installed-test
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
+	$(BIN)/python -m bench.compare $(COMPARE_ARGS)
 
 install: $(VENV)/.installed
 

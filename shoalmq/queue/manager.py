@@ -427,6 +427,9 @@ class QueueManager:
         while len(taken) < count and empty < len(parts):
             part = parts[i % len(parts)]
             i += 1
+            if not part.ready:
+                empty += 1
+                continue
             share = max(1, (count - len(taken)) // len(parts))
             got = part.take(share)
             if not got:

@@ -1,0 +1,126 @@
+"""ShoalMQ's `$queue/` against mosquitto, same load, alternating, in one run: ``python -m bench.compare``.
+
+For every configuration (publishers/consumers, payload size) and round, it starts a fresh ShoalMQ broker (fsync
+durability, a new data directory) and runs the load tool on ``$queue/load``, then a fresh mosquitto (Debian's, on a
+free port, persistence on, ``max_queued_messages 0`` so that it drops nothing it acknowledged) with its consumers on
+``$share/g/bench/load``, and prints the medians of the rounds and the ratios ShoalMQ / mosquitto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, process: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"broker exited with {process.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout} s")
+
+
+def load(port: int, pid: int, topic: str, sub_topic: str, messages: int, size: int, clients: int,
+         out: Path) -> dict:
+    subprocess.run([sys.executable, "-m", "bench.loadtool", "--port", str(port), "--topic", topic, "--sub-topic",
+                    sub_topic, "--messages", str(messages), "--size", str(size), "--publishers", str(clients),
+                    "--consumers", str(clients), "--broker-pid", str(pid), "--json", str(out)],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=600)
+    return json.loads(out.read_text())
+
+
+def run_shoalmq(work: Path, messages: int, size: int, clients: int) -> dict:
+    port = free_port()
+    data = work / f"shoal-{port}"
+    broker = subprocess.Popen([str(BIN / "broker"), "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
+                               "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, broker)
+        return load(port, broker.pid, "$queue/load", "$queue/load", messages, size, clients, work / "r.json")
+    finally:
+        broker.terminate()
+        broker.wait(30)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def run_mosquitto(work: Path, messages: int, size: int, clients: int) -> dict:
+    port = free_port()
+    store = work / f"mosq-{port}"
+    store.mkdir()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                    f"persistence_location {store}/\nmax_queued_messages 0\n")
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, broker)
+        return load(port, broker.pid, "bench/load", "$share/g/bench/load", messages, size, clients,
+                    work / "r.json")
+    finally:
+        broker.terminate()
+        broker.wait(30)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=30_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sizes", default="100,1024", help="payload sizes, comma-separated")
+    parser.add_argument("--clients", default="1,2", help="publishers (= consumers) per run, comma-separated")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    clients = [int(c) for c in args.clients.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="shoalmq-compare-") as tmp:
+        work = Path(tmp)
+        for size in sizes:
+            for n in clients:
+                shoal, mosq = [], []
+                for _ in range(args.rounds):
+                    shoal.append(run_shoalmq(work, args.messages, size, n))
+                    mosq.append(run_mosquitto(work, args.messages, size, n))
+                rows.append((n, size, shoal, mosq))
+    med = statistics.median
+    print(f"{args.messages} QoS 1 messages per run, {args.rounds} rounds, medians; ShoalMQ fsync vs mosquitto")
+    print("| pub/con | size | ShoalMQ msgs/s | p50/p99 ms | CPU s/100K | mosquitto msgs/s | p50/p99 ms | CPU s/100K "
+          "| throughput ratio | CPU ratio | lost/dup (ShoalMQ, mosquitto) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n, size, shoal, mosq in rows:
+        def m(runs: list[dict], key: str) -> float:
+            return med(r[key] for r in runs)
+        s_rate, q_rate = m(shoal, "delivered_per_s"), m(mosq, "delivered_per_s")
+        s_cpu, q_cpu = m(shoal, "broker_cpu_per_100k"), m(mosq, "broker_cpu_per_100k")
+        lost = (sum(r["lost"] for r in shoal), sum(r["duplicates"] for r in shoal),
+                sum(r["lost"] for r in mosq), sum(r["duplicates"] for r in mosq))
+        print(f"| {n}/{n} | {size} B | {s_rate:,.0f} | {m(shoal, 'latency_p50_ms'):.1f}/"
+              f"{m(shoal, 'latency_p99_ms'):.1f} | {s_cpu:.2f} | {q_rate:,.0f} | {m(mosq, 'latency_p50_ms'):.1f}/"
+              f"{m(mosq, 'latency_p99_ms'):.1f} | {q_cpu:.2f} | {s_rate / q_rate:.2f}x | {s_cpu / q_cpu:.2f}x | "
+              f"{lost[0]}/{lost[1]}, {lost[2]}/{lost[3]} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
