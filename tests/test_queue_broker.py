@@ -419,3 +419,18 @@ def test_a_busy_fast_path_client_is_not_taken_for_a_silent_one(broker: BrokerPro
         packet_id = packet_id % 65535 + 1
         busy.send(publish_packet("$queue/busy", b"x", qos=1, packet_id=packet_id))
         assert busy.read(5).type == 4  # PUBACK: still connected
+
+
+def test_queues_and_ordinary_topics_on_one_connection(broker: BrokerProcess, mqtt_client) -> None:
+    both = mqtt_client(broker.port, client_id="both")
+    both.subscribe("$queue/mixed")
+    both.subscribe("news/#", qos=1)
+    both.publish("news/today", b"headline", qos=1, retain=True)
+    both.publish("$queue/mixed", b"job", qos=1)
+    both.publish("news/today", b"update", qos=0)
+    got = sorted((m.topic, m.payload) for m in both.expect(3))
+    assert got == [("$queue/mixed", b"job"), ("news/today", b"headline"), ("news/today", b"update")]
+    late = mqtt_client(broker.port)
+    late.subscribe("news/#", qos=1)
+    [retained] = late.expect(1)
+    assert (retained.payload, retained.retain) == (b"headline", True)
