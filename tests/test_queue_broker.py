@@ -434,3 +434,37 @@ def test_queues_and_ordinary_topics_on_one_connection(broker: BrokerProcess, mqt
     late.subscribe("news/#", qos=1)
     [retained] = late.expect(1)
     assert (retained.payload, retained.retain) == (b"headline", True)
+
+
+@pytest.mark.parametrize("clean_session", [False, True])
+def test_a_newer_connection_of_a_client_takes_over(broker: BrokerProcess, mqtt_client, clean_session: bool) -> None:
+    first = RawMqtt(broker.port, "twice", clean_session=clean_session)
+    assert first.subscribe("$queue/takeover") == 1
+    second = RawMqtt(broker.port, "twice", clean_session=clean_session)
+    assert first.closed_by_broker(timeout=5), "the older connection is closed"
+    if clean_session:
+        assert second.subscribe("$queue/takeover") == 1
+    producer = mqtt_client(broker.port)
+    producer.publish("$queue/takeover", b"for the newer one", qos=1)
+    assert second.publishes(1)[0].publish_fields()[2] == b"for the newer one"
+    # Still connected well after amqtt's session monitor would have dropped it (~1 s).
+    assert not second.closed_by_broker(timeout=2)
+    producer.publish("$queue/takeover", b"again", qos=1)
+    assert second.publishes(1)[0].publish_fields()[2] == b"again"
+
+
+def test_qos2_state_survives_a_reconnect_of_a_persistent_session(broker: BrokerProcess) -> None:
+    first = RawMqtt(broker.port, "q2p", clean_session=False)
+    first.send(publish_packet("$queue/q2p", b"once", qos=2, packet_id=5))
+    assert first.read() == Frame(5, 0, b"\x00\x05")  # PUBREC
+    first.close()  # gone before PUBREL
+    again = RawMqtt(broker.port, "q2p", clean_session=False)
+    again.send(publish_packet("$queue/q2p", b"once", qos=2, packet_id=5, dup=True))
+    assert again.read() == Frame(5, 0, b"\x00\x05")
+    again.send(b"\x62\x02\x00\x05")  # PUBREL
+    assert again.read() == Frame(7, 0, b"\x00\x05")  # PUBCOMP
+    reader = RawMqtt(broker.port, "q2reader")
+    reader.subscribe("$queue/q2p")
+    assert [f.publish_fields()[2] for f in reader.publishes(1)] == [b"once"]
+    with pytest.raises(TimeoutError):
+        reader.publishes(1, timeout=0.5)

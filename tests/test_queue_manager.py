@@ -42,6 +42,9 @@ class FakeConsumer:
         if self.manager is not None:
             self.max_held = max(self.max_held, self.manager.inflight(self))
 
+    def revoke(self, deliveries: list[Delivery]) -> None:
+        self.revoked = getattr(self, "revoked", []) + deliveries
+
     def ack_all(self, manager: QueueManager) -> int:
         unacked, self._acked = self.received[self._acked:], len(self.received)
         return manager.ack(unacked)
@@ -208,6 +211,7 @@ def test_ack_timeout_hands_the_message_to_another_consumer() -> None:
         await settle(lambda: len(fast.received) >= 1)
         [redelivered] = fast.received
         assert redelivered.payload == b"m" and redelivered.dup
+        assert [d.payload for d in slow.revoked] == [b"m"], "the consumer that timed out is told to forget it"
         assert len(slow.received) == 1, "handed to another consumer, not back to the one that timed out"
         manager.close()
 
@@ -307,5 +311,29 @@ def test_partition_count_is_fixed_once_a_queue_exists() -> None:
         again.close()
         with pytest.raises(ConfigError, match="'q' has 3 partitions in the data directory but 5"):
             manager_on(backend, queues={"q": QueueConfig(partitions=5)})
+
+    run(body())
+
+
+def test_a_full_disk_during_an_ack_timeout_stops_nothing() -> None:
+    from tests.test_storage import FlakyBackend
+
+    async def body() -> None:
+        backend = FlakyBackend()
+        manager = manager_on(backend, defaults=QueueConfig(ack_timeout=0.1, max_deliveries=1))
+        slow = FakeConsumer("slow", window=1)
+        manager.subscribe(slow, "q")
+        manager.publish("$queue/q", b"m")
+        await settle(lambda: len(slow.received) == 1)
+        manager.consumer_gone(slow)  # not acked; its one delivery is used up
+        backend.failing = True  # the dead-letter copy cannot be stored for now
+        keeper = FakeConsumer("keeper")
+        manager.subscribe(keeper, "q.dlq")
+        await asyncio.sleep(0.3)  # several ack-timeout checks while the disk is full
+        backend.failing = False
+        await settle(lambda: len(keeper.received) == 1, timeout=5)
+        assert keeper.received[0].payload == b"m"
+        assert manager._ack_timer is not None and not manager._ack_timer.cancelled()
+        manager.close()
 
     run(body())

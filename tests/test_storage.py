@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shoalmq.errors import PayloadTooLarge, QueueFull, StorageError
+from shoalmq.errors import PayloadTooLarge, QueueFull, StorageError, StorageFull
 from shoalmq.queue.storage import Limits, LmdbBackend, MemoryBackend, Store, keys
 
 OpenStore = Callable[..., Store]
@@ -505,3 +505,37 @@ def test_full_disk_refuses_publishes_and_keeps_what_was_acknowledged(small_disk:
         await store.close()
 
     run(reopen())
+
+
+class FlakyBackend(MemoryBackend):
+    """The in-memory backend with a switch that makes commits fail as a full disk would."""
+
+    failing = False
+
+    def commit(self, puts, deletes) -> None:  # type: ignore[override]
+        if self.failing:
+            raise StorageFull("disk full (simulated)")
+        super().commit(puts, deletes)
+
+
+def test_async_mode_keeps_acknowledged_messages_when_a_commit_fails() -> None:
+    async def body() -> None:
+        backend = FlakyBackend()
+        store = Store(backend, sync="async", flush_interval=0.01)
+        part = store.partition("q", 0)
+        await store.flush()
+        backend.failing = True
+        assert part.enqueue(b"acked at once").done()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while store.failure is None:
+            assert loop.time() < deadline, "the commit never failed"
+            await asyncio.sleep(0.01)
+        backend.failing = False
+        while not (taken := part.take(5)):
+            assert loop.time() < deadline, "the acknowledged message was dropped"
+            await asyncio.sleep(0.01)
+        assert [m.payload for m in taken] == [b"acked at once"] and store.failure is None
+        await store.close()
+
+    run(body())

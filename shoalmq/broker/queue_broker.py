@@ -13,6 +13,8 @@ The overrides are few and named here; docs/design.md ("amqtt seams") lists them 
   (PUBACK, or PUBREC for QoS 2) only when its commit is durable; a rejected one closes the connection. A publish
   to any other ``$`` topic closes the connection too (amqtt would leave it half-dead).
 - ``handle_puback`` / ``handle_pubrel``: acks of queue deliveries, and the end of a QoS 2 queue publish.
+- ``ShoalBroker._handle_disconnect``: when a newer connection of the client took the session over, the older
+  connection's end does not mark the session disconnected (amqtt would, and then drop the newer connection).
 - ``handle_read_timeout``: keep-alive expiry closes the connection. ``stop``: the consumer is gone; its
   unacknowledged messages go back to their queues. ``start`` (after CONNACK): a client with clean session off is
   a consumer of its queues again without subscribing anew.
@@ -49,16 +51,23 @@ _U16 = struct.Struct(">H")
 
 
 class QueueSession(Session):
-    """amqtt's session, whose packet ids also skip those of queue deliveries in flight."""
+    """amqtt's session, with the queue state that must outlive one connection of a persistent session."""
 
+    #: Queue deliveries in flight, by packet identifier.
     queue_inflight: dict[int, Delivery]
+    #: Queues this client consumes at QoS 0 (at most once).
+    queue_qos0: set[str]
+    #: QoS 2 queue publishes stored (or being stored), waiting for PUBREL: packet id -> its commit [MQTT-4.3.3-2].
+    queue_qos2: dict[int, asyncio.Future[None]]
 
     @property
     def next_packet_id(self) -> int:
-        while True:
+        """amqtt's next packet id that is not a queue delivery's either (AMQTTError if all 65,535 are in use)."""
+        for _ in range(65535):
             packet_id = Session.next_packet_id.fget(self)  # type: ignore[attr-defined]
             if packet_id not in self.queue_inflight:
                 return packet_id
+        raise AMQTTError("no free packet identifier: 65,535 messages in flight")
 
 
 class QueueProtocolHandler(BrokerProtocolHandler):
@@ -67,14 +76,14 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     queues: QueueManager
     window: int
 
-    def _init_queue_state(self, queues: QueueManager, persistent: dict[str, dict[str, int]]) -> None:
+    def _init_queue_state(self, queues: QueueManager, persistent: dict[str, dict[str, int]],
+                          live: dict[str, QueueProtocolHandler]) -> None:
         self.queues = queues
         self.window = queues.consumer_window
         self._persistent = persistent
+        self._live = live
         self._pending_acks: list[Delivery] = []
         self._ack_scheduled = False
-        # QoS 2 publishes stored (or being stored), waiting for PUBREL: packet id -> its commit [MQTT-4.3.3-2].
-        self._qos2_stored: dict[int, asyncio.Future[None]] = {}
         self._closing = False
 
     @property
@@ -100,11 +109,14 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         acknowledged publish waits for (None if none does)."""
         by_flush: dict[int, tuple[asyncio.Future[None], list[bytes]]] = {}
         last: asyncio.Future[None] | None = None
+        qos2 = self.session.queue_qos2  # type: ignore[union-attr]
         for topic, qos, packet_id, payload in items:
+            if self._closing:
+                break  # refused: nothing after it is stored
             if not is_queue_topic(topic):
                 self._refuse(f"publish to {topic!r}: topics starting with '$' are reserved")
                 break
-            flush = self._qos2_stored.get(packet_id) if qos == 2 else None
+            flush = qos2.get(packet_id) if qos == 2 else None
             if flush is None:  # (else a retransmission, stored already: only acknowledged again [MQTT-4.3.3-2])
                 try:
                     flush = self.queues.publish(topic, payload)
@@ -114,7 +126,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                 if qos == 0:
                     continue
                 if qos == 2:
-                    self._qos2_stored[packet_id] = flush
+                    qos2[packet_id] = flush
             entry = by_flush.get(id(flush))
             if entry is None:
                 entry = by_flush[id(flush)] = (flush, [])
@@ -137,9 +149,10 @@ class QueueProtocolHandler(BrokerProtocolHandler):
 
     def queue_pubrel(self, packet_id: int) -> bool:
         """The end of a QoS 2 queue publish: PUBCOMP. False if the packet id is not one of ours."""
-        if packet_id not in self._qos2_stored:
+        qos2 = self.session.queue_qos2  # type: ignore[union-attr]
+        if packet_id not in qos2:
             return False
-        del self._qos2_stored[packet_id]
+        del qos2[packet_id]
         self._write(_PUBCOMP + _U16.pack(packet_id))
         return True
 
@@ -160,8 +173,16 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                 continue
             packet_id = self.session.next_packet_id
             inflight[packet_id] = delivery
+            delivery.packet_id = packet_id
             items.append((topic, delivery.payload, packet_id, delivery.dup))
         self._write(mqtt_codec.encode_publishes(items))
+
+    def revoke(self, deliveries: list[Delivery]) -> None:
+        """The manager took these back (ack timeout, unsubscribe): their packet ids are free again."""
+        inflight = self._queue_inflight
+        for delivery in deliveries:
+            if inflight.get(delivery.packet_id) is delivery:
+                del inflight[delivery.packet_id]
 
     async def handle_puback(self, puback: Any) -> None:
         if not self.queue_ack(puback.variable_header.packet_id):
@@ -189,13 +210,14 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     async def start(self) -> None:
         """After CONNACK: the connection's fast path takes over ``$queue/`` frames, and a client with a persistent
         session is a consumer of its queues again at once."""
-        await super().start()
         assert self.session is not None
+        # Linked before amqtt's start, which may wait (up to 10 s) for a PUBREL that the fast path holds.
         transport = self._transport()
         protocol = transport.get_protocol() if transport is not None else None
         if hasattr(protocol, "link"):
-            protocol.link(self)
             self._fast = protocol
+            protocol.link(self)
+        await super().start()
         for name, qos in self._persistent.get(self.session.client_id, {}).items():
             if qos == 0:
                 self.session.queue_qos0.add(name)  # type: ignore[attr-defined]
@@ -212,6 +234,10 @@ class QueueProtocolHandler(BrokerProtocolHandler):
 
     async def stop(self) -> None:
         self._closing = True
+        if self.session is not None and self._live.get(self.session.client_id) is self:
+            del self._live[self.session.client_id]
+        if self._pending_acks:
+            self._apply_acks()  # acks already read count, or those messages would be delivered again
         if self.session is not None:
             requeued = self.queues.consumer_gone(self)
             if requeued:
@@ -255,6 +281,8 @@ class ShoalBroker(Broker):
         #: Queue subscriptions of clients with clean session off: client id -> queue -> granted QoS. Kept in
         #: memory: they outlive a disconnect, not a broker restart.
         self.persistent_queue_subscriptions: dict[str, dict[str, int]] = {}
+        #: The current connection of each client id.
+        self._live: dict[str, QueueProtocolHandler] = {}
         #: Seconds a new connection has to send CONNECT.
         self.connect_timeout = connect_timeout
 
@@ -271,8 +299,16 @@ class ShoalBroker(Broker):
             session.__class__ = QueueSession
             session.queue_inflight = {}  # type: ignore[attr-defined]
             session.queue_qos0 = set()  # type: ignore[attr-defined]
+            session.queue_qos2 = {}  # type: ignore[attr-defined]
         handler.__class__ = QueueProtocolHandler
-        handler._init_queue_state(self.queues, self.persistent_queue_subscriptions)  # type: ignore[attr-defined]
+        handler._init_queue_state(self.queues, self.persistent_queue_subscriptions, self._live)  # type: ignore
+        previous = self._live.get(session.client_id)
+        if previous is not None and previous is not handler:
+            # [MQTT-3.1.4-2]: the newer connection of a client id takes over; amqtt leaves the older one open
+            # when the new one asks for a clean session.
+            log.info("client %s connected again: closing its previous connection", session.client_id)
+            previous._close()
+        self._live[session.client_id] = handler  # type: ignore[assignment]
         if session.clean_session:
             self.persistent_queue_subscriptions.pop(session.client_id, None)
         if session.keep_alive > 0:
@@ -317,6 +353,16 @@ class ShoalBroker(Broker):
         return 1
 
     def _handler_of(self, session: Session) -> QueueProtocolHandler | None:
-        entry = self._sessions.get(session.client_id)
-        handler = entry[1] if entry is not None else None
-        return handler if isinstance(handler, QueueProtocolHandler) else None
+        """The current connection of this session (not an older one of the same client id)."""
+        handler = self._live.get(session.client_id)
+        return handler if handler is not None and handler.session is session else None
+
+    async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
+                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+        current = self._sessions.get(client_session.client_id)
+        if current is not None and current[1] is not handler:
+            # A newer connection of this client took over: the session is its now. amqtt would mark it
+            # disconnected here, and its session monitor would then drop it and close the newer connection.
+            await self._stop_handler(handler)
+            return
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)

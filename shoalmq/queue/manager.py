@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 from shoalmq._native import partition_of
-from shoalmq.errors import ConfigError, PayloadTooLarge, QueueError
+from shoalmq.errors import ConfigError, PayloadTooLarge, QueueError, ShoalError
 from shoalmq.queue.storage import Limits, Message, PartitionLog, Store
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 QUEUE_PREFIX = "$queue/"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DLQ_SUFFIX = ".dlq"
+#: Seconds between attempts to store a dead-letter copy when the disk refused it.
+DEAD_LETTER_RETRY = 0.5
 MAX_KEY = 0xFFFF
 _KEY_LEN = struct.Struct(">H")
 
@@ -134,11 +136,14 @@ class Consumer(Protocol):
     def deliver(self, deliveries: list[Delivery]) -> None:
         """Send these deliveries (one batch; the consumer writes them and later acks them)."""
 
+    def revoke(self, deliveries: list[Delivery]) -> None:
+        """These deliveries were taken back (ack timeout, unsubscribe): forget them; a late ack counts for nothing."""
+
 
 class Delivery:
     """One message handed to one consumer, until acked or handed back."""
 
-    __slots__ = ("consumer", "deadline", "message", "partition", "queue", "topic")
+    __slots__ = ("consumer", "deadline", "message", "packet_id", "partition", "queue", "topic")
 
     def __init__(self, queue: Queue, partition: PartitionLog, message: Message, topic: str,
                  consumer: Consumer, deadline: float) -> None:
@@ -148,6 +153,8 @@ class Delivery:
         self.topic = topic
         self.consumer = consumer
         self.deadline = deadline
+        #: Set by the consumer (its MQTT packet identifier).
+        self.packet_id = 0
 
     @property
     def payload(self) -> bytes:
@@ -289,8 +296,8 @@ class QueueManager:
 
         Raises BadQueueName, PayloadTooLarge, QueueFull or StorageError: the publish must not be acknowledged."""
         name, key = parse_queue_topic(topic)
-        if len(key.encode()) > MAX_KEY:
-            raise BadQueueName(f"queue key longer than {MAX_KEY} bytes")
+        if len(topic.encode()) > 0xFFFF - len(DLQ_SUFFIX):
+            raise BadQueueName(f"queue topic longer than {0xFFFF - len(DLQ_SUFFIX)} bytes (room is kept for .dlq)")
         return self.queue(name).publish(key, payload)
 
     # -- consumers --------------------------------------------------------------------------------------
@@ -441,7 +448,7 @@ class QueueManager:
                     try:
                         self._dead_letter(queue, part, message)
                         continue
-                    except QueueError as exc:  # the DLQ is full or the disk is: deliver it once more instead
+                    except ShoalError as exc:  # the DLQ is full or the disk is: deliver it once more instead
                         log.warning("cannot dead-letter message %d of %s/%d: %s", message.offset, queue.name,
                                     part.index, exc)
                 taken.append((part, message))
@@ -456,19 +463,31 @@ class QueueManager:
         (key_len,) = _KEY_LEN.unpack_from(record, 0)
         key = record[2:2 + key_len].decode()
         flush = dlq.publish(key, record[2 + key_len:])
-        queue.dead_lettered += 1
 
         def settle(future: asyncio.Future[None]) -> None:
             if future.exception() is None:
                 part.ack((message.offset,))
-            else:
-                part.nack((message.offset,))
+                queue.dead_lettered += 1
+            else:  # the copy was not stored (a full disk): the message stays in flight here; try again later
+                self._loop.call_later(DEAD_LETTER_RETRY, self._retry_dead_letter, queue, part, message)
 
         flush.add_done_callback(settle)
+
+    def _retry_dead_letter(self, queue: Queue, part: PartitionLog, message: Message) -> None:
+        try:
+            self._dead_letter(queue, part, message)
+        except ShoalError:
+            self._loop.call_later(DEAD_LETTER_RETRY, self._retry_dead_letter, queue, part, message)
 
     def _requeue(self, deliveries: list[Delivery]) -> None:
         """Hand deliveries back to their partitions, or to the dead-letter queue once delivered too often."""
         by_part: dict[int, tuple[PartitionLog, list[int]]] = {}
+        by_consumer: dict[int, tuple[Consumer, list[Delivery]]] = {}
+        for d in deliveries:
+            if id(d.consumer) in self._consumers:
+                by_consumer.setdefault(id(d.consumer), (d.consumer, []))[1].append(d)
+        for consumer, taken_back in by_consumer.values():
+            consumer.revoke(taken_back)
         for d in deliveries:
             key = (d.partition.pid, d.message.offset)
             state = self._consumers.get(id(d.consumer))
@@ -479,7 +498,7 @@ class QueueManager:
                 try:
                     self._dead_letter(d.queue, d.partition, d.message)
                     continue
-                except QueueError as exc:
+                except ShoalError as exc:  # the DLQ is full or the disk is: back to its queue instead
                     log.warning("cannot dead-letter message %d of %s/%d: %s", d.message.offset, d.queue.name,
                                 d.partition.index, exc)
             if state is not None:
@@ -500,12 +519,14 @@ class QueueManager:
         self._ack_timer = self._loop.call_later(max(min(shortest / 4, 1.0), 0.05), self._check_ack_timeouts)
 
     def _check_ack_timeouts(self) -> None:
-        now = time.monotonic()
-        expired = [d for s in self._consumers.values() for d in s.inflight.values() if d.deadline <= now]
-        if expired:
-            log.info("%d delivery(ies) not acked in time: handed to other consumers", len(expired))
-            self._requeue(expired)
-        self._arm_ack_timer()
+        try:
+            now = time.monotonic()
+            expired = [d for s in self._consumers.values() for d in s.inflight.values() if d.deadline <= now]
+            if expired:
+                log.info("%d delivery(ies) not acked in time: handed to other consumers", len(expired))
+                self._requeue(expired)
+        finally:
+            self._arm_ack_timer()
 
     def close(self) -> None:
         if self._ack_timer is not None:

@@ -119,7 +119,10 @@ class LmdbBackend:
             if current >= self.max_map_size:
                 raise StorageFull(f"partition log in {self.path} reached max_map_size ({self.max_map_size} bytes)")
             target = min(target, self.max_map_size)
-        self.env.set_mapsize(target)
+        try:
+            self.env.set_mapsize(target)
+        except lmdb.Error as exc:
+            raise self._error(f"cannot grow the map to {target} bytes", exc) from None
         log.info("partition log map grown from %d to %d MiB", current >> 20, target >> 20)
 
     def get(self, db: str, key: bytes) -> bytes | None:

@@ -549,6 +549,9 @@ class Store:
             self.backend.commit(puts, deletes)
         except StorageError as exc:
             error = exc
+        except Exception as exc:  # never leave _committing set: no commit would ever run again
+            log.exception("unexpected error in a commit")
+            error = StorageError(f"commit failed: {exc!r}")
         # Resolved on the next loop iteration, so that callbacks never run inside an enqueue or flush call.
         self._loop.call_soon(self._commit_done, commit, error)
 
@@ -619,13 +622,23 @@ class Store:
     def _commit_failed(self, commit: _Commit, error: BaseException) -> None:
         if not isinstance(error, StorageError):
             error = StorageError(f"commit failed: {error!r}")
-        if self.failure is None or str(self.failure) != str(error):
-            log.error("%s: %d message(s) not stored, their publishers not acknowledged", error, commit.count)
+        if self.sync == "async":
+            # The publishers were acknowledged already: keep their messages and write them with the retry.
+            if self.failure is None or str(self.failure) != str(error):
+                log.error("%s: %d acknowledged message(s) kept in memory, retrying", error, commit.count)
+            for part, first, batches in commit.appended:
+                part._pending[:0] = [p for batch in batches for p in batch]
+                part._pending_first = first
+                self._pending_count += sum(map(len, batches))
+                self._dirty_partitions.add(part)
+        else:
+            if self.failure is None or str(self.failure) != str(error):
+                log.error("%s: %d message(s) not stored, their publishers not acknowledged", error, commit.count)
+            for part, first, batches in commit.appended:
+                part._on_failed(first, sum(map(len, batches)))
+                self._dirty_partitions.add(part)
         self.failure = error
         self._pending_definitions[:0] = commit.definitions
-        for part, first, batches in commit.appended:
-            part._on_failed(first, sum(map(len, batches)))
-            self._dirty_partitions.add(part)
         for part, segments in commit.states:
             part._dirty_segments.update(segments)  # kept in memory, written by the next commit
             self._dirty_partitions.add(part)
