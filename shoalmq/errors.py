@@ -59,3 +59,11 @@ class StorageError(ShoalError):
 
 class StorageFull(StorageError):
     """The disk (or the configured ``max_map_size``) is full."""
+
+
+class NotOwner(ShoalError):
+    """This node does not own the partition (the caller refreshes its view of the cluster and retries)."""
+
+
+class StaleEpoch(ShoalError):
+    """The partition's current epoch differs from the one the caller named."""

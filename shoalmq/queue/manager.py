@@ -26,9 +26,9 @@ import logging
 import re
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from shoalmq._native import partition_of
 from shoalmq.errors import ConfigError, PayloadTooLarge, QueueError, ShoalError
@@ -127,6 +127,13 @@ def queue_of_filter(topic_filter: str) -> str | None:
     return name
 
 
+class Ownership(Protocol):
+    """The cluster's answer to "may this node write to this partition?"."""
+
+    def check(self, queue: str, partition: int, epoch: int) -> None:
+        """Return if this node owns the partition at ``epoch``; raise NotOwner or StaleEpoch otherwise."""
+
+
 class Consumer(Protocol):
     """What the manager needs from a consumer (an MQTT session subscribed to a queue)."""
 
@@ -200,18 +207,25 @@ class Queue:
     def expired(self) -> int:
         return sum(p.expired for p in self.partitions)
 
-    def publish(self, key: str, payload: bytes) -> asyncio.Future[None]:
+    def partition_for(self, key: str) -> int:
+        """The partition a message with this key goes to: by FNV-1a of the key, round-robin without one."""
+        if key:
+            return partition_of(key.encode(), len(self.partitions))
+        index = self._next_partition
+        self._next_partition = (index + 1) % len(self.partitions)
+        return index
+
+    def publish(self, key: str, payload: bytes, partition: int | None = None) -> asyncio.Future[None]:
+        """Append to ``partition`` (by default the one the key picks); the future resolves once durable."""
         if len(payload) > self.config.max_payload:
             raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds max_payload {self.config.max_payload} "
                                   f"of queue {self.name!r}")
+        if partition is None:
+            partition = self.partition_for(key)
+        elif not 0 <= partition < len(self.partitions):
+            raise BadQueueName(f"queue {self.name!r} has no partition {partition}")
         key_bytes = key.encode()
-        if key_bytes:
-            partition = self.partitions[partition_of(key_bytes, len(self.partitions))]
-        else:
-            partition = self.partitions[self._next_partition]
-            self._next_partition = (self._next_partition + 1) % len(self.partitions)
-        flush = partition.enqueue(_KEY_LEN.pack(len(key_bytes)) + key_bytes + payload)
-        return flush
+        return self.partitions[partition].enqueue(_KEY_LEN.pack(len(key_bytes)) + key_bytes + payload)
 
     def topic_of(self, record: bytes) -> str:
         (key_len,) = _KEY_LEN.unpack_from(record, 0)
@@ -234,6 +248,8 @@ class QueueManager:
         self._dispatch_scheduled: set[Queue] = set()
         self._loop = asyncio.get_running_loop()
         self._by_pid: dict[int, Queue] = {}
+        #: Who owns which partition (set on a cluster; None in the embedded single node: every partition is ours).
+        self.ownership: Ownership | None = None
         # Requeued messages -> the consumer that held them: the next delivery prefers another consumer.
         self._last_holder: dict[tuple[int, int], int] = {}
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -299,6 +315,20 @@ class QueueManager:
         if len(topic.encode()) > 0xFFFF - len(DLQ_SUFFIX):
             raise BadQueueName(f"queue topic longer than {0xFFFF - len(DLQ_SUFFIX)} bytes (room is kept for .dlq)")
         return self.queue(name).publish(key, payload)
+
+    def enqueue_remote(self, messages: Sequence[Any]) -> asyncio.Future[None]:
+        """Messages another node forwarded to this one (``RemoteEnqueueHandler``): each names its queue, partition
+        and the epoch the sender believes current. ``ownership`` (if set) refuses partitions this node does not
+        own (NotOwner) or epochs that are not current (StaleEpoch). The future resolves once all are durable."""
+        flush: asyncio.Future[None] | None = None
+        for m in messages:
+            if self.ownership is not None:
+                self.ownership.check(m.queue, m.partition, m.epoch)
+            flush = self.queue(m.queue).publish(m.key, m.payload, m.partition)
+        if flush is None:
+            flush = self._loop.create_future()
+            flush.set_result(None)
+        return flush
 
     # -- consumers --------------------------------------------------------------------------------------
 

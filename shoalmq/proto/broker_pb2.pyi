@@ -1,0 +1,50 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class QueueMessage(_message.Message):
+    __slots__ = ("queue", "partition", "epoch", "key", "payload")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    partition: int
+    epoch: int
+    key: str
+    payload: bytes
+    def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., key: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class EnqueueBatch(_message.Message):
+    __slots__ = ("batch_id", "messages")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    batch_id: int
+    messages: _containers.RepeatedCompositeFieldContainer[QueueMessage]
+    def __init__(self, batch_id: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[QueueMessage, _Mapping]]] = ...) -> None: ...
+
+class EnqueueAck(_message.Message):
+    __slots__ = ("batch_id", "status", "detail")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OK: _ClassVar[EnqueueAck.Status]
+        NOT_OWNER: _ClassVar[EnqueueAck.Status]
+        STALE_EPOCH: _ClassVar[EnqueueAck.Status]
+        REFUSED: _ClassVar[EnqueueAck.Status]
+    OK: EnqueueAck.Status
+    NOT_OWNER: EnqueueAck.Status
+    STALE_EPOCH: EnqueueAck.Status
+    REFUSED: EnqueueAck.Status
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    batch_id: int
+    status: EnqueueAck.Status
+    detail: str
+    def __init__(self, batch_id: _Optional[int] = ..., status: _Optional[_Union[EnqueueAck.Status, str]] = ..., detail: _Optional[str] = ...) -> None: ...
