@@ -163,3 +163,36 @@ def test_generated_grpc_code_is_current(tmp_path: Path) -> None:
     for name in ("broker_pb2.py", "broker_pb2.pyi", "broker_pb2_grpc.py"):
         assert (tmp_path / name).read_text() == (proto_dir / name).read_text(), f"{name} is stale: regenerate it"
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_malformed_batch_is_refused_and_the_stream_goes_on() -> None:
+    import grpc
+
+    from shoalmq.proto import broker_pb2, broker_pb2_grpc
+
+    async def body() -> None:
+        owner = QueueManager(Store(MemoryBackend()))
+        server, port = await start_server(owner, "127.0.0.1:0")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = broker_pb2_grpc.BrokerStub(channel)
+            good = b"\x00\x00" + b"payload"  # no key
+            from shoalmq._native import segment
+
+            batches = [
+                broker_pb2.EnqueueBatch(batch_id=1, partitions=[broker_pb2.PartitionRecords(
+                    queue="q", partition=0, records=b"\x00\x00\x00\x05garbage")]),
+                broker_pb2.EnqueueBatch(batch_id=2, partitions=[broker_pb2.PartitionRecords(
+                    queue="q", partition=0, records=segment.pack([good]))]),
+            ]
+
+            async def requests():
+                for batch in batches:
+                    yield batch
+
+            acks = [ack async for ack in stub.EnqueueRemote(requests())]
+        assert [(a.batch_id, Status.Name(a.status)) for a in acks] == [(1, "REFUSED"), (2, "OK")]
+        assert "malformed batch" in acks[0].detail
+        assert owner.queue("q").depth == 1
+        await server.stop(0)
+
+    run(body())

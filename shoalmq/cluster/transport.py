@@ -15,12 +15,14 @@ import asyncio
 import collections
 import itertools
 import logging
+import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 
+from shoalmq._native import segment
 from shoalmq.errors import NotOwner, ShoalError, StaleEpoch
 from shoalmq.proto import broker_pb2, broker_pb2_grpc
 
@@ -50,6 +52,9 @@ class ForwardError(ShoalError):
         self.status = status
 
 
+_KEY_LEN = struct.Struct(">H")
+
+
 @dataclass(frozen=True)
 class RemoteMessage:
     queue: str
@@ -59,12 +64,22 @@ class RemoteMessage:
     payload: bytes
 
 
+@dataclass(frozen=True)
+class RemoteRecords:
+    """The messages of one batch for one partition: each record is key length u16 | key | payload."""
+
+    queue: str
+    partition: int
+    epoch: int
+    records: list[bytes]
+
+
 class RemoteEnqueueHandler(Protocol):
     """The owner's queue side, as the transport sees it."""
 
-    def enqueue_remote(self, messages: Sequence[RemoteMessage]) -> asyncio.Future[None]:
-        """Store the messages; the future resolves once all are durable. Raises NotOwner, StaleEpoch, or a
-        ShoalError (queue full, too large, disk full) without storing any message after the refused one."""
+    def enqueue_remote(self, batches: Sequence[RemoteRecords]) -> asyncio.Future[None]:
+        """Store the records; the future resolves once all are durable. Raises NotOwner, StaleEpoch, or a
+        ShoalError (queue full, too large, disk full) without storing any record after the refused one."""
 
 
 class EnqueueServicer(broker_pb2_grpc.BrokerServicer):
@@ -84,9 +99,15 @@ class EnqueueServicer(broker_pb2_grpc.BrokerServicer):
             nonlocal done_reading
             try:
                 async for batch in request_iterator:
-                    messages = [RemoteMessage(m.queue, m.partition, m.epoch, m.key, m.payload) for m in batch.messages]
                     try:
-                        pending.append((batch.batch_id, self.handler.enqueue_remote(messages), Status.OK, ""))
+                        parts = [RemoteRecords(p.queue, p.partition, p.epoch, segment.unpack(p.records))
+                                 for p in batch.partitions]
+                    except ValueError as exc:
+                        pending.append((batch.batch_id, None, Status.REFUSED, f"malformed batch: {exc}"))
+                        more.set()
+                        continue
+                    try:
+                        pending.append((batch.batch_id, self.handler.enqueue_remote(parts), Status.OK, ""))
                     except NotOwner as exc:
                         pending.append((batch.batch_id, None, Status.NOT_OWNER, str(exc)))
                     except StaleEpoch as exc:
@@ -126,7 +147,7 @@ class EnqueueClient:
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         self._outgoing: asyncio.Queue[broker_pb2.EnqueueBatch | None] = asyncio.Queue()
         self._waiting: dict[int, asyncio.Future[None]] = {}
-        self._batch: list[broker_pb2.QueueMessage] = []
+        self._batch: dict[tuple[str, int, int], list[bytes]] = {}
         self._batch_future: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
         self._stream_task: asyncio.Task[None] | None = None
@@ -137,17 +158,23 @@ class EnqueueClient:
         if self._batch_future is None:
             self._batch_future = self._loop.create_future()
             self._loop.call_soon(self._send_batch)
-        self._batch.append(broker_pb2.QueueMessage(queue=message.queue, partition=message.partition,
-                                                   epoch=message.epoch, key=message.key, payload=message.payload))
+        key = message.key.encode()
+        target = (message.queue, message.partition, message.epoch)
+        records = self._batch.get(target)
+        if records is None:
+            records = self._batch[target] = []
+        records.append(_KEY_LEN.pack(len(key)) + key + message.payload)
         return self._batch_future
 
     def _send_batch(self) -> None:
         batch_id = next(self._ids)
         future, self._batch_future = self._batch_future, None
-        messages, self._batch = self._batch, []
+        groups, self._batch = self._batch, {}
         assert future is not None
         self._waiting[batch_id] = future
-        self._outgoing.put_nowait(broker_pb2.EnqueueBatch(batch_id=batch_id, messages=messages))
+        partitions = [broker_pb2.PartitionRecords(queue=q, partition=p, epoch=e, records=segment.pack(records))
+                      for (q, p, e), records in groups.items()]
+        self._outgoing.put_nowait(broker_pb2.EnqueueBatch(batch_id=batch_id, partitions=partitions))
         if self._stream_task is None or self._stream_task.done():
             self._stream_task = asyncio.ensure_future(self._run_stream())
 

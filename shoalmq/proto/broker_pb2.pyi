@@ -7,27 +7,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class QueueMessage(_message.Message):
-    __slots__ = ("queue", "partition", "epoch", "key", "payload")
+class PartitionRecords(_message.Message):
+    __slots__ = ("queue", "partition", "epoch", "records")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
-    KEY_FIELD_NUMBER: _ClassVar[int]
-    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
     queue: str
     partition: int
     epoch: int
-    key: str
-    payload: bytes
-    def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., key: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    records: bytes
+    def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., records: _Optional[bytes] = ...) -> None: ...
 
 class EnqueueBatch(_message.Message):
-    __slots__ = ("batch_id", "messages")
+    __slots__ = ("batch_id", "partitions")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
-    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
-    messages: _containers.RepeatedCompositeFieldContainer[QueueMessage]
-    def __init__(self, batch_id: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[QueueMessage, _Mapping]]] = ...) -> None: ...
+    partitions: _containers.RepeatedCompositeFieldContainer[PartitionRecords]
+    def __init__(self, batch_id: _Optional[int] = ..., partitions: _Optional[_Iterable[_Union[PartitionRecords, _Mapping]]] = ...) -> None: ...
 
 class EnqueueAck(_message.Message):
     __slots__ = ("batch_id", "status", "detail")

@@ -316,15 +316,28 @@ class QueueManager:
             raise BadQueueName(f"queue topic longer than {0xFFFF - len(DLQ_SUFFIX)} bytes (room is kept for .dlq)")
         return self.queue(name).publish(key, payload)
 
-    def enqueue_remote(self, messages: Sequence[Any]) -> asyncio.Future[None]:
-        """Messages another node forwarded to this one (``RemoteEnqueueHandler``): each names its queue, partition
-        and the epoch the sender believes current. ``ownership`` (if set) refuses partitions this node does not
+    def enqueue_remote(self, batches: Sequence[Any]) -> asyncio.Future[None]:
+        """Records another node forwarded to this one (``RemoteEnqueueHandler``), grouped by partition: each group
+        names its queue, partition and the epoch the sender believes current, and its records are already in the
+        stored form (key length u16 | key | payload). ``ownership`` (if set) refuses partitions this node does not
         own (NotOwner) or epochs that are not current (StaleEpoch). The future resolves once all are durable."""
         flush: asyncio.Future[None] | None = None
-        for m in messages:
+        for batch in batches:
             if self.ownership is not None:
-                self.ownership.check(m.queue, m.partition, m.epoch)
-            flush = self.queue(m.queue).publish(m.key, m.payload, m.partition)
+                self.ownership.check(batch.queue, batch.partition, batch.epoch)
+            queue = self.queue(batch.queue)
+            if not 0 <= batch.partition < len(queue.partitions):
+                raise BadQueueName(f"queue {batch.queue!r} has no partition {batch.partition}")
+            part = queue.partitions[batch.partition]
+            limit = queue.config.max_payload
+            for record in batch.records:
+                key_len = _KEY_LEN.unpack_from(record, 0)[0] if len(record) >= 2 else -1
+                if key_len < 0 or 2 + key_len > len(record):
+                    raise BadQueueName("malformed forwarded record")
+                if len(record) - 2 - key_len > limit:
+                    raise PayloadTooLarge(f"payload of {len(record) - 2 - key_len} bytes exceeds max_payload "
+                                          f"{limit} of queue {batch.queue!r}")
+                flush = part.enqueue(record)
         if flush is None:
             flush = self._loop.create_future()
             flush.set_result(None)
