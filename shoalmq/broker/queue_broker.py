@@ -9,18 +9,21 @@ The overrides are few and named here; docs/design.md ("amqtt seams") lists them 
   the client's value, as MQTT 3.1.1 asks (amqtt never drops a silent client).
 - ``ShoalBroker.add_subscription`` / ``_del_subscription``: a ``$queue/`` filter registers the connection with the
   queue manager instead of amqtt's subscription table, so a subscriber to ``#`` never sees queue traffic.
-- ``QueueProtocolHandler.handle_publish``: a ``$queue/`` publish goes to the queue manager and is acknowledged
-  (PUBACK, or PUBREC for QoS 2) only when its commit is durable; a rejected one closes the connection. A publish
-  to any other ``$`` topic closes the connection too (amqtt would leave it half-dead).
-- ``handle_puback`` / ``handle_pubrel``: acks of queue deliveries, and the end of a QoS 2 queue publish.
+- ``QueueProtocolHandler.queue_publishes`` / ``queue_ack`` / ``queue_pubrel``: the queue side of a connection,
+  called in batches by the fast path (``shoalmq.broker.fastpath``), which takes ``$queue/`` frames off amqtt's
+  reader. A ``$queue/`` publish is acknowledged (PUBACK, or PUBREC for QoS 2) only when its commit is durable; a
+  refused one closes the connection, and so does a publish to any other ``$`` topic (amqtt would leave it
+  half-dead). ``handle_publish``, ``handle_puback`` and ``handle_pubrel`` route to the same methods for any such
+  frame that reaches amqtt.
 - ``ShoalBroker._handle_disconnect``: when a newer connection of the client took the session over, the older
   connection's end does not mark the session disconnected (amqtt would, and then drop the newer connection).
 - ``handle_read_timeout``: keep-alive expiry closes the connection. ``stop``: the consumer is gone; its
-  unacknowledged messages go back to their queues. ``start`` (after CONNACK): a client with clean session off is
-  a consumer of its queues again without subscribing anew.
+  unacknowledged messages go back to their queues. ``start`` (after CONNACK): links the connection's fast path,
+  and a client with clean session off is a consumer of its queues again without subscribing anew.
 - ``QueueSession.next_packet_id``: amqtt's own packet ids skip the ids of queue deliveries in flight.
 
-Ordinary topics are untouched: amqtt serves them as before.
+Ordinary topics are untouched: amqtt serves them as before. The connection's transport is reached through amqtt's
+``StreamWriterAdapter`` (its ``_writer``), to write acks and deliveries and to close the connection.
 """
 
 from __future__ import annotations
