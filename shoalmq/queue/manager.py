@@ -250,8 +250,6 @@ class QueueManager:
         self._by_pid: dict[int, Queue] = {}
         #: Who owns which partition (set on a cluster; None in the embedded single node: every partition is ours).
         self.ownership: Ownership | None = None
-        # Requeued messages -> the consumer that held them: the next delivery prefers another consumer.
-        self._last_holder: dict[tuple[int, int], int] = {}
         self._ack_timer: asyncio.TimerHandle | None = None
         store.on_readable = self._on_readable
         for name in self._declared:
@@ -442,7 +440,8 @@ class QueueManager:
         consumers.sort(key=lambda s: len(s.inflight))
         for part, message in taken:
             key = (part.pid, message.offset)
-            previous = self._last_holder.pop(key, None) if self._last_holder else None
+            # A message handed back (timeout, unsubscribe) goes to another consumer if one has room.
+            previous, message.last_holder = message.last_holder, None
             candidates = consumers
             if previous is not None:
                 others = [s for s in consumers if id(s.consumer) != previous and len(s.inflight) < s.consumer.window]
@@ -545,8 +544,7 @@ class QueueManager:
                     log.warning("cannot dead-letter message %d of %s/%d: %s", d.message.offset, d.queue.name,
                                 d.partition.index, exc)
             if state is not None:
-                # Popped when the message is next dispatched (an entry stays if it expires first: a few bytes).
-                self._last_holder[key] = id(d.consumer)
+                d.message.last_holder = id(d.consumer)
             by_part.setdefault(d.partition.pid, (d.partition, []))[1].append(d.message.offset)
         queues = set()
         for part, offsets in by_part.values():

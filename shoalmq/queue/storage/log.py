@@ -76,7 +76,7 @@ def now_ms() -> int:
 class Message:
     """A message taken for delivery; it stays in flight until acked or nacked."""
 
-    __slots__ = ("deliveries", "enqueued_at", "offset", "payload", "_index", "_segment")
+    __slots__ = ("deliveries", "enqueued_at", "last_holder", "offset", "payload", "_index", "_segment")
 
     def __init__(self, offset: int, payload: bytes, enqueued_at: int, deliveries: int,
                  segment: _Segment, index: int) -> None:
@@ -84,6 +84,8 @@ class Message:
         self.payload = payload
         self.enqueued_at = enqueued_at
         self.deliveries = deliveries
+        #: For the layer above: who last held it when it was handed back (it lives and dies with the message).
+        self.last_holder: object = None
         self._segment = segment
         self._index = index
 
