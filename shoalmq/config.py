@@ -52,16 +52,14 @@ class HostPort:
         return cls(host, int(port_text))
 
 
-def _parse_log_level(value: Any) -> str:
-    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
-    return value.lower()
+def _choice_parser(choices: tuple[str, ...], *, any_case: bool = False) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = value.lower() if any_case and isinstance(value, str) else value
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
 
-
-def _parse_sync(value: Any) -> str:
-    if value not in SYNC_MODES:
-        raise ValueError(f"expected one of {', '.join(SYNC_MODES)}, got {value!r}")
-    return value
+    return parse
 
 
 def _int_parser(low: int, high: int, power_of_two: bool = False) -> Callable[[Any], int]:
@@ -100,9 +98,9 @@ OPTIONS: tuple[Option, ...] = (
            "address for MQTT over TCP"),
     Option("data_dir", "--data-dir", "./data", _parse_path, "PATH",
            "directory for the node's durable state (created if missing; one broker per directory)"),
-    Option("log_level", "--log-level", "info", _parse_log_level, "LEVEL",
+    Option("log_level", "--log-level", "info", _choice_parser(LOG_LEVELS, any_case=True), "LEVEL",
            f"log verbosity: {', '.join(LOG_LEVELS)}"),
-    Option("sync", "--sync", "fsync", _parse_sync, "MODE",
+    Option("sync", "--sync", "fsync", _choice_parser(SYNC_MODES), "MODE",
            "fsync: acknowledge a queued message once its commit is synced to disk; "
            "async: acknowledge at once, commit within the flush interval (a crash may lose that interval)"),
     Option("batch_size", "--batch-size", 500, _int_parser(1, 100_000), "N",

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +24,7 @@ import grpc
 from shoalmq._native import segment
 from shoalmq.errors import NotOwner, ShoalError, StaleEpoch
 from shoalmq.proto import broker_pb2, broker_pb2_grpc
+from shoalmq.queue.record import encode_record
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,6 @@ class ForwardError(ShoalError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-_KEY_LEN = struct.Struct(">H")
 
 
 @dataclass(frozen=True)
@@ -163,7 +160,7 @@ class EnqueueClient:
         records = self._batch.get(target)
         if records is None:
             records = self._batch[target] = []
-        records.append(_KEY_LEN.pack(len(key)) + key + message.payload)
+        records.append(encode_record(key, message.payload))
         return self._batch_future
 
     def _send_batch(self) -> None:

@@ -7,8 +7,8 @@ dispatch, so a front end can write them with one socket write.
 
 Topics. ``$queue/<name>`` or ``$queue/<name>/<key...>`` addresses queue ``<name>`` (1-128 letters, digits, ``.``,
 ``_``, ``-``). A key picks the partition by FNV-1a, so one key's messages stay in order; without a key, messages go
-round-robin over the partitions. The stored record is ``key length u16 | key | payload``, so a message is delivered
-with the topic it was published on.
+round-robin over the partitions. The stored record is ``key length u16 | key | payload`` (``shoalmq.queue.record``),
+so a message is delivered with the topic it was published on.
 
 Dispatch. Committed messages are taken from the partitions (round-robin, so no partition starves) and handed to the
 online consumer with the fewest unacknowledged messages, never beyond its window. A consumer's ack deletes the
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +31,7 @@ from typing import Any, Protocol
 
 from shoalmq._native import partition_of
 from shoalmq.errors import ConfigError, PayloadTooLarge, QueueError, ShoalError
+from shoalmq.queue.record import encode_record, split_record
 from shoalmq.queue.storage import Limits, Message, PartitionLog, Store
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ DLQ_SUFFIX = ".dlq"
 #: Seconds between attempts to store a dead-letter copy when the disk refused it.
 DEAD_LETTER_RETRY = 0.5
 MAX_KEY = 0xFFFF
-_KEY_LEN = struct.Struct(">H")
 
 
 class BadQueueName(QueueError):
@@ -150,24 +149,19 @@ class Consumer(Protocol):
 class Delivery:
     """One message handed to one consumer, until acked or handed back."""
 
-    __slots__ = ("consumer", "deadline", "message", "packet_id", "partition", "queue", "topic")
+    __slots__ = ("consumer", "deadline", "message", "packet_id", "partition", "payload", "queue", "topic")
 
-    def __init__(self, queue: Queue, partition: PartitionLog, message: Message, topic: str,
-                 consumer: Consumer, deadline: float) -> None:
+    def __init__(self, queue: Queue, partition: PartitionLog, message: Message, consumer: Consumer,
+                 deadline: float) -> None:
         self.queue = queue
         self.partition = partition
         self.message = message
-        self.topic = topic
+        key, self.payload = split_record(message.payload)  # the record is split once, here
+        self.topic = queue.topic_for(key)
         self.consumer = consumer
         self.deadline = deadline
         #: Set by the consumer (its MQTT packet identifier).
         self.packet_id = 0
-
-    @property
-    def payload(self) -> bytes:
-        record = self.message.payload
-        (key_len,) = _KEY_LEN.unpack_from(record, 0)
-        return record[2 + key_len:]
 
     @property
     def dup(self) -> bool:
@@ -217,21 +211,28 @@ class Queue:
 
     def publish(self, key: str, payload: bytes, partition: int | None = None) -> asyncio.Future[None]:
         """Append to ``partition`` (by default the one the key picks); the future resolves once durable."""
-        if len(payload) > self.config.max_payload:
-            raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds max_payload {self.config.max_payload} "
+        self.check_payload(len(payload))
+        index = self.partition_for(key) if partition is None else partition
+        return self.partition(index).enqueue(encode_record(key.encode(), payload))
+
+    def check_payload(self, size: int) -> None:
+        """PayloadTooLarge unless a payload of ``size`` bytes fits the queue's ``max_payload``."""
+        if size > self.config.max_payload:
+            raise PayloadTooLarge(f"payload of {size} bytes exceeds max_payload {self.config.max_payload} "
                                   f"of queue {self.name!r}")
-        if partition is None:
-            partition = self.partition_for(key)
-        elif not 0 <= partition < len(self.partitions):
-            raise BadQueueName(f"queue {self.name!r} has no partition {partition}")
-        key_bytes = key.encode()
-        return self.partitions[partition].enqueue(_KEY_LEN.pack(len(key_bytes)) + key_bytes + payload)
+
+    def partition(self, index: int) -> PartitionLog:
+        if not 0 <= index < len(self.partitions):
+            raise BadQueueName(f"queue {self.name!r} has no partition {index}")
+        return self.partitions[index]
+
+    def topic_for(self, key: bytes) -> str:
+        """The topic a message with this key was published on."""
+        return f"{QUEUE_PREFIX}{self.name}/{key.decode()}" if key else QUEUE_PREFIX + self.name
 
     def topic_of(self, record: bytes) -> str:
-        (key_len,) = _KEY_LEN.unpack_from(record, 0)
-        if not key_len:
-            return QUEUE_PREFIX + self.name
-        return f"{QUEUE_PREFIX}{self.name}/{record[2:2 + key_len].decode()}"
+        """The topic a stored record was published on."""
+        return self.topic_for(split_record(record)[0])
 
 
 class QueueManager:
@@ -324,17 +325,13 @@ class QueueManager:
             if self.ownership is not None:
                 self.ownership.check(batch.queue, batch.partition, batch.epoch)
             queue = self.queue(batch.queue)
-            if not 0 <= batch.partition < len(queue.partitions):
-                raise BadQueueName(f"queue {batch.queue!r} has no partition {batch.partition}")
-            part = queue.partitions[batch.partition]
-            limit = queue.config.max_payload
+            part = queue.partition(batch.partition)
             for record in batch.records:
-                key_len = _KEY_LEN.unpack_from(record, 0)[0] if len(record) >= 2 else -1
-                if key_len < 0 or 2 + key_len > len(record):
-                    raise BadQueueName("malformed forwarded record")
-                if len(record) - 2 - key_len > limit:
-                    raise PayloadTooLarge(f"payload of {len(record) - 2 - key_len} bytes exceeds max_payload "
-                                          f"{limit} of queue {batch.queue!r}")
+                try:
+                    payload = split_record(record)[1]
+                except ValueError:
+                    raise BadQueueName("malformed forwarded record") from None
+                queue.check_payload(len(payload))
                 flush = part.enqueue(record)
         if flush is None:
             flush = self._loop.create_future()
@@ -451,7 +448,7 @@ class QueueManager:
                 # Cannot happen (capacity was counted), but never overfill a window.
                 part.nack((message.offset,))
                 continue
-            delivery = Delivery(queue, part, message, queue.topic_of(message.payload), state.consumer, deadline)
+            delivery = Delivery(queue, part, message, state.consumer, deadline)
             state.inflight[key] = delivery
             batches.setdefault(id(state), (state, []))[1].append(delivery)
         for state, deliveries in batches.values():
@@ -501,10 +498,8 @@ class QueueManager:
         """Move a message to ``<name>.dlq``; the original is acked once the copy is durable.
         QueueError (the message stays where it is, in flight) if the dead-letter queue refuses it."""
         dlq = self.queue(queue.name + DLQ_SUFFIX)
-        record = message.payload
-        (key_len,) = _KEY_LEN.unpack_from(record, 0)
-        key = record[2:2 + key_len].decode()
-        flush = dlq.publish(key, record[2 + key_len:])
+        key, payload = split_record(message.payload)
+        flush = dlq.publish(key.decode(), payload)
 
         def settle(future: asyncio.Future[None]) -> None:
             if future.exception() is None:
