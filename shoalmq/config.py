@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from shoalmq.queue.manager import QueueConfig, queue_config_from_mapping, queue_
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SYNC_MODES = ("fsync", "async")
+ROUTING_MODES = ("proxy", "direct")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,33 @@ def _int_parser(low: int, high: int, power_of_two: bool = False) -> Callable[[An
     return parse
 
 
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A parser for a setting whose absence (None, or an empty string) means "not set"."""
+    def parse_optional(value: Any) -> Any:
+        return None if value is None or value == "" else parse(value)
+
+    return parse_optional
+
+
+def _parse_name(value: Any) -> str:
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"expected 1-64 letters, digits, '.', '_' or '-', got {value!r}")
+    return value
+
+
+def _parse_endpoints(value: Any) -> tuple[str, ...]:
+    from shoalmq.cluster.etcd import parse_endpoints
+    if not isinstance(value, str):
+        raise ValueError(f"expected a comma-separated list of http://HOST:PORT, got {value!r}")
+    return tuple(parse_endpoints(value))
+
+
+def _parse_host(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c in value for c in " /[]"):
+        raise ValueError(f"expected a host name or address, got {value!r}")
+    return value
+
+
 def _parse_path(value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a path, got {value!r}")
@@ -115,6 +145,22 @@ OPTIONS: tuple[Option, ...] = (
            "a new connection that sends no CONNECT within this time is closed"),
     Option("max_packet_size", "--max-packet-size", 1 << 20, _int_parser(64, 268_435_455), "BYTES",
            "largest MQTT packet accepted; a larger one closes the connection"),
+    Option("etcd", "--etcd", None, _optional(_parse_endpoints), "URLS",
+           "join a cluster coordinated by these etcd endpoints (comma-separated http://HOST:PORT, tried in turn); "
+           "not set: a single node that needs nothing else"),
+    Option("node_id", "--node-id", None, _optional(_parse_name), "ID",
+           "this node's id in the cluster, unique among live nodes (not set: the host name)"),
+    Option("cluster", "--cluster", "shoalmq", _parse_name, "NAME",
+           "the cluster's name: the prefix of its keys in etcd"),
+    Option("advertise", "--advertise", None, _optional(_parse_host), "HOST",
+           "the host other nodes and clients use to reach this node (not set: the host of --listen)"),
+    Option("grpc_listen", "--grpc-listen", None, _optional(HostPort.parse), "HOST:PORT",
+           "address for the gRPC traffic between nodes (not set: the host of --listen, a port the system picks)"),
+    Option("routing", "--routing", "proxy", _choice_parser(ROUTING_MODES), "MODE",
+           "proxy: a consumer on any node gets messages from every partition; "
+           "direct: a node delivers only the partitions it owns (consumers connect to every node)"),
+    Option("lease_ttl", "--lease-ttl", 5, _int_parser(2, 60), "SECONDS",
+           "TTL of the node's etcd lease: a crashed node's partitions move to the others this long after"),
 )
 
 #: Settings only the configuration file can give (nested mappings): key -> parser of the raw value.
@@ -138,6 +184,13 @@ class Config:
     consumer_window: int = 32
     connect_timeout: int = 10
     max_packet_size: int = 1 << 20
+    etcd: tuple[str, ...] | None = None
+    node_id: str | None = None
+    cluster: str = "shoalmq"
+    advertise: str | None = None
+    grpc_listen: HostPort | None = None
+    routing: str = "proxy"
+    lease_ttl: int = 5
     #: Queues declared in the configuration file (others are created on first use with ``queue_defaults``).
     queues: Mapping[str, QueueConfig] = dataclasses.field(default_factory=dict)
     queue_defaults: QueueConfig = QueueConfig()

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import time
+from typing import Any
 
 from shoalmq import __version__
 from shoalmq.broker import MqttFrontEnd
 from shoalmq.config import Config
 from shoalmq.datadir import DataDir
+from shoalmq.errors import ShoalError, StartupError
 from shoalmq.queue.manager import QueueManager
 from shoalmq.queue.storage import open_lmdb_store
 
@@ -43,19 +47,88 @@ class Node:
                 queues = QueueManager(store, config.queues, config.queue_defaults, config.consumer_window)
                 for name, info in queues.describe().items():
                     log.info("queue %s: %d partition(s), %d message(s)", name, info["partitions"], info["depth"])
-                front_end = MqttFrontEnd(config, queues)
-                await front_end.start()
-                log.info(
-                    "ShoalMQ %s ready: mqtt://%s, data %s, embedded (single node), event loop %s",
-                    __version__, front_end.address, data_dir.path, type(loop).__module__.split(".")[0],
-                )
+                cluster = ClusterMember(config, queues) if config.etcd else None
                 try:
-                    await self._stop.wait()
+                    if cluster is not None:
+                        await cluster.start()
+                    front_end = MqttFrontEnd(config, queues)
+                    await front_end.start()
+                    mode = cluster.describe() if cluster is not None else "embedded (single node)"
+                    log.info("ShoalMQ %s ready: mqtt://%s, data %s, %s, event loop %s", __version__,
+                             front_end.address, data_dir.path, mode, type(loop).__module__.split(".")[0])
+                    try:
+                        await self._stop.wait()
+                    finally:
+                        log.info("shutting down")
+                        await front_end.stop()
                 finally:
-                    log.info("shutting down")
-                    await front_end.stop()
+                    if cluster is not None:
+                        await cluster.stop()
             finally:
                 if queues is not None:
                     queues.close()
                 await store.close()
         log.info("stopped")
+
+
+class ClusterMember:
+    """The cluster side of a node started with ``--etcd``: the gRPC server, membership and the coordinator."""
+
+    def __init__(self, config: Config, queues: QueueManager) -> None:
+        from shoalmq.cluster.assignment import HashPartitionAssigner
+        from shoalmq.cluster.coordinator import Coordinator
+        from shoalmq.cluster.etcd import Etcd
+        from shoalmq.cluster.membership import Membership
+
+        assert config.etcd
+        self.config = config
+        self.queues = queues
+        self.node_id = config.node_id or socket.gethostname().split(".")[0]
+        self.etcd = Etcd(list(config.etcd), timeout=min(2.0, config.lease_ttl / 3))
+        self.membership = Membership(self.etcd, config.cluster, self.node_id, {}, ttl=config.lease_ttl)
+        self.coordinator = Coordinator(self.etcd, self.membership, queues, HashPartitionAssigner(), config.routing)
+        self.server: Any = None
+
+    def describe(self) -> str:
+        return (f"node {self.node_id} of cluster {self.config.cluster} (gRPC {self.membership.info.get('grpc')}, "
+                f"{self.config.routing} routing)")
+
+    async def start(self) -> None:
+        from shoalmq.cluster.membership import NodeIdInUse
+        from shoalmq.cluster.service import NodeServicer
+        from shoalmq.cluster.transport import start_server
+
+        config = self.config
+        advertise = config.advertise or config.listen.host
+        grpc_listen = str(config.grpc_listen) if config.grpc_listen else f"{config.listen.host}:0"
+        self.server, port = await start_server(self.queues, grpc_listen, NodeServicer(self.queues, self.coordinator))
+        self.membership.info.update({
+            "mqtt": f"{advertise}:{config.listen.port}",
+            "grpc": f"{advertise}:{port}",
+            "version": __version__,
+        })
+        # After a crash, this node's old registration lives until its lease expires: wait that long for it.
+        deadline = time.monotonic() + config.lease_ttl + 2
+        while True:
+            try:
+                await self.membership.start()
+                break
+            except NodeIdInUse:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.25)
+            except ShoalError as exc:
+                raise StartupError(f"cannot join cluster {config.cluster} through etcd "
+                                   f"{','.join(config.etcd or ())}: {exc}") from None
+        self.queues.cluster = self.coordinator
+        self.queues.ownership = self.coordinator
+        await self.coordinator.start()
+
+    async def stop(self) -> None:
+        if self.membership.lease_valid():
+            await self.coordinator.leave()
+        await self.coordinator.stop()
+        await self.membership.stop()
+        if self.server is not None:
+            await self.server.stop(1)
+        self.etcd.close()

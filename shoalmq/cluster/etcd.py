@@ -168,6 +168,37 @@ class Etcd:
         kvs = result["responses"][0]["response_range"].get("kvs", [])
         return False, (_kv(kvs[0]) if kvs else None)
 
+    def claim_sync(self, key: bytes, value: bytes, lease: int) -> tuple[int, KeyValue | None]:
+        """Create ``key`` on ``lease`` if it does not exist. Returns (the revision it was created at, None), or
+        (0, the existing entry) if it exists (None if it vanished meanwhile)."""
+        result = self.request_sync("/kv/txn", {
+            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0"}],
+            "success": [{"request_put": {"key": _b64(key), "value": _b64(value), "lease": str(lease)}}],
+            "failure": [{"request_range": {"key": _b64(key)}}],
+        })
+        if result.get("succeeded"):
+            return int(result["header"]["revision"]), None
+        kvs = result["responses"][0]["response_range"].get("kvs", [])
+        return 0, (_kv(kvs[0]) if kvs else None)
+
+    def put_if_created_at_sync(self, key: bytes, value: bytes, lease: int, create_revision: int) -> bool:
+        """Overwrite ``key`` (keeping ``lease``) only if it is still the key created at ``create_revision``."""
+        result = self.request_sync("/kv/txn", {
+            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "CREATE",
+                         "create_revision": str(create_revision)}],
+            "success": [{"request_put": {"key": _b64(key), "value": _b64(value), "lease": str(lease)}}],
+        })
+        return bool(result.get("succeeded"))
+
+    def delete_if_created_at_sync(self, key: bytes, create_revision: int) -> bool:
+        """Delete ``key`` only if it is still the key created at ``create_revision`` (nobody else's since)."""
+        result = self.request_sync("/kv/txn", {
+            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "CREATE",
+                         "create_revision": str(create_revision)}],
+            "success": [{"request_delete_range": {"key": _b64(key)}}],
+        })
+        return bool(result.get("succeeded"))
+
     def compact_sync(self, revision: int) -> None:
         self.request_sync("/kv/compaction", {"revision": str(revision), "physical": True})
 

@@ -49,6 +49,10 @@ class Membership:
         self._watch: PrefixWatch | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
         self._last_refresh = 0.0
+        #: Until when (loop monotonic clock) this node may trust that its lease is alive: the send time of the
+        #: last refresh etcd answered, plus the TTL, minus a margin. etcd counts the TTL from when it received
+        #: that refresh, which is after the send time, so etcd can never expire the lease before this deadline.
+        self.valid_until = 0.0
 
     async def start(self) -> None:
         """Register (NodeIdInUse if a live node holds this id) and start watching the members."""
@@ -71,7 +75,15 @@ class Membership:
                 log.warning("could not revoke lease on leaving: %s (the key expires with it)", exc)
         self.healthy = False
 
+    #: Seconds of the TTL not trusted (clock rate differences, scheduling delays).
+    SAFETY_MARGIN = 0.5
+
+    def lease_valid(self) -> bool:
+        """True while the lease is certainly alive in etcd (so nobody else can own this node's partitions)."""
+        return self.healthy and time.monotonic() < self.valid_until
+
     async def _register(self) -> None:
+        sent = time.monotonic()
         lease = await self.etcd.call(self.etcd.grant_sync, self.ttl)
         value = json.dumps(self.info, sort_keys=True).encode()
         created, existing = await self.etcd.call(self.etcd.create_sync, self.key, value, lease)
@@ -85,12 +97,14 @@ class Membership:
         self.lease = lease
         self.healthy = True
         self._last_refresh = time.monotonic()
+        self.valid_until = sent + self.ttl - self.SAFETY_MARGIN
         log.info("registered as %s in cluster %s (lease %x, ttl %d s)", self.node_id, self.cluster, lease, self.ttl)
 
     async def _keepalive(self) -> None:
         interval = self.ttl / 3
         while True:
             await asyncio.sleep(interval)
+            sent = time.monotonic()
             try:
                 ttl = await self.etcd.call(self.etcd.keepalive_sync, self.lease)
             except ShoalError as exc:
@@ -98,8 +112,9 @@ class Membership:
                 log.warning("lease refresh failed: %s", exc)
             if ttl is not None and ttl > 0:
                 self._last_refresh = time.monotonic()
+                self.valid_until = sent + ttl - self.SAFETY_MARGIN
                 continue
-            if self.healthy and (ttl == -1 or time.monotonic() - self._last_refresh >= self.ttl):
+            if self.healthy and (ttl == -1 or time.monotonic() >= self.valid_until):
                 self.healthy = False
                 log.error("lease of node %s lost: no longer accepting writes for its partitions", self.node_id)
                 for callback in self.on_lease_lost:

@@ -15,7 +15,7 @@ import asyncio
 import collections
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,58 +88,69 @@ class EnqueueServicer(broker_pb2_grpc.BrokerServicer):
     async def EnqueueRemote(self, request_iterator: AsyncIterator[broker_pb2.EnqueueBatch],  # noqa: N802
                             context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.EnqueueAck]:
         """Answer every batch, in order, once it is durable (or with the reason it was refused)."""
-        pending: collections.deque[tuple[int, asyncio.Future[None] | None, int, str]] = collections.deque()
-        more = asyncio.Event()
-        done_reading = False
+        async for ack in answer_batches(request_iterator, self.handler.enqueue_remote):
+            yield ack
 
-        async def read() -> None:
-            nonlocal done_reading
-            try:
-                async for batch in request_iterator:
-                    try:
-                        parts = [RemoteRecords(p.queue, p.partition, p.epoch, segment.unpack(p.records))
-                                 for p in batch.partitions]
-                    except ValueError as exc:
-                        pending.append((batch.batch_id, None, Status.REFUSED, f"malformed batch: {exc}"))
-                        more.set()
-                        continue
-                    try:
-                        pending.append((batch.batch_id, self.handler.enqueue_remote(parts), Status.OK, ""))
-                    except NotOwner as exc:
-                        pending.append((batch.batch_id, None, Status.NOT_OWNER, str(exc)))
-                    except StaleEpoch as exc:
-                        pending.append((batch.batch_id, None, Status.STALE_EPOCH, str(exc)))
-                    except ShoalError as exc:
-                        pending.append((batch.batch_id, None, Status.REFUSED, str(exc)))
-                    more.set()
-            finally:
-                done_reading = True
-                more.set()
 
-        reader = asyncio.ensure_future(read())
+async def answer_batches(request_iterator: AsyncIterator[broker_pb2.EnqueueBatch],
+                         store: Callable[[Sequence[RemoteRecords]], asyncio.Future[None]],
+                         ) -> AsyncIterator[broker_pb2.EnqueueAck]:
+    """Hand each batch of a stream to ``store`` and answer it, in order, once its future resolves (or with the
+    reason it was refused)."""
+    pending: collections.deque[tuple[int, asyncio.Future[None] | None, int, str]] = collections.deque()
+    more = asyncio.Event()
+    done_reading = False
+
+    async def read() -> None:
+        nonlocal done_reading
         try:
-            while True:
-                while pending:
-                    batch_id, future, status, detail = pending.popleft()
-                    if future is not None:
-                        try:
-                            await future
-                        except ShoalError as exc:
-                            status, detail = Status.REFUSED, str(exc)
-                    yield broker_pb2.EnqueueAck(batch_id=batch_id, status=status, detail=detail)
-                if done_reading:
-                    return
-                more.clear()
-                await more.wait()
+            async for batch in request_iterator:
+                try:
+                    parts = [RemoteRecords(p.queue, p.partition, p.epoch, segment.unpack(p.records))
+                             for p in batch.partitions]
+                except ValueError as exc:
+                    pending.append((batch.batch_id, None, Status.REFUSED, f"malformed batch: {exc}"))
+                    more.set()
+                    continue
+                try:
+                    pending.append((batch.batch_id, store(parts), Status.OK, ""))
+                except NotOwner as exc:
+                    pending.append((batch.batch_id, None, Status.NOT_OWNER, str(exc)))
+                except StaleEpoch as exc:
+                    pending.append((batch.batch_id, None, Status.STALE_EPOCH, str(exc)))
+                except ShoalError as exc:
+                    pending.append((batch.batch_id, None, Status.REFUSED, str(exc)))
+                more.set()
         finally:
-            reader.cancel()
+            done_reading = True
+            more.set()
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while True:
+            while pending:
+                batch_id, future, status, detail = pending.popleft()
+                if future is not None:
+                    try:
+                        await future
+                    except ShoalError as exc:
+                        status, detail = Status.REFUSED, str(exc)
+                yield broker_pb2.EnqueueAck(batch_id=batch_id, status=status, detail=detail)
+            if done_reading:
+                return
+            more.clear()
+            await more.wait()
+    finally:
+        reader.cancel()
 
 
 class EnqueueClient:
     """The sending end: one stream to one peer, batching every ``enqueue`` of a loop turn into one message."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, transfer: bool = False) -> None:
         self.target = target
+        #: Send with ``TransferPartition`` (a handoff to a partition's next owner) instead of ``EnqueueRemote``.
+        self.transfer = transfer
         self._channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         self._outgoing: asyncio.Queue[broker_pb2.EnqueueBatch | None] = asyncio.Queue()
@@ -163,6 +174,19 @@ class EnqueueClient:
         records.append(encode_record(key, message.payload))
         return self._batch_future
 
+    def enqueue_records(self, queue: str, partition: int, epoch: int, records: list[bytes]) -> asyncio.Future[None]:
+        """Forward records already in the stored form; they join this loop turn's batch and share its future."""
+        if self._batch_future is None:
+            self._batch_future = self._loop.create_future()
+            self._loop.call_soon(self._send_batch)
+        target = (queue, partition, epoch)
+        existing = self._batch.get(target)
+        if existing is None:
+            self._batch[target] = list(records)
+        else:
+            existing.extend(records)
+        return self._batch_future
+
     def _send_batch(self) -> None:
         batch_id = next(self._ids)
         future, self._batch_future = self._batch_future, None
@@ -184,7 +208,8 @@ class EnqueueClient:
 
     async def _run_stream(self) -> None:
         try:
-            async for ack in self._stub.EnqueueRemote(self._requests()):
+            call = self._stub.TransferPartition if self.transfer else self._stub.EnqueueRemote
+            async for ack in call(self._requests()):
                 future = self._waiting.pop(ack.batch_id, None)
                 if future is None or future.done():
                     continue
@@ -222,12 +247,14 @@ class EnqueueClient:
         await self._channel.close()
 
 
-async def start_server(handler: RemoteEnqueueHandler, listen: str) -> tuple[grpc.aio.Server, int]:
+async def start_server(handler: RemoteEnqueueHandler, listen: str,
+                       servicer: broker_pb2_grpc.BrokerServicer | None = None) -> tuple[grpc.aio.Server, int]:
     """Serve the node's end of the transport on ``listen`` (``host:port``; port 0 picks one). Returns the server
-    and the port bound; ShoalError if the address cannot be bound."""
+    and the port bound; ShoalError if the address cannot be bound. ``servicer`` (default: an
+    ``EnqueueServicer`` of ``handler``) serves every call."""
     # SO_REUSEPORT off: a second node on the same address must fail, not share the port.
     server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
-    broker_pb2_grpc.add_BrokerServicer_to_server(EnqueueServicer(handler), server)
+    broker_pb2_grpc.add_BrokerServicer_to_server(servicer or EnqueueServicer(handler), server)
     try:
         port = server.add_insecure_port(listen)
         error = None if port or listen.endswith(":0") else "address unavailable"

@@ -39,6 +39,16 @@ class BrokerStub:
                 request_serializer=broker__pb2.EnqueueBatch.SerializeToString,
                 response_deserializer=broker__pb2.EnqueueAck.FromString,
                 _registered_method=True)
+        self.RouteQueueMessage = channel.stream_stream(
+                '/shoalmq.v1.Broker/RouteQueueMessage',
+                request_serializer=broker__pb2.RouteRequest.SerializeToString,
+                response_deserializer=broker__pb2.RouteDeliveries.FromString,
+                _registered_method=True)
+        self.TransferPartition = channel.stream_stream(
+                '/shoalmq.v1.Broker/TransferPartition',
+                request_serializer=broker__pb2.EnqueueBatch.SerializeToString,
+                response_deserializer=broker__pb2.EnqueueAck.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -52,11 +62,39 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RouteQueueMessage(self, request_iterator, context):
+        """Proxy routing: a node holding consumers of some queues opens one stream to each peer. It says, per queue, how
+        many unacknowledged deliveries it can take (its credit) and sends its consumers' acks; the peer pushes
+        deliveries from the partitions it owns, as batches, never beyond the credit. When the stream ends, everything
+        it held goes back to its partitions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferPartition(self, request_iterator, context):
+        """Handoff: the owner of a partition that moves streams its messages to the new owner before giving the
+        partition up. The receiver stores each chunk and answers it once durable (the same acks as EnqueueRemote).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'EnqueueRemote': grpc.stream_stream_rpc_method_handler(
                     servicer.EnqueueRemote,
+                    request_deserializer=broker__pb2.EnqueueBatch.FromString,
+                    response_serializer=broker__pb2.EnqueueAck.SerializeToString,
+            ),
+            'RouteQueueMessage': grpc.stream_stream_rpc_method_handler(
+                    servicer.RouteQueueMessage,
+                    request_deserializer=broker__pb2.RouteRequest.FromString,
+                    response_serializer=broker__pb2.RouteDeliveries.SerializeToString,
+            ),
+            'TransferPartition': grpc.stream_stream_rpc_method_handler(
+                    servicer.TransferPartition,
                     request_deserializer=broker__pb2.EnqueueBatch.FromString,
                     response_serializer=broker__pb2.EnqueueAck.SerializeToString,
             ),
@@ -86,6 +124,60 @@ class Broker:
             request_iterator,
             target,
             '/shoalmq.v1.Broker/EnqueueRemote',
+            broker__pb2.EnqueueBatch.SerializeToString,
+            broker__pb2.EnqueueAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RouteQueueMessage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoalmq.v1.Broker/RouteQueueMessage',
+            broker__pb2.RouteRequest.SerializeToString,
+            broker__pb2.RouteDeliveries.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferPartition(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoalmq.v1.Broker/TransferPartition',
             broker__pb2.EnqueueBatch.SerializeToString,
             broker__pb2.EnqueueAck.FromString,
             options,

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from shoalmq._native import partition_of
-from shoalmq.errors import ConfigError, PayloadTooLarge, QueueError, ShoalError
+from shoalmq.errors import ConfigError, NotOwner, PayloadTooLarge, QueueError, ShoalError
 from shoalmq.queue.record import encode_record, split_record
 from shoalmq.queue.storage import Limits, Message, PartitionLog, Store
 
@@ -126,6 +126,32 @@ def queue_of_filter(topic_filter: str) -> str | None:
     return name
 
 
+class QueueUndefined(QueueError):
+    """On a cluster: the queue is not defined in the cluster yet (the manager defines it, then retries)."""
+
+
+class Cluster(Protocol):
+    """What the manager needs from the cluster (``shoalmq.cluster.coordinator.Coordinator``)."""
+
+    def queue_config(self, name: str) -> QueueConfig | None:
+        """The queue's settings as the cluster records them; None if it is not defined yet."""
+
+    def define(self, name: str, config: QueueConfig) -> asyncio.Future[QueueConfig]:
+        """Define the queue in the cluster (unless it is); resolves to the settings every node uses."""
+
+    def writable(self, queue: str, partition: int) -> bool:
+        """May this node append to the partition now?"""
+
+    def forward(self, queue: str, partition: int, record: bytes) -> asyncio.Future[None]:
+        """Send a record to the partition's owner; resolves once the owner has it on disk."""
+
+    def owned_partitions(self, queue: str) -> list[int]:
+        """The queue's partitions this node owns (the ones it delivers from)."""
+
+    def proxies(self, queue: str) -> list[Any]:
+        """Sources of the queue's messages held for this node's consumers by other owners (proxy routing)."""
+
+
 class Ownership(Protocol):
     """The cluster's answer to "may this node write to this partition?"."""
 
@@ -188,6 +214,11 @@ class Queue:
         limits = config.limits()
         self.partitions = [manager.store.partition(name, p, limits) for p in range(config.partitions)]
         self.consumers: list[_ConsumerState] = []
+        #: Where dispatch takes messages from: every partition on a single node; on a cluster, the partitions this
+        #: node owns (and, in proxy mode, the streams from other owners).
+        self.sources: list[Any] = list(self.partitions)
+        #: The partitions this node owns (what a consumer on another node may be given).
+        self.owned: list[Any] = list(self.partitions)
         self.is_dlq = name.endswith(DLQ_SUFFIX)
         self._next_partition = 0  # round-robin for unkeyed messages
         self._next_take = 0  # round-robin start for dispatch
@@ -251,6 +282,11 @@ class QueueManager:
         self._by_pid: dict[int, Queue] = {}
         #: Who owns which partition (set on a cluster; None in the embedded single node: every partition is ours).
         self.ownership: Ownership | None = None
+        #: The cluster this node is part of (None: the embedded single node).
+        self.cluster: Cluster | None = None
+        self._waiting_for_definition: dict[str, list[tuple[Any, Any]]] = {}
+        #: Called with (queue, the window of its consumers on this node together) when they change (proxy routing).
+        self.on_consumers_changed: Any = None
         self._ack_timer: asyncio.TimerHandle | None = None
         store.on_readable = self._on_readable
         for name in self._declared:
@@ -275,6 +311,11 @@ class QueueManager:
             raise BadQueueName(f"bad queue name {name!r}")
         stored = self.store.queue_definition(name)
         config = self._declared.get(name)
+        if self.cluster is not None:
+            config = self.cluster.queue_config(name)
+            if config is None:
+                self._define_in_cluster(name)
+                raise QueueUndefined(f"queue {name!r} is being defined in the cluster")
         if stored is not None:
             stored_partitions = stored["partitions"]
             if config is not None and config.partitions != stored_partitions:
@@ -293,7 +334,92 @@ class QueueManager:
         self._queues[name] = queue
         for part in queue.partitions:
             self._by_pid[part.pid] = queue
+        if self.cluster is not None:
+            self.refresh_sources(queue)
         return queue
+
+    def local_config(self, name: str) -> QueueConfig:
+        """The settings this node would give a new queue: declared, else the defaults (a DLQ: its queue's)."""
+        config = self._declared.get(name)
+        if config is not None:
+            return config
+        if name.endswith(DLQ_SUFFIX):
+            base = self._declared.get(name[:-len(DLQ_SUFFIX)], self.defaults)
+            return replace(base, max_deliveries=0, max_depth=None)
+        return self.defaults
+
+    def _define_in_cluster(self, name: str) -> None:
+        """Start defining the queue in the cluster; what waits for it runs once it is defined."""
+        assert self.cluster is not None
+        if name in self._waiting_for_definition:
+            return
+        self._waiting_for_definition[name] = []
+        defined = self.cluster.define(name, self.local_config(name))
+
+        def done(future: asyncio.Future[QueueConfig]) -> None:
+            waiting = self._waiting_for_definition.pop(name, [])
+            error = future.exception()
+            if error is not None and not isinstance(error, ShoalError):
+                error = QueueError(f"cannot define queue {name!r} in the cluster: {error}")
+            for run, fail in waiting:
+                if error is None:
+                    run()
+                else:
+                    fail(error)
+
+        defined.add_done_callback(done)
+
+    def _when_defined(self, name: str, run: Any, fail: Any) -> None:
+        self._define_in_cluster(name)
+        self._waiting_for_definition[name].append((run, fail))
+
+    def refresh_sources(self, queue: Queue | None = None) -> None:
+        """On a cluster: deliver from the partitions this node owns now (call when ownership changes)."""
+        if self.cluster is None:
+            return
+        for q in [queue] if queue is not None else list(self._queues.values()):
+            owned = self.cluster.owned_partitions(q.name)
+            q.owned = [q.partitions[i] for i in owned if i < len(q.partitions)]
+            proxies = self.cluster.proxies(q.name)
+            for proxy in proxies:
+                self._by_pid[proxy.pid] = q
+            q.sources = q.owned + proxies
+            if q.consumers:
+                self._schedule_dispatch(q)
+
+    def source_readable(self, queue_name: str, refresh: bool = False) -> None:
+        """Messages arrived in a source that is not a local partition (proxy routing)."""
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return
+        if refresh:
+            self.refresh_sources(queue)
+        if queue.consumers:
+            self._schedule_dispatch(queue)
+
+    def take_back(self, queue_name: str, index: int) -> int:
+        """Requeue every delivery of one partition held by any consumer (the partition is moving to another node;
+        a late ack counts for nothing, the new owner delivers the message again). Returns how many."""
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return 0
+        part = queue.partitions[index]
+        held = [d for s in self._consumers.values() for d in s.inflight.values() if d.partition is part]
+        self._requeue(held)
+        return len(held)
+
+    def hand_back(self, deliveries: list[Delivery]) -> None:
+        """Put deliveries back in their partitions (to be delivered again), as when their consumer went away."""
+        self._requeue(deliveries)
+
+    def _consumers_changed(self, names: Iterable[str]) -> None:
+        if self.on_consumers_changed is None:
+            return
+        for name in names:
+            queue = self._queues.get(name)
+            total = sum(s.consumer.window for s in queue.consumers
+                        if not getattr(s.consumer, "remote", False)) if queue else 0
+            self.on_consumers_changed(name, total)
 
     def queues(self) -> list[Queue]:
         return list(self._queues.values())
@@ -313,18 +439,68 @@ class QueueManager:
         name, key = parse_queue_topic(topic)
         if len(topic.encode()) > 0xFFFF - len(DLQ_SUFFIX):
             raise BadQueueName(f"queue topic longer than {0xFFFF - len(DLQ_SUFFIX)} bytes (room is kept for .dlq)")
-        return self.queue(name).publish(key, payload)
+        cluster = self.cluster
+        if cluster is None:
+            return self.queue(name).publish(key, payload)
+        queue = self._queues.get(name)
+        if queue is None:
+            try:
+                queue = self.queue(name)
+            except QueueUndefined:
+                return self._publish_when_defined(name, topic, payload)
+        queue.check_payload(len(payload))
+        index = queue.partition_for(key)
+        record = encode_record(key.encode(), payload)
+        if cluster.writable(name, index):
+            return queue.partitions[index].enqueue(record)
+        return cluster.forward(name, index, record)
+
+    def _publish_when_defined(self, name: str, topic: str, payload: bytes) -> asyncio.Future[None]:
+        """The first publishes to a queue new to the cluster wait for its definition (one future each)."""
+        outer: asyncio.Future[None] = self._loop.create_future()
+
+        def chain(inner: asyncio.Future[None]) -> None:
+            if outer.done():
+                return
+            if inner.exception() is not None:
+                outer.set_exception(inner.exception())  # type: ignore[arg-type]
+            else:
+                outer.set_result(None)
+
+        def run() -> None:
+            try:
+                self.publish(topic, payload).add_done_callback(chain)
+            except ShoalError as exc:
+                fail(exc)
+
+        def fail(error: BaseException) -> None:
+            if not outer.done():
+                outer.set_exception(error)
+
+        self._when_defined(name, run, fail)
+        return outer
 
     def enqueue_remote(self, batches: Sequence[Any]) -> asyncio.Future[None]:
         """Records another node forwarded to this one (``RemoteEnqueueHandler``), grouped by partition: each group
         names its queue, partition and the epoch the sender believes current, and its records are already in the
         stored form (key length u16 | key | payload). ``ownership`` (if set) refuses partitions this node does not
         own (NotOwner) or epochs that are not current (StaleEpoch). The future resolves once all are durable."""
+        return self._store_records(batches, check=True)
+
+    def accept_transfer(self, batches: Sequence[Any]) -> asyncio.Future[None]:
+        """Records a partition's previous owner hands over before this node takes the partition
+        (``TransferPartition``): stored like forwarded ones, but without the ownership check."""
+        return self._store_records(batches, check=False)
+
+    def _store_records(self, batches: Sequence[Any], check: bool) -> asyncio.Future[None]:
         flush: asyncio.Future[None] | None = None
         for batch in batches:
-            if self.ownership is not None:
+            if check and self.ownership is not None:
                 self.ownership.check(batch.queue, batch.partition, batch.epoch)
-            queue = self.queue(batch.queue)
+            try:
+                queue = self.queue(batch.queue)
+            except QueueUndefined:
+                raise NotOwner(f"queue {batch.queue!r} is not known here yet") from None
             part = queue.partition(batch.partition)
             for record in batch.records:
                 try:
@@ -341,8 +517,15 @@ class QueueManager:
     # -- consumers --------------------------------------------------------------------------------------
 
     def subscribe(self, consumer: Consumer, queue_name: str, at_most_once: bool = False) -> None:
-        """Make ``consumer`` a competing consumer of ``queue_name``."""
-        queue = self.queue(queue_name)
+        """Make ``consumer`` a competing consumer of ``queue_name`` (on a cluster, of a queue new to the cluster:
+        once it is defined)."""
+        try:
+            queue = self.queue(queue_name)
+        except QueueUndefined:
+            def fail(error: BaseException) -> None:
+                log.error("subscription to %s not served: %s", queue_name, error)
+            self._when_defined(queue_name, lambda: self.subscribe(consumer, queue_name, at_most_once), fail)
+            return
         state = self._consumers.get(id(consumer))
         if state is None:
             state = self._consumers[id(consumer)] = _ConsumerState(consumer)
@@ -354,6 +537,8 @@ class QueueManager:
         else:
             state.at_most_once.discard(queue_name)
         self._schedule_dispatch(queue)
+        if not getattr(consumer, "remote", False):
+            self._consumers_changed((queue_name,))
 
     def unsubscribe(self, consumer: Consumer, queue_name: str) -> None:
         """Stop delivering ``queue_name`` to ``consumer``; its unacknowledged messages of that queue go back."""
@@ -367,6 +552,8 @@ class QueueManager:
         self._requeue([d for d in state.inflight.values() if d.queue is queue])
         if not state.queues:
             del self._consumers[id(consumer)]
+        if not getattr(consumer, "remote", False):
+            self._consumers_changed((queue_name,))
 
     def consumer_gone(self, consumer: Consumer) -> int:
         """The consumer disconnected: its subscriptions end and its unacknowledged messages go back.
@@ -378,6 +565,8 @@ class QueueManager:
             self._queues[name].consumers.remove(state)
         deliveries = list(state.inflight.values())
         self._requeue(deliveries)
+        if not getattr(consumer, "remote", False):
+            self._consumers_changed(state.queues)
         return len(deliveries)
 
     def subscriptions(self, consumer: Consumer) -> set[str]:
@@ -426,8 +615,22 @@ class QueueManager:
         consumers = [s for s in queue.consumers if len(s.inflight) < s.consumer.window]
         if not consumers:
             return
+        remote = [s for s in consumers if getattr(s.consumer, "remote", False)]
+        if not remote:
+            self._dispatch_to(queue, consumers, queue.sources)
+            return
+        # Other nodes' consumers get only this node's own partitions (a message is never routed twice); local
+        # consumers get everything. Who goes first alternates, so neither side starves the other.
+        local = [s for s in consumers if not getattr(s.consumer, "remote", False)]
+        queue._remote_first = not getattr(queue, "_remote_first", False)
+        order = [(remote, queue.owned), (local, queue.sources)]
+        for group, sources in order if queue._remote_first else order[::-1]:
+            if group:
+                self._dispatch_to(queue, group, sources)
+
+    def _dispatch_to(self, queue: Queue, consumers: list[_ConsumerState], sources: list[Any]) -> None:
         capacity = sum(s.consumer.window - len(s.inflight) for s in consumers)
-        taken = self._take(queue, capacity)
+        taken = self._take(queue, capacity, sources)
         if not taken:
             return
         now = time.monotonic()
@@ -460,13 +663,14 @@ class QueueManager:
             state.consumer.deliver(deliveries)
         if any(s.queues and len(s.inflight) < s.consumer.window for s in consumers):
             # Room left and maybe more on disk: continue on the next loop iteration.
-            if any(p.ready for p in queue.partitions):
+            if any(p.ready for p in queue.sources):
                 self._schedule_dispatch(queue)
 
-    def _take(self, queue: Queue, count: int) -> list[tuple[PartitionLog, Message]]:
-        """Up to ``count`` messages, round-robin over the partitions; dead-letters what was delivered too often."""
-        parts = queue.partitions
+    def _take(self, queue: Queue, count: int, parts: list[Any]) -> list[tuple[PartitionLog, Message]]:
+        """Up to ``count`` messages, round-robin over ``parts``; dead-letters what was delivered too often."""
         taken: list[tuple[PartitionLog, Message]] = []
+        if not parts:
+            return taken
         max_deliveries = queue.config.max_deliveries
         empty = 0
         i = queue._next_take
@@ -497,9 +701,10 @@ class QueueManager:
     def _dead_letter(self, queue: Queue, part: PartitionLog, message: Message) -> None:
         """Move a message to ``<name>.dlq``; the original is acked once the copy is durable.
         QueueError (the message stays where it is, in flight) if the dead-letter queue refuses it."""
-        dlq = self.queue(queue.name + DLQ_SUFFIX)
         key, payload = split_record(message.payload)
-        flush = dlq.publish(key.decode(), payload)
+        # Through ``publish``: on a cluster the dead-letter queue's partition may be owned by another node.
+        topic = QUEUE_PREFIX + queue.name + DLQ_SUFFIX + ("/" + key.decode() if key else "")
+        flush = self.publish(topic, payload)
 
         def settle(future: asyncio.Future[None]) -> None:
             if future.exception() is None:
@@ -518,7 +723,7 @@ class QueueManager:
 
     def _requeue(self, deliveries: list[Delivery]) -> None:
         """Hand deliveries back to their partitions, or to the dead-letter queue once delivered too often."""
-        by_part: dict[int, tuple[PartitionLog, list[int]]] = {}
+        by_part: dict[int, tuple[PartitionLog, Queue, list[int]]] = {}
         by_consumer: dict[int, tuple[Consumer, list[Delivery]]] = {}
         for d in deliveries:
             if id(d.consumer) in self._consumers:
@@ -540,11 +745,11 @@ class QueueManager:
                                 d.partition.index, exc)
             if state is not None:
                 d.message.last_holder = id(d.consumer)
-            by_part.setdefault(d.partition.pid, (d.partition, []))[1].append(d.message.offset)
+            by_part.setdefault(d.partition.pid, (d.partition, d.queue, []))[2].append(d.message.offset)
         queues = set()
-        for part, offsets in by_part.values():
+        for part, queue, offsets in by_part.values():
             part.nack(offsets)
-            queues.add(self._by_pid[part.pid])
+            queues.add(queue)
         for queue in queues:
             self._schedule_dispatch(queue)
 

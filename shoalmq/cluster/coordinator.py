@@ -1,0 +1,593 @@
+"""A node's part in the cluster: queue definitions, partition ownership, and where each publish goes.
+
+Views (each from a ``PrefixWatch``, so they survive etcd restarts and compactions):
+
+- ``/<cluster>/queues/<name>``: a queue's settings, written once by whichever node first sees the queue
+  (create-if-absent), so every node agrees on its partition count and limits.
+- ``/<cluster>/partitions/<queue>/<p>``: the owner of a partition, on the owner's lease. The key's create revision
+  is the partition's **epoch**: every ownership is a new key, so a new owner always has a higher epoch.
+- the live nodes (``Membership``).
+
+Ownership. The ``PartitionAssigner`` says who *should* own each partition, given the live nodes; a node claims a
+partition it should own by creating its key (create-if-absent, on its lease), and only once the key is absent: a
+previous owner gives the key up after handing its messages over (graceful), or its lease expires (crash). So two
+nodes never own a partition at once, and a node writes to a partition only while it holds the key and its lease is
+certainly alive (``Membership.lease_valid``): a node cut off from etcd stops writing before etcd can expire its
+lease and let another node claim.
+
+Publishes. A publish to a partition this node owns is appended locally. Any other is forwarded to the owner over
+the peer's ``EnqueueRemote`` stream, every forwarded message of one loop turn in one batch with one future; the
+owner answers once it is durable, and only then is the publisher acknowledged. A batch that the owner refuses as
+not-owner or stale-epoch, or that is lost with a dying peer, is sent again to whoever owns the partition then (the
+view is refreshed by the watch), for up to ``FORWARD_TIMEOUT`` seconds; a partition with no owner at the moment
+(between a crash and the takeover) holds its publishes meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from shoalmq.cluster.assignment import PartitionAssigner
+from shoalmq.cluster.etcd import Etcd, KeyValue, PrefixWatch, WatchEvent
+from shoalmq.cluster.membership import Membership
+from shoalmq.cluster.routing import Router
+from shoalmq.cluster.transport import EnqueueClient, ForwardError, Status
+from shoalmq.errors import NotOwner, ShoalError, StaleEpoch
+from shoalmq.queue.manager import QueueConfig
+
+if TYPE_CHECKING:
+    from shoalmq.queue.manager import QueueManager
+
+log = logging.getLogger(__name__)
+
+#: Seconds a forwarded publish may wait for an owner that takes it before the publish fails.
+FORWARD_TIMEOUT = 30.0
+#: Seconds between attempts to send forwarded publishes that found no owner, or were refused as not-owner.
+FORWARD_RETRY = 0.05
+#: Seconds between reconciliations when nothing changes (a change triggers one at once).
+RECONCILE_INTERVAL = 1.0
+#: Messages per chunk when a partition's messages move to another node.
+MOVE_CHUNK = 500
+
+
+class Owner:
+    __slots__ = ("epoch", "lease", "node")
+
+    def __init__(self, node: str, epoch: int, lease: int) -> None:
+        self.node = node
+        self.epoch = epoch
+        self.lease = lease
+
+
+class _Forward:
+    """Forwarded publishes of one loop turn (grouped by partition), and the future their publishers wait on."""
+
+    __slots__ = ("deadline", "future", "groups", "outstanding")
+
+    def __init__(self, groups: dict[tuple[str, int], list[bytes]], future: asyncio.Future[None],
+                 deadline: float) -> None:
+        self.groups = groups
+        self.future = future
+        self.deadline = deadline
+        self.outstanding = 0
+
+
+class Coordinator:
+    """Queue definitions, ownership and publish routing of one node (see the module docstring)."""
+
+    def __init__(self, etcd: Etcd, membership: Membership, manager: QueueManager, assigner: PartitionAssigner,
+                 routing: str = "proxy") -> None:
+        self.etcd = etcd
+        self.membership = membership
+        self.manager = manager
+        self.assigner = assigner
+        self.routing = routing
+        self.node_id = membership.node_id
+        cluster = membership.cluster
+        self.queues_prefix = f"/{cluster}/queues/".encode()
+        self.partitions_prefix = f"/{cluster}/partitions/".encode()
+        self.load_prefix = f"/{cluster}/load/".encode()
+        #: Queue name -> its settings as stored in etcd.
+        self.definitions: dict[str, QueueConfig] = {}
+        #: (queue, partition) -> its owner as recorded in etcd.
+        self.owners: dict[tuple[str, int], Owner] = {}
+        #: (queue, partition) -> epoch, for the partitions this node holds the key of.
+        self.mine: dict[tuple[str, int], int] = {}
+        self._clients: dict[str, EnqueueClient] = {}
+        self._loop = asyncio.get_running_loop()
+        self._turn: dict[tuple[str, int], list[bytes]] = {}
+        self._turn_future: asyncio.Future[None] | None = None
+        self._held: list[_Forward] = []
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._defining: dict[str, asyncio.Future[QueueConfig]] = {}
+        self._wake = asyncio.Event()
+        self._watches: list[PrefixWatch] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        #: Set by ``leave``: this node hands everything over and takes nothing.
+        self.leaving = False
+        self._reconcile_lock = asyncio.Lock()
+        self.on_ownership_change: list[Callable[[], None]] = []
+        #: Proxy routing's consumer side (None in direct mode).
+        self.router: Router | None = Router(manager, self) if routing == "proxy" else None
+        if self.router is not None:
+            manager.on_consumers_changed = self.router.consumers_changed
+        self.on_ownership_change.append(manager.refresh_sources)
+        #: Partitions claimed but whose key the watch may not have shown yet.
+        self._claimed_recently: set[tuple[str, int]] = set()
+
+    # -- life ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the views, then keep reconciling ownership with the assigner until ``stop``."""
+        self.membership.on_change.append(self._nodes_changed)
+        self.membership.on_lease_lost.append(self._lease_lost)
+        for prefix, snapshot, events in ((self.queues_prefix, self._queues_snapshot, self._queues_events),
+                                         (self.partitions_prefix, self._owners_snapshot, self._owners_events)):
+            watch = PrefixWatch(self.etcd, prefix, snapshot, events)
+            await watch.start()
+            self._watches.append(watch)
+        # Queues this node stored before (created in an earlier run) are defined in the cluster too.
+        for queue in self.manager.queues():
+            if queue.name not in self.definitions:
+                await self._define(queue.name, queue.config)
+        self._task = asyncio.create_task(self._run(), name="shoalmq-coordinator")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for watch in self._watches:
+            watch.stop()
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        error = ShoalError("node shutting down before the owner stored the message")
+        for forward in self._held:
+            if not forward.future.done():
+                forward.future.set_exception(error)
+        self._held = []
+        for client in list(self._clients.values()):
+            await client.close()
+        self._clients.clear()
+        if self.router is not None:
+            await self.router.close()
+
+    def _changed(self) -> None:
+        self._wake.set()
+
+    def _nodes_changed(self, nodes: dict[str, dict[str, Any]]) -> None:
+        for node in [n for n in self._clients if n not in nodes]:
+            asyncio.ensure_future(self._clients.pop(node).close())
+        if self.router is not None:
+            self.router.sync_peers()
+        self._changed()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), RECONCILE_INTERVAL)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                async with self._reconcile_lock:
+                    await self._reconcile()
+            except ShoalError as exc:
+                log.warning("cannot reconcile partition ownership now: %s", exc)
+            except Exception:  # a bug must not end the loop that keeps ownership right
+                log.exception("reconciling partition ownership failed")
+
+    # -- views --------------------------------------------------------------------------------------------
+
+    def _queues_snapshot(self, kvs: list[KeyValue]) -> None:
+        self.definitions = {}
+        self._queues_apply(kvs)
+
+    def _queues_events(self, events: list[WatchEvent]) -> None:
+        self._queues_apply([e.kv for e in events if e.kind == "put"])
+
+    def _queues_apply(self, kvs: list[KeyValue]) -> None:
+        for kv in kvs:
+            name = kv.key[len(self.queues_prefix):].decode(errors="replace")
+            try:
+                values = json.loads(kv.value)
+                values.pop("created", None)
+                self.definitions[name] = QueueConfig.from_mapping(values)
+            except (ValueError, TypeError, ShoalError) as exc:
+                log.error("queue %s has unusable settings in etcd (%s); ignoring it", name, exc)
+        self._changed()
+
+    def _owners_snapshot(self, kvs: list[KeyValue]) -> None:
+        self.owners = {}
+        for kv in kvs:
+            self._owner_put(kv)
+        self._owners_updated()
+
+    def _owners_events(self, events: list[WatchEvent]) -> None:
+        for event in events:
+            if event.kind == "put":
+                self._owner_put(event.kv)
+            else:
+                self.owners.pop(self._partition_of(event.kv.key), None)
+        self._owners_updated()
+
+    def _partition_of(self, key: bytes) -> tuple[str, int]:
+        queue, _, index = key[len(self.partitions_prefix):].decode(errors="replace").rpartition("/")
+        return queue, int(index) if index.isdigit() else -1
+
+    def _owner_put(self, kv: KeyValue) -> None:
+        try:
+            owner = json.loads(kv.value)["owner"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable ownership record %r", kv.key)
+            return
+        self.owners[self._partition_of(kv.key)] = Owner(owner, kv.create_revision, kv.lease)
+
+    def _owners_updated(self) -> None:
+        # A key of ours that is gone (or now someone else's) is no longer ours, whatever we thought.
+        lost = [p for p, epoch in self.mine.items()
+                if (o := self.owners.get(p)) is None or o.node != self.node_id or o.epoch != epoch]
+        for part in lost:
+            if self.owners.get(part) is None and part in self._claimed_recently:
+                continue  # our own claim, not yet seen by the watch
+            del self.mine[part]
+            log.info("partition %s/%d is no longer owned here", *part)
+        if lost:
+            self._ownership_changed()
+        if self.router is not None:
+            self.router.prune()
+        self._changed()
+        self._retry_held()
+
+    # -- ownership ------------------------------------------------------------------------------------------
+
+    def writable(self, queue: str, partition: int) -> bool:
+        """May this node append to the partition now? (It holds the key and its lease is certainly alive.)"""
+        return (queue, partition) in self.mine and self.membership.lease_valid()
+
+    def check(self, queue: str, partition: int, epoch: int) -> None:
+        """``Ownership`` for forwarded batches: NotOwner or StaleEpoch unless this node owns it at ``epoch``."""
+        mine = self.mine.get((queue, partition))
+        if mine is None or not self.membership.lease_valid():
+            raise NotOwner(f"node {self.node_id} does not own {queue}/{partition}")
+        if mine != epoch:
+            raise StaleEpoch(f"{queue}/{partition} is at epoch {mine} on {self.node_id}, not {epoch}")
+
+    def owned_partitions(self, queue: str) -> list[int]:
+        return sorted(p for (q, p) in self.mine if q == queue)
+
+    def proxies(self, queue: str) -> list[Any]:
+        return self.router.sources(queue) if self.router is not None else []
+
+    def _lease_lost(self) -> None:
+        if self.mine:
+            log.error("lease lost: giving up %d partition(s) until registered again", len(self.mine))
+            self.mine.clear()
+            self._ownership_changed()
+
+    def _ownership_changed(self) -> None:
+        for callback in self.on_ownership_change:
+            callback()
+
+    async def _reconcile(self) -> None:
+        """Bring ownership in line with the assigner: claim the partitions this node should own once their keys
+        are free, hand over the ones another live node should own, and move messages left here (after a crash,
+        or a handoff received for a partition that went elsewhere) to their owners."""
+        if self._stopping or not self.membership.lease_valid():
+            return
+        nodes = self.membership.nodes
+        live = sorted(n for n in nodes if not (self.leaving and n == self.node_id))
+        if not live or (self.node_id not in live and not self.leaving):
+            return  # our own registration is not in the view yet, or nobody is left to take over
+        changed = False
+        for name, config in list(self.definitions.items()):
+            self._ensure_local(name)
+            for index, wanted in enumerate(self.assigner.assign(name, config.partitions, live)):
+                if self._stopping or not self.membership.lease_valid():
+                    return
+                part = (name, index)
+                current = self.owners.get(part)
+                if part in self.mine:
+                    if wanted != self.node_id and wanted in nodes:
+                        await self._hand_off(part, wanted, self.mine[part])
+                        changed = True
+                elif current is not None and current.node == self.node_id:
+                    # A key of ours we do not write to: a handoff that did not finish, or a claim whose answer
+                    # was lost. Take it up again, or finish handing it over.
+                    if current.lease != self.membership.lease:
+                        continue  # from an earlier lease: it expires on its own
+                    if wanted == self.node_id:
+                        self.mine[part] = current.epoch
+                        changed = True
+                    elif wanted in nodes:
+                        await self._hand_off(part, wanted, current.epoch)
+                elif wanted == self.node_id:
+                    if current is None and await self._claim(part):
+                        changed = True
+                elif current is not None and current.node in nodes:
+                    await self._drain(part, current)
+        if changed:
+            self._ownership_changed()
+            self._retry_held()
+
+    async def _hand_off(self, part: tuple[str, int], target: str, epoch: int) -> None:
+        """Stop writing to the partition, move its messages to ``target`` (``TransferPartition``), then give up
+        its key so that ``target`` can claim it. Publishes meanwhile wait (they are forwarded once the new owner
+        holds the key); deliveries in flight are taken back and delivered again by the new owner."""
+        if self.mine.pop(part, None) is not None:
+            self._ownership_changed()
+        taken_back = self.manager.take_back(*part)
+        log.info("handing partition %s/%d over to %s (%d delivery(ies) in flight taken back)", part[0], part[1],
+                 target, taken_back)
+        started = time.monotonic()
+        try:
+            await self.manager.store.flush()
+            moved = await self._move(part, target, epoch, transfer=True)
+        except (ShoalError, OSError) as exc:
+            log.warning("handoff of %s/%d to %s failed (%s); keeping it for now", part[0], part[1], target, exc)
+            current = self.owners.get(part)
+            if current is not None and current.node == self.node_id and current.epoch == epoch:
+                self.mine[part] = epoch
+                self._ownership_changed()
+            return
+        key = self.partitions_prefix + f"{part[0]}/{part[1]}".encode()
+        await self.etcd.call(self.etcd.delete_if_created_at_sync, key, epoch)
+        log.info("partition %s/%d handed over to %s: %d message(s) moved in %.0f ms", part[0], part[1], target,
+                 moved, (time.monotonic() - started) * 1000)
+
+    async def _drain(self, part: tuple[str, int], owner: Owner) -> None:
+        """Move messages stored here for a partition another node owns to that owner (``EnqueueRemote``)."""
+        queue = self.manager.queue(part[0])
+        if not queue.partitions[part[1]].ready:
+            return
+        try:
+            moved = await self._move(part, owner.node, owner.epoch, transfer=False)
+        except (ShoalError, OSError) as exc:
+            log.warning("cannot move messages of %s/%d to its owner %s yet: %s", part[0], part[1], owner.node, exc)
+            return
+        if moved:
+            log.info("moved %d message(s) of %s/%d left here to its owner %s", moved, part[0], part[1], owner.node)
+
+    async def _move(self, part: tuple[str, int], target: str, epoch: int, transfer: bool) -> int:
+        """Send the partition's ready messages to ``target``, chunk by chunk; each chunk is acked (deleted) here
+        once the target has it on disk. A chunk that fails goes back to the partition (it may have been stored
+        there too: at least once)."""
+        info = self.membership.nodes.get(target)
+        if info is None or not info.get("grpc"):
+            raise ShoalError(f"node {target} is not alive")
+        part_log = self.manager.queue(part[0]).partitions[part[1]]
+        client = EnqueueClient(info["grpc"], transfer=transfer)
+        moved = 0
+        try:
+            while True:
+                messages = part_log.take(MOVE_CHUNK)
+                if not messages:
+                    return moved
+                offsets = [m.offset for m in messages]
+                try:
+                    await client.enqueue_records(part[0], part[1], epoch, [m.payload for m in messages])
+                except BaseException:
+                    part_log.nack(offsets)
+                    raise
+                part_log.ack(offsets)
+                moved += len(messages)
+        finally:
+            await client.close()
+            if moved:
+                await self.manager.store.flush()
+
+    async def leave(self, timeout: float = 30.0) -> None:
+        """Leave gracefully: withdraw this node from the membership (others stop assigning it partitions) and hand
+        every partition, and every message stored here, to the nodes that remain; at most ``timeout`` seconds
+        (what is left stays on disk and is handed over when the node comes back)."""
+        self.leaving = True
+        try:
+            await self.etcd.call(self.etcd.delete_sync, self.membership.key)
+        except ShoalError as exc:
+            log.warning("cannot withdraw from the membership: %s", exc)
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.membership.lease_valid():
+            async with self._reconcile_lock:
+                await self._reconcile()
+            left = self._stored_here()
+            if not self.mine and not left:
+                log.info("left the cluster: every partition handed over")
+                return
+            if not [n for n in self.membership.nodes if n != self.node_id]:
+                break  # nobody to hand over to
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+            except TimeoutError:
+                pass
+        log.warning("leaving with %d partition(s) still owned and %d message(s) on disk: they are handed over when "
+                    "this node comes back", len(self.mine), self._stored_here())
+
+    def _stored_here(self) -> int:
+        return sum(p.depth for q in self.manager.queues() for p in q.partitions)
+
+    async def _claim(self, part: tuple[str, int]) -> bool:
+        key = self.partitions_prefix + f"{part[0]}/{part[1]}".encode()
+        lease = self.membership.lease
+        value = json.dumps({"owner": self.node_id}).encode()
+        revision, existing = await self.etcd.call(self.etcd.claim_sync, key, value, lease)
+        if not revision:
+            if existing is not None and existing.lease == lease:
+                revision = existing.create_revision  # ours already (claimed before a lost answer)
+            else:
+                return False
+        if self._stopping or lease != self.membership.lease:
+            return False
+        self.mine[part] = revision
+        self._claimed_recently.add(part)
+        self.owners[part] = Owner(self.node_id, revision, lease)
+        log.info("partition %s/%d owned here from epoch %d", part[0], part[1], revision)
+        # Write the epoch into the readable value too (the key's create revision stays the authority).
+        readable = json.dumps({"owner": self.node_id, "epoch": revision}).encode()
+        await self.etcd.call(self.etcd.put_if_created_at_sync, key, readable, lease, revision)
+        self._claimed_recently.discard(part)
+        return True
+
+    # -- queue definitions ------------------------------------------------------------------------------------
+
+    def queue_config(self, name: str) -> QueueConfig | None:
+        return self.definitions.get(name)
+
+    def define(self, name: str, config: QueueConfig) -> asyncio.Future[QueueConfig]:
+        """Record the queue in etcd unless it is there already; resolves to the settings every node uses."""
+        future = self._defining.get(name)
+        if future is None:
+            future = self._defining[name] = asyncio.ensure_future(self._define(name, config))
+            future.add_done_callback(lambda f: self._defining.pop(name, None))
+        return future
+
+    async def _define(self, name: str, config: QueueConfig) -> QueueConfig:
+        key = self.queues_prefix + name.encode()
+        value = json.dumps({**asdict(config), "created": int(time.time())}, sort_keys=True).encode()
+        created, existing = await self.etcd.call(self.etcd.create_sync, key, value)
+        if not created and existing is not None:
+            values = json.loads(existing.value)
+            values.pop("created", None)
+            config = QueueConfig.from_mapping(values)
+        elif created:
+            log.info("queue %s defined in the cluster: %d partition(s)", name, config.partitions)
+        self.definitions.setdefault(name, config)
+        self._changed()
+        return self.definitions[name]
+
+    def _ensure_local(self, name: str) -> None:
+        try:
+            self.manager.queue(name)
+        except ShoalError as exc:
+            log.error("queue %s cannot be opened here: %s", name, exc)
+
+    # -- forwarding -------------------------------------------------------------------------------------------
+
+    def forward(self, queue: str, partition: int, record: bytes) -> asyncio.Future[None]:
+        """Send a publish (a stored record) to the partition's owner; every forward of this loop turn shares the
+        returned future, which resolves once the owner has it on disk."""
+        if self._turn_future is None:
+            self._turn_future = self._loop.create_future()
+            self._loop.call_soon(self._flush_turn)
+        records = self._turn.get((queue, partition))
+        if records is None:
+            records = self._turn[(queue, partition)] = []
+        records.append(record)
+        return self._turn_future
+
+    def _flush_turn(self) -> None:
+        groups, self._turn = self._turn, {}
+        future, self._turn_future = self._turn_future, None
+        assert future is not None
+        self._send(_Forward(groups, future, time.monotonic() + FORWARD_TIMEOUT))
+
+    def _send(self, forward: _Forward) -> None:
+        """Send each group to its partition's owner (or append it here if this node owns it now); groups without
+        a reachable owner wait for the next attempt."""
+        held: dict[tuple[str, int], list[bytes]] = {}
+        for part, records in forward.groups.items():
+            if self.writable(*part):
+                try:
+                    part_log = self.manager.queue(part[0]).partition(part[1])
+                    flush = None
+                    for record in records:
+                        flush = part_log.enqueue(record)
+                except ShoalError as exc:
+                    self._fail(forward, exc)
+                    return
+                self._track(forward, flush, part, records)
+                continue
+            owner = self.owners.get(part)
+            client = self._client(owner.node) if owner is not None and owner.node != self.node_id else None
+            if owner is None or client is None:
+                held[part] = records
+                continue
+            self._track(forward, client.enqueue_records(part[0], part[1], owner.epoch, records), part, records)
+        forward.groups = held
+        if held:
+            self._hold(forward)
+        elif forward.outstanding == 0:
+            self._settle(forward)
+
+    def _track(self, forward: _Forward, flush: asyncio.Future[None] | None, part: tuple[str, int],
+               records: list[bytes]) -> None:
+        if flush is None:
+            return
+        forward.outstanding += 1
+
+        def done(f: asyncio.Future[None]) -> None:
+            forward.outstanding -= 1
+            if forward.future.done():
+                return
+            error = f.exception()
+            if error is not None:
+                status = getattr(error, "status", None)
+                if not isinstance(error, ForwardError) or status == Status.REFUSED:
+                    self._fail(forward, error)
+                    return
+                log.debug("forward to %s/%d failed (%s); retrying", part[0], part[1], error)
+                forward.groups[part] = records
+                if forward not in self._held:
+                    self._hold(forward)
+                return
+            if forward.outstanding == 0 and not forward.groups:
+                self._settle(forward)
+
+        flush.add_done_callback(done)
+
+    def _hold(self, forward: _Forward) -> None:
+        if time.monotonic() >= forward.deadline:
+            parts = ", ".join(f"{q}/{p}" for q, p in forward.groups)
+            self._fail(forward, ShoalError(f"no owner of {parts} took the message within {FORWARD_TIMEOUT:.0f} s"))
+            return
+        if forward not in self._held:
+            self._held.append(forward)
+        if self._retry_handle is None:
+            self._retry_handle = self._loop.call_later(FORWARD_RETRY, self._retry_held)
+
+    def _retry_held(self) -> None:
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        held, self._held = self._held, []
+        for forward in held:
+            if not forward.future.done() and forward.groups:
+                self._send(forward)
+
+    def _settle(self, forward: _Forward) -> None:
+        if not forward.future.done():
+            forward.future.set_result(None)
+
+    def _fail(self, forward: _Forward, error: BaseException) -> None:
+        forward.groups = {}
+        if not forward.future.done():
+            forward.future.set_exception(error)
+
+    def _client(self, node: str) -> EnqueueClient | None:
+        client = self._clients.get(node)
+        info = self.membership.nodes.get(node)
+        if info is None:
+            return None  # not alive: its partitions move once its lease expires
+        target = info.get("grpc")
+        if client is not None and client.target == target:
+            return client
+        if client is not None:
+            asyncio.ensure_future(client.close())
+        if not target:
+            return None
+        client = self._clients[node] = EnqueueClient(target)
+        return client
+
+    # -- status -------------------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {"node": self.node_id, "routing": self.routing, "owned": len(self.mine),
+                "nodes": sorted(self.membership.nodes)}

@@ -1,0 +1,408 @@
+"""Proxy routing: consumers on any node receive messages from every partition, wherever it is owned.
+
+``RouteQueueMessage`` is one bidirectional stream from a node that holds consumers (the *consumer node*) to each
+peer (an *owner* of some partitions):
+
+- The consumer node sends, per queue, a **credit**: how many unacknowledged deliveries it can hold (its local
+  consumers' windows together). Credit 0 means "no consumers here any more": the owner takes everything back.
+- The owner treats the stream as one competing consumer of each queue (``RemoteConsumer``, window = credit) that
+  draws only from the partitions the owner itself owns, and pushes what dispatch gives it as batches
+  (``RouteDeliveries``: one per partition, records packed in one bytes field).
+- The consumer node keeps what arrives in a ``RemotePartition`` per (owner, queue, partition, epoch); its queue
+  manager dispatches from those exactly as from local partitions, to its local consumers. Their acks go back over
+  the stream, batched per loop turn, and the owner deletes the messages; a message a local consumer handed back
+  goes to another local consumer.
+- When the stream ends (either node dies or stops), the owner hands everything the stream held back to its
+  partitions, and the consumer node forgets what it held from that owner: those messages are delivered again
+  (at least once). A partition that changes owner (new epoch) is dropped from the consumer node the same way; acks
+  for the old epoch are ignored by the owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from shoalmq._native import segment
+from shoalmq.cluster.transport import GRPC_OPTIONS
+from shoalmq.proto import broker_pb2, broker_pb2_grpc
+
+if TYPE_CHECKING:
+    from shoalmq.cluster.coordinator import Coordinator
+    from shoalmq.queue.manager import Delivery, QueueManager
+
+log = logging.getLogger(__name__)
+
+#: Most deliveries a consumer node asks one owner for, per queue, whatever its consumers' windows add up to.
+MAX_CREDIT = 4096
+#: Seconds between attempts to open a route stream to a live peer that refused or broke one.
+RECONNECT_DELAY = 0.2
+
+_pids = itertools.count(-1, -1)  # proxies get negative ids; partition logs have positive ones
+
+
+# -- the owner's side --------------------------------------------------------------------------------------------
+
+
+class RemoteConsumer:
+    """One route stream seen by the owner's queue manager as a consumer of one queue."""
+
+    #: Dispatch gives a remote consumer only messages of partitions this node owns.
+    remote = True
+
+    def __init__(self, stream: RouteStream, queue: str) -> None:
+        self.stream = stream
+        self.queue = queue
+        self.window = 0
+        self.inflight: dict[tuple[int, int], Delivery] = {}
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        by_partition: dict[int, list[Delivery]] = {}
+        for d in deliveries:
+            self.inflight[(d.partition.index, d.message.offset)] = d
+            by_partition.setdefault(d.partition.index, []).append(d)
+        for index, batch in by_partition.items():
+            epoch = self.stream.coordinator.mine.get((self.queue, index), 0)
+            self.stream.send(broker_pb2.RouteDeliveries(
+                queue=self.queue, partition=index, epoch=epoch,
+                records=segment.pack([d.message.payload for d in batch]),
+                offsets=[d.message.offset for d in batch],
+                deliveries=bytes(min(d.message.deliveries, 255) for d in batch)))
+
+    def revoke(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            self.inflight.pop((d.partition.index, d.message.offset), None)
+
+    def settle(self, offsets: Any, ack: bool) -> None:
+        """The consumer node acked (or handed back) these deliveries."""
+        coordinator = self.stream.coordinator
+        manager = self.stream.manager
+        done = []
+        for entry in offsets:
+            if coordinator.mine.get((self.queue, entry.partition)) != entry.epoch:
+                continue  # the partition changed owner since: its messages were taken back then
+            for offset in entry.offsets:
+                delivery = self.inflight.pop((entry.partition, offset), None)
+                if delivery is not None:
+                    done.append(delivery)
+        if not done:
+            return
+        if ack:
+            manager.ack(done)
+        else:
+            manager.hand_back(done)
+
+
+class RouteStream:
+    """The owner's end of one ``RouteQueueMessage`` stream."""
+
+    def __init__(self, manager: QueueManager, coordinator: Coordinator) -> None:
+        self.manager = manager
+        self.coordinator = coordinator
+        self.consumers: dict[str, RemoteConsumer] = {}
+        self.outgoing: asyncio.Queue[broker_pb2.RouteDeliveries | None] = asyncio.Queue()
+
+    def send(self, message: broker_pb2.RouteDeliveries) -> None:
+        self.outgoing.put_nowait(message)
+
+    def handle(self, request: broker_pb2.RouteRequest) -> None:
+        name = request.queue
+        consumer = self.consumers.get(name)
+        if request.credit >= 0:
+            if request.credit == 0:
+                if consumer is not None:
+                    del self.consumers[name]
+                    consumer.inflight.clear()
+                    self.manager.unsubscribe(consumer, name)
+                consumer = None
+            else:
+                if consumer is None:
+                    consumer = self.consumers[name] = RemoteConsumer(self, name)
+                consumer.window = min(request.credit, MAX_CREDIT)
+                self.manager.subscribe(consumer, name)
+        if consumer is not None:
+            if request.acks:
+                consumer.settle(request.acks, ack=True)
+            if request.nacks:
+                consumer.settle(request.nacks, ack=False)
+
+    def close(self) -> None:
+        for consumer in self.consumers.values():
+            self.manager.consumer_gone(consumer)
+        self.consumers.clear()
+        self.outgoing.put_nowait(None)
+
+
+async def serve_route_stream(manager: QueueManager, coordinator: Coordinator,
+                             requests: AsyncIterator[broker_pb2.RouteRequest]) -> AsyncIterator[Any]:
+    stream = RouteStream(manager, coordinator)
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                stream.handle(request)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            stream.close()
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while True:
+            message = await stream.outgoing.get()
+            if message is None:
+                return
+            yield message
+    finally:
+        reader.cancel()
+        stream.close()
+
+
+# -- the consumer node's side -----------------------------------------------------------------------------------
+
+
+class RemoteMessage:
+    """A message held from another node's partition (what ``Delivery`` needs of a stored ``Message``)."""
+
+    __slots__ = ("deliveries", "last_holder", "offset", "payload")
+
+    def __init__(self, offset: int, payload: bytes, deliveries: int) -> None:
+        self.offset = offset
+        self.payload = payload
+        self.deliveries = deliveries
+        self.last_holder: object = None
+
+
+class RemotePartition:
+    """Messages pushed by the owner of one partition, held for this node's consumers (a dispatch source)."""
+
+    def __init__(self, client: RouteClient, queue: str, index: int, epoch: int) -> None:
+        self.client = client
+        self.queue = queue
+        self.index = index
+        self.epoch = epoch
+        self.pid = next(_pids)
+        self.expired = 0
+        self._ready: collections.deque[RemoteMessage] = collections.deque()
+        self._inflight: dict[int, RemoteMessage] = {}
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    @property
+    def depth(self) -> int:
+        return len(self._ready) + len(self._inflight)
+
+    def add(self, records: list[bytes], offsets: Any, deliveries: bytes) -> None:
+        ready = self._ready
+        for record, offset, count in zip(records, offsets, deliveries, strict=True):
+            ready.append(RemoteMessage(offset, record, count))
+
+    def take(self, max_count: int) -> list[RemoteMessage]:
+        out = []
+        ready = self._ready
+        while ready and len(out) < max_count:
+            message = ready.popleft()
+            if message.offset in self._inflight:
+                continue
+            self._inflight[message.offset] = message
+            out.append(message)
+        return out
+
+    def ack(self, offsets: Any) -> int:
+        done = [o for o in offsets if self._inflight.pop(o, None) is not None]
+        if done:
+            self.client.settle(self.queue, self.index, self.epoch, done, ack=True)
+        return len(done)
+
+    def nack(self, offsets: Any) -> int:
+        """A local consumer handed these back: the next local consumer gets them (the owner is not told)."""
+        back = [m for o in sorted(offsets, reverse=True) if (m := self._inflight.pop(o, None)) is not None]
+        for message in back:
+            message.deliveries += 1
+            self._ready.appendleft(message)
+        return len(back)
+
+    def drop(self) -> list[int]:
+        """Forget everything held (the owner takes it back); returns the offsets that were held."""
+        offsets = [m.offset for m in self._ready] + list(self._inflight)
+        self._ready.clear()
+        self._inflight.clear()
+        return offsets
+
+
+class RouteClient:
+    """The consumer node's end of the route stream to one peer."""
+
+    def __init__(self, router: Router, node: str, target: str) -> None:
+        self.router = router
+        self.node = node
+        self.target = target
+        self._channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+        self._stub = broker_pb2_grpc.BrokerStub(self._channel)
+        self._outgoing: asyncio.Queue[broker_pb2.RouteRequest | None] = asyncio.Queue()
+        self._settles: dict[tuple[str, bool], dict[tuple[int, int], list[int]]] = {}
+        self._settle_scheduled = False
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.connected = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"shoalmq-route-{self.node}")
+
+    def credit(self, queue: str, credit: int) -> None:
+        self._outgoing.put_nowait(broker_pb2.RouteRequest(queue=queue, credit=credit))
+
+    def settle(self, queue: str, partition: int, epoch: int, offsets: list[int], ack: bool) -> None:
+        """Acks (or hand-backs) are sent once per loop turn, per queue."""
+        entry = self._settles.setdefault((queue, ack), {})
+        entry.setdefault((partition, epoch), []).extend(offsets)
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_settles)
+
+    def _send_settles(self) -> None:
+        self._settle_scheduled = False
+        settles, self._settles = self._settles, {}
+        for (queue, ack), parts in settles.items():
+            entries = [broker_pb2.PartitionOffsets(partition=p, epoch=e, offsets=o) for (p, e), o in parts.items()]
+            request = broker_pb2.RouteRequest(queue=queue, credit=-1)
+            (request.acks if ack else request.nacks).extend(entries)
+            self._outgoing.put_nowait(request)
+
+    async def _requests(self) -> AsyncIterator[broker_pb2.RouteRequest]:
+        for queue, credit in self.router.credits().items():
+            yield broker_pb2.RouteRequest(queue=queue, credit=credit)
+        while True:
+            request = await self._outgoing.get()
+            if request is None:
+                return
+            yield request
+
+    async def _run(self) -> None:
+        while not self._closed:
+            # Requests queued for an earlier stream are stale: the new stream starts from the current credits.
+            while not self._outgoing.empty():
+                self._outgoing.get_nowait()
+            try:
+                call = self._stub.RouteQueueMessage(self._requests())
+                self.connected = True
+                async for message in call:
+                    self.router.received(self, message)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("route stream to %s broke: %s", self.node, exc.code().name)
+            except asyncio.CancelledError:
+                raise
+            finally:
+                self.connected = False
+                self.router.stream_lost(self)
+            if not self._closed:
+                await asyncio.sleep(RECONNECT_DELAY)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._outgoing.put_nowait(None)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._channel.close()
+
+
+class Router:
+    """The consumer node's side of proxy routing: route streams to every peer, and the proxies they fill."""
+
+    def __init__(self, manager: QueueManager, coordinator: Coordinator) -> None:
+        self.manager = manager
+        self.coordinator = coordinator
+        self.clients: dict[str, RouteClient] = {}
+        #: (owner node, queue, partition) -> proxy (its epoch is the owner's).
+        self.proxies: dict[tuple[str, str, int], RemotePartition] = {}
+        self._credits: dict[str, int] = {}
+
+    def credits(self) -> dict[str, int]:
+        return dict(self._credits)
+
+    def consumers_changed(self, queue: str, window_total: int) -> None:
+        """This node's consumers of ``queue`` now have this much window together (0: none left)."""
+        credit = min(window_total, MAX_CREDIT)
+        if self._credits.get(queue, 0) == credit:
+            return
+        if credit:
+            self._credits[queue] = credit
+        else:
+            self._credits.pop(queue, None)
+            self._drop(lambda key: key[1] == queue)
+        self.sync_peers()
+        for client in self.clients.values():
+            if client.connected:
+                client.credit(queue, credit)
+
+    def sync_peers(self) -> None:
+        """Open a route stream to every live peer while this node has consumers; close the others."""
+        wanted = {} if not self._credits else {
+            node: info.get("grpc") for node, info in self.coordinator.membership.nodes.items()
+            if node != self.coordinator.node_id and info.get("grpc")}
+        for node, client in list(self.clients.items()):
+            if wanted.get(node) != client.target:
+                del self.clients[node]
+                self._drop(lambda key, node=node: key[0] == node)
+                asyncio.ensure_future(client.close())
+        for node, target in wanted.items():
+            if node not in self.clients:
+                client = self.clients[node] = RouteClient(self, node, target)
+                client.start()
+
+    def sources(self, queue: str) -> list[RemotePartition]:
+        return [p for (node, q, index), p in self.proxies.items() if q == queue]
+
+    def received(self, client: RouteClient, message: broker_pb2.RouteDeliveries) -> None:
+        key = (client.node, message.queue, message.partition)
+        records = segment.unpack(message.records)
+        if message.queue not in self._credits:
+            # No consumer here any more (credit 0 is on its way): hand them straight back.
+            client.settle(message.queue, message.partition, message.epoch, list(message.offsets), ack=False)
+            return
+        proxy = self.proxies.get(key)
+        if proxy is not None and proxy.epoch != message.epoch:
+            self._drop(lambda k: k == key)
+            proxy = None
+        new = proxy is None
+        if proxy is None:
+            proxy = self.proxies[key] = RemotePartition(client, message.queue, message.partition, message.epoch)
+        proxy.add(records, message.offsets, message.deliveries)
+        self.manager.source_readable(message.queue, refresh=new)
+
+    def stream_lost(self, client: RouteClient) -> None:
+        self._drop(lambda key: key[0] == client.node)
+
+    def prune(self) -> None:
+        """Drop proxies of partitions whose owner or epoch changed (their messages are the new owner's now)."""
+        owners = self.coordinator.owners
+
+        def stale(key: tuple[str, str, int]) -> bool:
+            owner = owners.get((key[1], key[2]))
+            return owner is None or owner.node != key[0] or owner.epoch != self.proxies[key].epoch
+
+        self._drop(stale)
+
+    def _drop(self, which: Any) -> None:
+        dropped = [key for key in self.proxies if which(key)]
+        queues = set()
+        for key in dropped:
+            self.proxies.pop(key).drop()
+            queues.add(key[1])
+        for queue in queues:
+            self.manager.source_readable(queue, refresh=True)
+
+    async def close(self) -> None:
+        for client in list(self.clients.values()):
+            await client.close()
+        self.clients.clear()
+        self.proxies.clear()

@@ -1,0 +1,37 @@
+"""The gRPC service a clustered node serves: forwarded publishes, route streams and handoffs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from shoalmq.cluster.routing import serve_route_stream
+from shoalmq.cluster.transport import answer_batches
+from shoalmq.proto import broker_pb2, broker_pb2_grpc
+
+if TYPE_CHECKING:
+    from shoalmq.cluster.coordinator import Coordinator
+    from shoalmq.queue.manager import QueueManager
+
+
+class NodeServicer(broker_pb2_grpc.BrokerServicer):
+    def __init__(self, manager: QueueManager, coordinator: Coordinator) -> None:
+        self.manager = manager
+        self.coordinator = coordinator
+
+    async def EnqueueRemote(self, request_iterator: AsyncIterator[broker_pb2.EnqueueBatch],  # noqa: N802
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.EnqueueAck]:
+        async for ack in answer_batches(request_iterator, self.manager.enqueue_remote):
+            yield ack
+
+    async def TransferPartition(self, request_iterator: AsyncIterator[broker_pb2.EnqueueBatch],  # noqa: N802
+                                context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.EnqueueAck]:
+        async for ack in answer_batches(request_iterator, self.manager.accept_transfer):
+            yield ack
+
+    async def RouteQueueMessage(self, request_iterator: AsyncIterator[broker_pb2.RouteRequest],  # noqa: N802
+                                context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.RouteDeliveries]:
+        async for message in serve_route_stream(self.manager, self.coordinator, request_iterator):
+            yield message
