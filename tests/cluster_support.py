@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,3 +74,102 @@ class Cluster:
             return None
 
         return wait_until(settled, timeout, f"partitions of {queue} owned by {sorted(expected)}")
+
+
+class LoadPublisher:
+    """Publishes ``$queue/<queue>/k<n % keys>`` messages ``<key>:<seq>`` one by one (QoS 1) from a thread,
+    and records every one the broker acknowledged, and the longest wait for an acknowledgement."""
+
+    def __init__(self, port: int, queue: str, keys: int = 8, timeout: float = 60) -> None:
+        from tests.support import MqttClient
+
+        self.client = MqttClient(port, timeout=timeout).connect()
+        self.queue = queue
+        self.keys = keys
+        self.acked: list[bytes] = []
+        self.longest_wait = 0.0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> LoadPublisher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        seq = 0
+        try:
+            while not self._stop.is_set():
+                key = f"k{seq % self.keys}"
+                payload = f"{key}:{seq}".encode()
+                started = time.monotonic()
+                self.client.publish(f"$queue/{self.queue}/{key}", payload)
+                self.longest_wait = max(self.longest_wait, time.monotonic() - started)
+                self.acked.append(payload)
+                seq += 1
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def wait_for(self, count: int, timeout: float = 60) -> None:
+        wait_until(lambda: len(self.acked) >= count or self.error, timeout, f"{count} acknowledged publishes")
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> list[bytes]:
+        self._stop.set()
+        self._thread.join(90)
+        self.client.disconnect()
+        if self.error is not None:
+            raise self.error
+        return self.acked
+
+
+class Drain:
+    """A consumer that receives and acks from a thread, keeping everything it got in order."""
+
+    def __init__(self, port: int, queue: str) -> None:
+        from tests.support import MqttClient
+
+        self.client = MqttClient(port, manual_ack=True).connect()
+        self.client.subscribe(f"$queue/{queue}")
+        self.got: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import queue as queue_module
+
+        while not self._stop.is_set():
+            try:
+                message = self.client.messages.get(timeout=0.1)
+            except queue_module.Empty:
+                continue
+            self.client.ack(message)
+            self.got.append(message.payload)
+
+    def wait_for(self, expected: Sequence[bytes], timeout: float = 60) -> None:
+        wanted = set(expected)
+        wait_until(lambda: wanted <= set(self.got), timeout,
+                   f"all {len(wanted)} messages (missing {len(wanted - set(self.got))})")
+
+    def stop(self) -> list[bytes]:
+        self._stop.set()
+        self._thread.join(10)
+        self.client.disconnect()
+        return self.got
+
+
+def first_occurrences_in_order(received: Sequence[bytes]) -> bool:
+    """Per key, the first delivery of each message comes in publish order (redeliveries may repeat)."""
+    seen: set[bytes] = set()
+    last: dict[bytes, int] = {}
+    for payload in received:
+        if payload in seen:
+            continue
+        seen.add(payload)
+        key, _, seq = payload.partition(b":")
+        if last.get(key, -1) > int(seq):
+            return False
+        last[key] = int(seq)
+    return True

@@ -104,6 +104,10 @@ class Coordinator:
         self._turn: dict[tuple[str, int], list[bytes]] = {}
         self._turn_future: asyncio.Future[None] | None = None
         self._held: list[_Forward] = []
+        #: Partitions with forwarded groups not yet stored (a local publish to them waits behind those).
+        self._unsettled: dict[tuple[str, int], int] = {}
+        #: Partitions with groups sent and not yet answered: [the node they went to, how many].
+        self._sent_to: dict[tuple[str, int], list[Any]] = {}
         self._retry_handle: asyncio.TimerHandle | None = None
         self._defining: dict[str, asyncio.Future[QueueConfig]] = {}
         self._wake = asyncio.Event()
@@ -128,6 +132,7 @@ class Coordinator:
         """Load the views, then keep reconciling ownership with the assigner until ``stop``."""
         self.membership.on_change.append(self._nodes_changed)
         self.membership.on_lease_lost.append(self._lease_lost)
+        self.membership.on_lease_regained.append(self._changed)
         for prefix, snapshot, events in ((self.queues_prefix, self._queues_snapshot, self._queues_events),
                                          (self.partitions_prefix, self._owners_snapshot, self._owners_events)):
             watch = PrefixWatch(self.etcd, prefix, snapshot, events)
@@ -249,8 +254,10 @@ class Coordinator:
     # -- ownership ------------------------------------------------------------------------------------------
 
     def writable(self, queue: str, partition: int) -> bool:
-        """May this node append to the partition now? (It holds the key and its lease is certainly alive.)"""
-        return (queue, partition) in self.mine and self.membership.lease_valid()
+        """May a publish be appended to the partition here, now? (This node holds the key, its lease is certainly
+        alive, and no earlier publish to the partition is still being forwarded.)"""
+        part = (queue, partition)
+        return part in self.mine and part not in self._unsettled and self.membership.lease_valid()
 
     def check(self, queue: str, partition: int, epoch: int) -> None:
         """``Ownership`` for forwarded batches: NotOwner or StaleEpoch unless this node owns it at ``epoch``."""
@@ -338,7 +345,10 @@ class Coordinator:
                 self._ownership_changed()
             return
         key = self.partitions_prefix + f"{part[0]}/{part[1]}".encode()
-        await self.etcd.call(self.etcd.delete_if_created_at_sync, key, epoch)
+        if await self.etcd.call(self.etcd.delete_if_created_at_sync, key, epoch):
+            current = self.owners.get(part)
+            if current is not None and current.epoch == epoch:
+                del self.owners[part]  # before the watch says so: no second handoff of it
         log.info("partition %s/%d handed over to %s: %d message(s) moved in %.0f ms", part[0], part[1], target,
                  moved, (time.monotonic() - started) * 1000)
 
@@ -429,6 +439,7 @@ class Coordinator:
         self.mine[part] = revision
         self._claimed_recently.add(part)
         self.owners[part] = Owner(self.node_id, revision, lease)
+        self._retry_held()  # publishes that waited for this partition go first
         log.info("partition %s/%d owned here from epoch %d", part[0], part[1], revision)
         # Write the epoch into the readable value too (the key's create revision stays the authority).
         readable = json.dumps({"owner": self.node_id, "epoch": revision}).encode()
@@ -487,61 +498,98 @@ class Coordinator:
         groups, self._turn = self._turn, {}
         future, self._turn_future = self._turn_future, None
         assert future is not None
-        self._send(_Forward(groups, future, time.monotonic() + FORWARD_TIMEOUT))
+        for part in groups:
+            self._unsettled[part] = self._unsettled.get(part, 0) + 1
+        self._send(_Forward(groups, future, time.monotonic() + FORWARD_TIMEOUT),
+                   {part for held in self._held for part in held.groups})
 
-    def _send(self, forward: _Forward) -> None:
+    def _send(self, forward: _Forward, blocked: set[tuple[str, int]]) -> None:
         """Send each group to its partition's owner (or append it here if this node owns it now); groups without
-        a reachable owner wait for the next attempt."""
+        a reachable owner wait for the next attempt.
+
+        Per-partition order: a group waits while an earlier group of its partition waits (``blocked``), or is
+        still unanswered by a different node than the one it would go to now."""
         held: dict[tuple[str, int], list[bytes]] = {}
+        failure: ShoalError | None = None
         for part, records in forward.groups.items():
-            if self.writable(*part):
+            sent = self._sent_to.get(part)
+            if part in blocked:
+                held[part] = records
+                continue
+            if part in self.mine and self.membership.lease_valid():
+                if sent is not None:
+                    held[part] = records
+                    blocked.add(part)
+                    continue
                 try:
                     part_log = self.manager.queue(part[0]).partition(part[1])
                     flush = None
                     for record in records:
                         flush = part_log.enqueue(record)
                 except ShoalError as exc:
-                    self._fail(forward, exc)
-                    return
-                self._track(forward, flush, part, records)
+                    failure = exc
+                    self._group_settled(part)
+                    continue
+                self._track(forward, flush, part, records, None)
                 continue
             owner = self.owners.get(part)
             client = self._client(owner.node) if owner is not None and owner.node != self.node_id else None
-            if owner is None or client is None:
+            if owner is None or client is None or (sent is not None and sent[0] != owner.node):
                 held[part] = records
+                blocked.add(part)
                 continue
-            self._track(forward, client.enqueue_records(part[0], part[1], owner.epoch, records), part, records)
+            if sent is None:
+                self._sent_to[part] = [owner.node, 1]
+            else:
+                sent[1] += 1
+            self._track(forward, client.enqueue_records(part[0], part[1], owner.epoch, records), part, records,
+                        owner.node)
         forward.groups = held
-        if held:
+        if failure is not None:
+            self._fail(forward, failure)
+        elif held:
             self._hold(forward)
         elif forward.outstanding == 0:
             self._settle(forward)
 
     def _track(self, forward: _Forward, flush: asyncio.Future[None] | None, part: tuple[str, int],
-               records: list[bytes]) -> None:
-        if flush is None:
-            return
+               records: list[bytes], node: str | None) -> None:
         forward.outstanding += 1
 
-        def done(f: asyncio.Future[None]) -> None:
+        def done(f: asyncio.Future[None] | None) -> None:
             forward.outstanding -= 1
-            if forward.future.done():
-                return
-            error = f.exception()
-            if error is not None:
-                status = getattr(error, "status", None)
-                if not isinstance(error, ForwardError) or status == Status.REFUSED:
-                    self._fail(forward, error)
-                    return
+            if node is not None:
+                sent = self._sent_to[part]
+                sent[1] -= 1
+                if not sent[1]:
+                    del self._sent_to[part]
+            error = f.exception() if f is not None else None
+            retry = isinstance(error, ForwardError) and getattr(error, "status", None) != Status.REFUSED
+            if retry and not forward.future.done():
                 log.debug("forward to %s/%d failed (%s); retrying", part[0], part[1], error)
                 forward.groups[part] = records
-                if forward not in self._held:
-                    self._hold(forward)
+                self._hold(forward)
+                return
+            self._group_settled(part)
+            if forward.future.done():
+                return
+            if error is not None:
+                self._fail(forward, error)
                 return
             if forward.outstanding == 0 and not forward.groups:
                 self._settle(forward)
 
-        flush.add_done_callback(done)
+        if flush is None:
+            done(None)
+        else:
+            flush.add_done_callback(done)
+
+    def _group_settled(self, part: tuple[str, int]) -> None:
+        count = self._unsettled.get(part, 0) - 1
+        if count > 0:
+            self._unsettled[part] = count
+        else:
+            self._unsettled.pop(part, None)
 
     def _hold(self, forward: _Forward) -> None:
         if time.monotonic() >= forward.deadline:
@@ -554,19 +602,23 @@ class Coordinator:
             self._retry_handle = self._loop.call_later(FORWARD_RETRY, self._retry_held)
 
     def _retry_held(self) -> None:
+        """Send again what waits, oldest first (so each partition keeps its order)."""
         if self._retry_handle is not None:
             self._retry_handle.cancel()
             self._retry_handle = None
         held, self._held = self._held, []
+        blocked: set[tuple[str, int]] = set()
         for forward in held:
             if not forward.future.done() and forward.groups:
-                self._send(forward)
+                self._send(forward, blocked)
 
     def _settle(self, forward: _Forward) -> None:
         if not forward.future.done():
             forward.future.set_result(None)
 
     def _fail(self, forward: _Forward, error: BaseException) -> None:
+        for part in forward.groups:
+            self._group_settled(part)
         forward.groups = {}
         if not forward.future.done():
             forward.future.set_exception(error)

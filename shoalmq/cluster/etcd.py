@@ -18,6 +18,7 @@ import base64
 import concurrent.futures
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -261,10 +262,17 @@ class PrefixWatch:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop watching, without blocking: the watch thread is woken by shutting its socket down (closing the
+        response from here would wait for the lock the thread holds while it reads)."""
         self._stop.set()
         response = self._response
-        if response is not None:
-            response.close()
+        connection = getattr(response.raw, "_connection", None) if response is not None else None
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _run(self) -> None:
         while not self._stop.is_set():

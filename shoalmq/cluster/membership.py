@@ -7,7 +7,8 @@ disappears at once.
 
 A node that cannot refresh its lease for ``ttl`` seconds must assume it has lost it: ``healthy`` turns false and
 ``on_lease_lost`` runs, so the node stops accepting writes for partitions it owned (another node may own them by
-now). It then keeps trying to register again with a new lease.
+now). It then keeps trying to register again with a new lease, or, if its old lease turns out to be alive after
+all (an etcd restart renews every lease), carries on with that one.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Membership:
         self.healthy = False
         self.on_change: list[Callable[[dict[str, dict[str, Any]]], None]] = []
         self.on_lease_lost: list[Callable[[], None]] = []
+        self.on_lease_regained: list[Callable[[], None]] = []
         self._watch: PrefixWatch | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
         self._last_refresh = 0.0
@@ -89,7 +91,12 @@ class Membership:
         created, existing = await self.etcd.call(self.etcd.create_sync, self.key, value, lease)
         if not created:
             if existing is not None and existing.lease == self.lease and self.lease:
-                created = True  # our own key, still on our old lease
+                # Our own key, still on our old lease, which is alive after all: keep that one.
+                await self.etcd.call(self.etcd.revoke_sync, lease)
+                sent = time.monotonic()
+                if await self.etcd.call(self.etcd.keepalive_sync, self.lease) <= 0:
+                    raise ShoalError("the old lease expired meanwhile")
+                lease = self.lease
             else:
                 await self.etcd.call(self.etcd.revoke_sync, lease)
                 raise NodeIdInUse(f"node id {self.node_id!r} is registered by a live node in cluster "
@@ -113,6 +120,13 @@ class Membership:
             if ttl is not None and ttl > 0:
                 self._last_refresh = time.monotonic()
                 self.valid_until = sent + ttl - self.SAFETY_MARGIN
+                if not self.healthy:
+                    # The lease outlived the outage (an etcd restart renews every lease's TTL): it never expired,
+                    # so nothing of ours was deleted or taken over. Carry on with it.
+                    self.healthy = True
+                    log.warning("lease of node %s still alive after all: accepting writes again", self.node_id)
+                    for callback in self.on_lease_regained:
+                        callback()
                 continue
             if self.healthy and (ttl == -1 or time.monotonic() >= self.valid_until):
                 self.healthy = False
