@@ -124,11 +124,19 @@ class ClusterMember:
         self.queues.ownership = self.coordinator
         await self.coordinator.start()
 
+    #: Seconds each step of leaving may take before the next one starts anyway.
+    STOP_STEP_TIMEOUT = 5.0
+
     async def stop(self) -> None:
+        """Leave gracefully (hand everything over), then stop serving; each step bounded in time."""
         if self.membership.lease_valid():
             await self.coordinator.leave()
-        await self.coordinator.stop()
-        await self.membership.stop()
+        steps = [("coordinator", self.coordinator.stop()), ("membership", self.membership.stop())]
         if self.server is not None:
-            await self.server.stop(1)
+            steps.append(("gRPC server", self.server.stop(1)))
+        for name, step in steps:
+            try:
+                await asyncio.wait_for(step, self.STOP_STEP_TIMEOUT)
+            except TimeoutError:
+                log.warning("stopping the %s took over %.0f s; going on", name, self.STOP_STEP_TIMEOUT)
         self.etcd.close()

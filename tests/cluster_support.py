@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +43,10 @@ class Cluster:
         return node
 
     def stop(self) -> None:
+        """Stop every node (SIGTERM to all at once, then wait for each)."""
+        for node in self.nodes.values():
+            if node.running:
+                node.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         for node in self.nodes.values():
             node.stop()
 

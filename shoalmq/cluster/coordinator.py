@@ -147,6 +147,7 @@ class Coordinator:
     async def stop(self) -> None:
         self._stopping = True
         if self._task is not None:
+            self._wake.set()
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for watch in self._watches:
@@ -175,7 +176,7 @@ class Coordinator:
         self._changed()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:  # (not only cancellation: wait_for can swallow a cancel on 3.11)
             try:
                 await asyncio.wait_for(self._wake.wait(), RECONCILE_INTERVAL)
             except TimeoutError:
@@ -312,6 +313,7 @@ class Coordinator:
                         continue  # from an earlier lease: it expires on its own
                     if wanted == self.node_id:
                         self.mine[part] = current.epoch
+                        self._ownership_changed()
                         changed = True
                     elif wanted in nodes:
                         await self._hand_off(part, wanted, current.epoch)
@@ -439,6 +441,7 @@ class Coordinator:
         self.mine[part] = revision
         self._claimed_recently.add(part)
         self.owners[part] = Owner(self.node_id, revision, lease)
+        self._ownership_changed()  # deliver from it at once
         self._retry_held()  # publishes that waited for this partition go first
         log.info("partition %s/%d owned here from epoch %d", part[0], part[1], revision)
         # Write the epoch into the readable value too (the key's create revision stays the authority).

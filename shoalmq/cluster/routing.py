@@ -277,22 +277,23 @@ class RouteClient:
             (request.acks if ack else request.nacks).extend(entries)
             self._outgoing.put_nowait(request)
 
-    async def _requests(self) -> AsyncIterator[broker_pb2.RouteRequest]:
+    async def _requests(self, outgoing: asyncio.Queue[broker_pb2.RouteRequest | None],
+                        ) -> AsyncIterator[broker_pb2.RouteRequest]:
         for queue, credit in self.router.credits().items():
             yield broker_pb2.RouteRequest(queue=queue, credit=credit)
         while True:
-            request = await self._outgoing.get()
+            request = await outgoing.get()
             if request is None:
                 return
             yield request
 
     async def _run(self) -> None:
         while not self._closed:
-            # Requests queued for an earlier stream are stale: the new stream starts from the current credits.
-            while not self._outgoing.empty():
-                self._outgoing.get_nowait()
+            # Each stream reads a queue of its own (the generator of a broken stream may still wait on the old one);
+            # requests queued for an earlier stream are stale: the new one starts from the current credits.
+            self._outgoing = asyncio.Queue()
             try:
-                call = self._stub.RouteQueueMessage(self._requests())
+                call = self._stub.RouteQueueMessage(self._requests(self._outgoing))
                 self.connected = True
                 async for message in call:
                     self.router.received(self, message)

@@ -195,21 +195,25 @@ class EnqueueClient:
         self._waiting[batch_id] = future
         partitions = [broker_pb2.PartitionRecords(queue=q, partition=p, epoch=e, records=segment.pack(records))
                       for (q, p, e), records in groups.items()]
-        self._outgoing.put_nowait(broker_pb2.EnqueueBatch(batch_id=batch_id, partitions=partitions))
         if self._stream_task is None or self._stream_task.done():
-            self._stream_task = asyncio.ensure_future(self._run_stream())
+            # A new stream reads a queue of its own: a request generator of a broken stream may still be waiting
+            # on the old one, and would swallow what is meant for the new stream.
+            self._outgoing = asyncio.Queue()
+            self._stream_task = asyncio.ensure_future(self._run_stream(self._outgoing))
+        self._outgoing.put_nowait(broker_pb2.EnqueueBatch(batch_id=batch_id, partitions=partitions))
 
-    async def _requests(self) -> AsyncIterator[broker_pb2.EnqueueBatch]:
+    async def _requests(self, outgoing: asyncio.Queue[broker_pb2.EnqueueBatch | None],
+                        ) -> AsyncIterator[broker_pb2.EnqueueBatch]:
         while True:
-            batch = await self._outgoing.get()
+            batch = await outgoing.get()
             if batch is None:
                 return
             yield batch
 
-    async def _run_stream(self) -> None:
+    async def _run_stream(self, outgoing: asyncio.Queue[broker_pb2.EnqueueBatch | None]) -> None:
         try:
             call = self._stub.TransferPartition if self.transfer else self._stub.EnqueueRemote
-            async for ack in call(self._requests()):
+            async for ack in call(self._requests(outgoing)):
                 future = self._waiting.pop(ack.batch_id, None)
                 if future is None or future.done():
                     continue
@@ -241,7 +245,7 @@ class EnqueueClient:
         self._outgoing.put_nowait(None)
         if self._stream_task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._stream_task), 5)
+                await asyncio.wait_for(asyncio.shield(self._stream_task), 2)
             except (TimeoutError, asyncio.CancelledError):
                 self._stream_task.cancel()
         await self._channel.close()
@@ -253,7 +257,9 @@ async def start_server(handler: RemoteEnqueueHandler, listen: str,
     and the port bound; ShoalError if the address cannot be bound. ``servicer`` (default: an
     ``EnqueueServicer`` of ``handler``) serves every call."""
     # SO_REUSEPORT off: a second node on the same address must fail, not share the port.
-    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0),
+                                      # Accept the clients' keepalive pings (every 2 s, even on idle streams).
+                                      ("grpc.http2.min_ping_interval_without_data_ms", 1000)])
     broker_pb2_grpc.add_BrokerServicer_to_server(servicer or EnqueueServicer(handler), server)
     try:
         port = server.add_insecure_port(listen)
