@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster_support import Cluster, Drain, LoadPublisher, first_occurrences_in_order
-from tests.support import EtcdProcess, MqttClient, wait_until
+from tests.support import BIN_DIR, BrokerProcess, EtcdProcess, MqttClient, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,6 +88,46 @@ def test_etcdctl_shows_three_nodes_and_an_owner_for_every_partition(cluster: Clu
         record = json.loads(entries[f"/shoalmq/partitions/orders/{index}"])
         assert record["owner"] == owner and record["epoch"] > 0
     assert sorted(set(owners.values())) == ["n1", "n2", "n3"]
+
+
+def test_cluster_status_prints_nodes_owners_and_depths(cluster: Cluster, etcd: EtcdProcess,
+                                                       mqtt_client: Callable[..., MqttClient]) -> None:
+    for node in ("n1", "n2", "n3"):
+        cluster.add(node)
+    owners = cluster.wait_settled("orders", 6)
+    publisher = mqtt_client(cluster.nodes["n1"].port)
+    for i in range(60):
+        publisher.publish(f"$queue/orders/k{i}", b"x")
+
+    def status() -> str | None:
+        result = subprocess.run([str(BIN_DIR / "broker"), "cluster", "status", "--etcd", etcd.url],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout if "orders  6           6/6    60" in result.stdout else None
+
+    text = wait_until(status, 20, "the depths to be reported")
+    assert "cluster shoalmq: 3 node(s), 1 queue(s)" in text
+    for node in ("n1", "n2", "n3"):
+        port = cluster.nodes[node].port
+        assert any(line.split()[:2] == [node, f"127.0.0.1:{port}"] and line.split()[5] == "2"
+                   for line in text.splitlines()), text
+    for index, owner in owners.items():
+        assert any(line.split()[:2] == [f"orders/{index}", owner] for line in text.splitlines()), text
+    as_json = subprocess.run([str(BIN_DIR / "broker"), "cluster", "status", "--etcd", etcd.url, "--json"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    assert sum(p["messages"] for p in json.loads(as_json)["partitions"].values()) == 60
+
+
+def test_unreachable_etcd_is_a_clear_error(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run([str(BIN_DIR / "broker"), "cluster", "status", "--etcd", dead],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "etcd unreachable" in result.stderr and "Traceback" not in result.stderr
+    node = BrokerProcess(tmp_path / "n1", ["--etcd", dead, "--node-id", "n1"])
+    node.spawn()
+    assert node.proc is not None
+    assert node.proc.wait(30) == 1
+    assert "cannot join cluster shoalmq through etcd" in node.log and "Traceback" not in node.log
 
 
 def test_direct_mode_consumers_on_every_node_together_get_every_message(

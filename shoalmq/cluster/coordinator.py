@@ -54,6 +54,8 @@ FORWARD_RETRY = 0.05
 RECONCILE_INTERVAL = 1.0
 #: Messages per chunk when a partition's messages move to another node.
 MOVE_CHUNK = 500
+#: Seconds between updates of this node's ``/<cluster>/load/<node>`` key (only written when it changed).
+LOAD_INTERVAL = 2.0
 
 
 class Owner:
@@ -117,6 +119,9 @@ class Coordinator:
         #: Set by ``leave``: this node hands everything over and takes nothing.
         self.leaving = False
         self._reconcile_lock = asyncio.Lock()
+        self._next_load_report = 0.0
+        self._last_load: dict[str, Any] | None = None
+        self._last_load_lease = 0
         self.on_ownership_change: list[Callable[[], None]] = []
         #: Proxy routing's consumer side (None in direct mode).
         self.router: Router | None = Router(manager, self) if routing == "proxy" else None
@@ -185,6 +190,7 @@ class Coordinator:
             try:
                 async with self._reconcile_lock:
                     await self._reconcile()
+                await self._report_load()
             except ShoalError as exc:
                 log.warning("cannot reconcile partition ownership now: %s", exc)
             except Exception:  # a bug must not end the loop that keeps ownership right
@@ -422,6 +428,32 @@ class Coordinator:
                 pass
         log.warning("leaving with %d partition(s) still owned and %d message(s) on disk: they are handed over when "
                     "this node comes back", len(self.mine), self._stored_here())
+
+    def load(self) -> dict[str, Any]:
+        """What this node holds: per queue, the depth of each partition it owns, and of each it stores but does not
+        own (messages on their way to the owner)."""
+        owned: dict[str, dict[str, int]] = {}
+        stored: dict[str, dict[str, int]] = {}
+        for queue in self.manager.queues():
+            for part in queue.partitions:
+                if (queue.name, part.index) in self.mine:
+                    owned.setdefault(queue.name, {})[str(part.index)] = part.depth
+                elif part.depth:
+                    stored.setdefault(queue.name, {})[str(part.index)] = part.depth
+        return {"owned": owned, "stored_not_owned": stored}
+
+    async def _report_load(self) -> None:
+        now = time.monotonic()
+        if now < self._next_load_report or not self.membership.lease_valid():
+            return
+        self._next_load_report = now + LOAD_INTERVAL
+        load = self.load()
+        if load == self._last_load and self._last_load_lease == self.membership.lease:
+            return
+        value = json.dumps({**load, "updated": int(time.time())}, sort_keys=True).encode()
+        await self.etcd.call(self.etcd.put_sync, self.load_prefix + self.node_id.encode(), value,
+                             self.membership.lease)
+        self._last_load, self._last_load_lease = load, self.membership.lease
 
     def _stored_here(self) -> int:
         return sum(p.depth for q in self.manager.queues() for p in q.partitions)

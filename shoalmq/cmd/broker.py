@@ -28,7 +28,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog=PROG,
         description="ShoalMQ: an MQTT broker with durable, partitioned $queue/ work queues.",
-        epilog="Every flag has a config-file key of the same name with '_' for '-'; flags override the file.",
+        epilog="Every flag has a config-file key of the same name with '_' for '-'; flags override the file. "
+               "`broker cluster status --etcd URLS` prints a cluster's nodes, partition owners and queue depths.",
     )
     parser.add_argument("--version", action="version", version=f"ShoalMQ {__version__}")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
@@ -61,6 +62,11 @@ def setup_logging(config: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["cluster"]:
+        from shoalmq.cmd.cluster import main as cluster_main
+
+        return cluster_main(args[1:])
     try:
         config = load_config(argv)
     except ShoalError as exc:

@@ -1,0 +1,140 @@
+"""``broker cluster status``: what etcd says about a cluster, as tables (or JSON).
+
+It reads the same keys ``etcdctl get --prefix /<cluster>/`` shows: the live nodes, the queues, each partition's
+owner and epoch, and the depth each node last reported for the partitions it holds (every 2 s, when changed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from shoalmq.errors import ExitCode, ShoalError
+
+PROG = "broker cluster"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from shoalmq.cmd.broker import _ArgumentParser
+
+    parser = _ArgumentParser(prog=PROG, description="Inspect a ShoalMQ cluster through its etcd.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    status = sub.add_parser("status", help="nodes, partition owners and queue depths",
+                            description="Print the cluster's nodes, partition owners and queue depths.")
+    status.add_argument("--etcd", metavar="URLS", required=True,
+                        help="etcd endpoints, comma-separated http://HOST:PORT (tried in turn)")
+    status.add_argument("--cluster", metavar="NAME", default="shoalmq", help="the cluster's name (default: shoalmq)")
+    status.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    return parser
+
+
+def read_status(etcd: Any, cluster: str) -> dict[str, Any]:
+    """The cluster's state from etcd: nodes, queues, partitions (owner, epoch, depth) and what each node stores."""
+    kvs, revision = etcd.get_prefix_sync(f"/{cluster}/".encode())
+    prefix = f"/{cluster}/"
+    nodes: dict[str, Any] = {}
+    queues: dict[str, Any] = {}
+    partitions: dict[str, dict[str, Any]] = {}
+    loads: dict[str, Any] = {}
+    for kv in kvs:
+        kind, _, rest = kv.key.decode(errors="replace")[len(prefix):].partition("/")
+        try:
+            value = json.loads(kv.value)
+        except ValueError:
+            continue
+        if kind == "nodes":
+            nodes[rest] = value
+        elif kind == "queues":
+            queues[rest] = value
+        elif kind == "partitions":
+            partitions[rest] = {"owner": value.get("owner"), "epoch": kv.create_revision}
+        elif kind == "load":
+            loads[rest] = value
+    for name, entry in partitions.items():
+        queue, _, index = name.rpartition("/")
+        load = loads.get(entry["owner"] or "", {}).get("owned", {})
+        entry["messages"] = load.get(queue, {}).get(index)
+    stored = {node: load.get("stored_not_owned", {}) for node, load in loads.items() if load.get("stored_not_owned")}
+    return {"cluster": cluster, "revision": revision, "nodes": nodes, "queues": queues, "partitions": partitions,
+            "stored_not_owned": stored}
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def _age(started: Any) -> str:
+    if not isinstance(started, int):
+        return "?"
+    seconds = max(0, int(time.time()) - started)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def render(status: dict[str, Any]) -> str:
+    partitions = status["partitions"]
+    by_node: dict[str, list[str]] = {}
+    for name, entry in partitions.items():
+        by_node.setdefault(entry["owner"], []).append(name)
+    out = [f"cluster {status['cluster']}: {len(status['nodes'])} node(s), {len(status['queues'])} queue(s)", ""]
+    rows = [["NODE", "MQTT", "GRPC", "VERSION", "UP", "PARTITIONS", "MESSAGES"]]
+    for node, info in sorted(status["nodes"].items()):
+        owned = by_node.get(node, [])
+        depth = sum(partitions[p]["messages"] or 0 for p in owned)
+        rows.append([node, str(info.get("mqtt", "?")), str(info.get("grpc", "?")), str(info.get("version", "?")),
+                     _age(info.get("started")), str(len(owned)), str(depth)])
+    out += [_table(rows), ""]
+    rows = [["QUEUE", "PARTITIONS", "OWNED", "MESSAGES"]]
+    for queue, settings in sorted(status["queues"].items()):
+        count = settings.get("partitions", 0)
+        mine = [entry for name, entry in partitions.items() if name.rpartition("/")[0] == queue]
+        known = [e["messages"] for e in mine if e["messages"] is not None]
+        rows.append([queue, str(count), f"{len(mine)}/{count}", str(sum(known)) if known else "?"])
+    out += [_table(rows), ""]
+    rows = [["PARTITION", "OWNER", "EPOCH", "MESSAGES"]]
+    for queue, settings in sorted(status["queues"].items()):
+        for index in range(settings.get("partitions", 0)):
+            entry = partitions.get(f"{queue}/{index}")
+            if entry is None:
+                rows.append([f"{queue}/{index}", "(none)", "-", "-"])
+            else:
+                messages = entry["messages"]
+                rows.append([f"{queue}/{index}", str(entry["owner"]), str(entry["epoch"]),
+                             "?" if messages is None else str(messages)])
+    out.append(_table(rows))
+    for node, queues in sorted(status["stored_not_owned"].items()):
+        for queue, parts in sorted(queues.items()):
+            listed = ", ".join(f"{queue}/{p}: {n}" for p, n in sorted(parts.items(), key=lambda i: int(i[0])))
+            out.append(f"\nnode {node} also stores messages of partitions it does not own (on their way to the "
+                       f"owner): {listed}")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    from shoalmq.cluster.etcd import Etcd, parse_endpoints
+
+    args = make_parser().parse_args(argv)
+    try:
+        endpoints = parse_endpoints(args.etcd)
+    except ValueError as exc:
+        print(f"{PROG}: error: --etcd: {exc}", file=sys.stderr)
+        return ExitCode.USAGE_ERROR
+    etcd = Etcd(endpoints)
+    try:
+        status = read_status(etcd, args.cluster)
+    except ShoalError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return ExitCode.RUNTIME_ERROR
+    finally:
+        etcd.close()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(render(status))
+    return ExitCode.OK
