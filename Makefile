@@ -20,6 +20,7 @@ test: system-deps $(VENV)/.installed-test
 bench: system-deps $(VENV)/.installed-test
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 	$(BIN)/python -m bench.compare $(COMPARE_ARGS)
+	$(BIN)/python -m bench.cluster $(CLUSTER_ARGS)
 
 install: $(VENV)/.installed
 
