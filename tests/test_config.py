@@ -144,3 +144,27 @@ def test_bad_queue_settings(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(["--config", str(path)])
+
+
+def test_cluster_settings(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text("etcd: http://10.0.0.1:2379,10.0.0.2:2379\nnode_id: n1\nrouting: direct\nlease_ttl: 7\n")
+    config = load_config(["--config", str(path), "--grpc-listen", "127.0.0.1:7001", "--advertise", "node1.lan"])
+    assert config.etcd == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
+    assert (config.node_id, config.routing, config.lease_ttl, config.cluster) == ("n1", "direct", 7, "shoalmq")
+    assert (str(config.grpc_listen), config.advertise) == ("127.0.0.1:7001", "node1.lan")
+    assert Config().etcd is None and Config().routing == "proxy"  # without --etcd: the single node
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--etcd", "ftp://h:1"], "--etcd: bad etcd endpoint"),
+    (["--etcd", "http://h"], "--etcd: bad etcd endpoint"),
+    (["--node-id", "a/b"], "--node-id: expected 1-64 letters"),
+    (["--cluster", ""], "--cluster: expected 1-64 letters"),
+    (["--routing", "mesh"], "--routing: expected one of proxy, direct"),
+    (["--lease-ttl", "1"], "--lease-ttl: expected a whole number from 2 to 60"),
+    (["--grpc-listen", "7001"], "--grpc-listen: expected HOST:PORT"),
+])
+def test_bad_cluster_settings(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(args)

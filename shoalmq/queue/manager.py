@@ -663,7 +663,7 @@ class QueueManager:
             state.consumer.deliver(deliveries)
         if any(s.queues and len(s.inflight) < s.consumer.window for s in consumers):
             # Room left and maybe more on disk: continue on the next loop iteration.
-            if any(p.ready for p in queue.sources):
+            if any(p.ready for p in sources):
                 self._schedule_dispatch(queue)
 
     def _take(self, queue: Queue, count: int, parts: list[Any]) -> list[tuple[PartitionLog, Message]]:

@@ -1,0 +1,211 @@
+"""The cluster's node-local logic with in-memory fakes: the queue manager's cluster hooks and proxy routing's
+partitions. (The cluster itself is tested with real etcd and real broker processes in test_cluster.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+from shoalmq.cluster.routing import RemotePartition, Router
+from shoalmq.proto import broker_pb2
+from shoalmq.queue.manager import QueueConfig, QueueManager
+from shoalmq.queue.record import encode_record
+from shoalmq.queue.storage import MemoryBackend, Store
+from tests.test_queue_manager import FakeConsumer, settle
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+class FakeCluster:
+    """The ``Cluster`` interface over dicts: which partitions are ours, what was forwarded, defined queues."""
+
+    def __init__(self, owned: dict[str, list[int]] | None = None) -> None:
+        self.owned = owned or {}
+        self.definitions: dict[str, QueueConfig] = {}
+        self.forwarded: list[tuple[str, int, bytes]] = []
+        self.defining: dict[str, asyncio.Future[QueueConfig]] = {}
+        self.extra: dict[str, list[Any]] = {}
+
+    def queue_config(self, name: str) -> QueueConfig | None:
+        return self.definitions.get(name)
+
+    def define(self, name: str, config: QueueConfig) -> asyncio.Future[QueueConfig]:
+        future = self.defining[name] = asyncio.get_running_loop().create_future()
+        self._config = config
+        return future
+
+    def finish_definition(self, name: str) -> None:
+        self.definitions[name] = self._config
+        self.defining[name].set_result(self._config)
+
+    def writable(self, queue: str, partition: int) -> bool:
+        return partition in self.owned.get(queue, [])
+
+    def forward(self, queue: str, partition: int, record: bytes) -> asyncio.Future[None]:
+        self.forwarded.append((queue, partition, record))
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    def owned_partitions(self, queue: str) -> list[int]:
+        return self.owned.get(queue, [])
+
+    def proxies(self, queue: str) -> list[Any]:
+        return self.extra.get(queue, [])
+
+
+def clustered(cluster: FakeCluster, partitions: int = 4) -> QueueManager:
+    manager = QueueManager(Store(MemoryBackend()), defaults=QueueConfig(partitions=partitions))
+    manager.cluster = cluster
+    return manager
+
+
+def test_publishes_to_partitions_owned_elsewhere_are_forwarded() -> None:
+    async def body() -> None:
+        cluster = FakeCluster({"orders": [0, 1]})
+        cluster.definitions["orders"] = QueueConfig(partitions=4)
+        manager = clustered(cluster)
+        for i in range(40):
+            await manager.publish(f"$queue/orders/k{i}", b"m%d" % i)
+        queue = manager.queue("orders")
+        local = sum(p.depth for p in queue.partitions)
+        assert local + len(cluster.forwarded) == 40
+        assert {p for _, p, _ in cluster.forwarded} == {2, 3}
+        assert all(queue.partitions[p].depth == 0 for p in (2, 3))
+        forwarded = {record for _, _, record in cluster.forwarded}
+        expected = {encode_record(b"k%d" % i, b"m%d" % i) for i in range(40)}
+        assert forwarded <= expected and len(forwarded) == len(cluster.forwarded)
+
+    run(body())
+
+
+def test_a_queue_new_to_the_cluster_waits_for_its_definition() -> None:
+    async def body() -> None:
+        cluster = FakeCluster({"fresh": [0, 1, 2, 3]})
+        manager = clustered(cluster)
+        consumer = FakeConsumer("c")
+        manager.subscribe(consumer, "fresh")  # waits too
+        first = manager.publish("$queue/fresh", b"one")
+        second = manager.publish("$queue/fresh", b"two")
+        await settle()
+        assert not first.done() and not second.done() and list(cluster.defining) == ["fresh"]
+        cluster.finish_definition("fresh")
+        await asyncio.gather(first, second)
+        await settle(lambda: len(consumer.received) == 2)
+        assert sorted(d.payload for d in consumer.received) == [b"one", b"two"]
+
+    run(body())
+
+
+def test_dispatch_takes_only_from_owned_partitions_and_other_nodes_get_only_those() -> None:
+    async def body() -> None:
+        cluster = FakeCluster({"jobs": [0, 1, 2, 3]})
+        cluster.definitions["jobs"] = QueueConfig(partitions=4)
+        manager = clustered(cluster)
+        for i in range(8):
+            await manager.queue("jobs").publish("", b"%d" % i, partition=i % 4)
+        cluster.owned["jobs"] = [0, 1]  # partitions 2 and 3 moved away
+        manager.refresh_sources()
+        local = FakeConsumer("local", window=100)
+        manager.subscribe(local, "jobs")
+        await settle(lambda: len(local.received) == 4)
+        assert {d.partition.index for d in local.received} == {0, 1}
+
+        class Proxy:  # another owner's partition, as proxy routing presents it
+            pid, index, expired = -7, 2, 0
+
+            def __init__(self) -> None:
+                self.held = [RemoteMessageLike(100 + i) for i in range(3)]
+
+            @property
+            def ready(self) -> int:
+                return len(self.held)
+
+            def take(self, n: int) -> list[Any]:
+                out, self.held = self.held[:n], self.held[n:]
+                return out
+
+            def nack(self, offsets: Any) -> int:
+                return 0
+
+            def ack(self, offsets: Any) -> int:
+                return len(list(offsets))
+
+        class RemoteMessageLike:
+            def __init__(self, offset: int) -> None:
+                self.offset, self.payload, self.deliveries, self.last_holder = offset, b"\x00\x00r", 1, None
+
+        class Remote(FakeConsumer):
+            remote = True
+
+        proxy = Proxy()
+        cluster.extra["jobs"] = [proxy]
+        manager.refresh_sources()
+        remote = Remote("remote", window=100)
+        manager.subscribe(remote, "jobs")
+        local.ack_all(manager)
+        for i in range(4):
+            await manager.queue("jobs").publish("", b"n%d" % i, partition=i % 2)
+        await settle(lambda: len(local.received) + len(remote.received) == 4 + 4 + 3)
+        # The proxy's messages went to the local consumer only; the remote one only got owned partitions.
+        assert all(d.partition.index in (0, 1) for d in remote.received)
+        assert sum(1 for d in local.received if d.partition is proxy) == 3
+
+    run(body())
+
+
+def test_remote_partition_holds_hands_back_and_acks_through_its_client() -> None:
+    class Client:
+        node = "n2"
+
+        def __init__(self) -> None:
+            self.settled: list[tuple[str, int, int, list[int], bool]] = []
+
+        def settle(self, queue: str, partition: int, epoch: int, offsets: list[int], ack: bool) -> None:
+            self.settled.append((queue, partition, epoch, list(offsets), ack))
+
+    client = Client()
+    proxy = RemotePartition(client, "orders", 3, 42)  # type: ignore[arg-type]
+    proxy.add([b"a", b"b", b"c"], [10, 11, 12], bytes([1, 1, 2]))
+    assert (proxy.ready, proxy.depth) == (3, 3)
+    taken = proxy.take(2)
+    assert [m.offset for m in taken] == [10, 11] and proxy.ready == 1 and proxy.depth == 3
+    assert proxy.nack([11]) == 1  # a local consumer went away: the next local one gets it first, as a redelivery
+    again = proxy.take(5)
+    assert [m.offset for m in again] == [11, 12] and again[0].deliveries == 2
+    assert proxy.ack([10, 11, 99]) == 2
+    assert client.settled == [("orders", 3, 42, [10, 11], True)]
+    assert proxy.drop() == [12] and proxy.depth == 0
+
+
+def test_deliveries_for_a_queue_without_consumers_here_go_straight_back() -> None:
+    async def body() -> None:
+        manager = clustered(FakeCluster())
+
+        class Coordinator:
+            node_id, membership, owners = "n1", None, {}
+
+        router = Router(manager, Coordinator())  # type: ignore[arg-type]
+
+        class Client:
+            node = "n2"
+            settled: list[Any] = []
+
+            def settle(self, *args: Any, **kwargs: Any) -> None:
+                self.settled.append((args, kwargs))
+
+        client = Client()
+        from shoalmq._native import segment
+        message = broker_pb2.RouteDeliveries(queue="q", partition=1, epoch=5, records=segment.pack([b"\x00\x00x"]),
+                                             offsets=[7], deliveries=bytes([1]))
+        router.received(client, message)  # type: ignore[arg-type]
+        assert client.settled == [(("q", 1, 5, [7]), {"ack": False})] and not router.proxies
+
+    run(body())
