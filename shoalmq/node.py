@@ -101,6 +101,9 @@ class ClusterMember:
         config = self.config
         advertise = config.advertise or config.listen.host
         grpc_listen = str(config.grpc_listen) if config.grpc_listen else f"{config.listen.host}:0"
+        # Before anything can arrive over gRPC: ownership is checked (and refused until claims are made).
+        self.queues.cluster = self.coordinator
+        self.queues.ownership = self.coordinator
         self.server, port = await start_server(self.queues, grpc_listen, NodeServicer(self.queues, self.coordinator))
         self.membership.info.update({
             "mqtt": f"{advertise}:{config.listen.port}",
@@ -120,17 +123,20 @@ class ClusterMember:
             except ShoalError as exc:
                 raise StartupError(f"cannot join cluster {config.cluster} through etcd "
                                    f"{','.join(config.etcd or ())}: {exc}") from None
-        self.queues.cluster = self.coordinator
-        self.queues.ownership = self.coordinator
         await self.coordinator.start()
 
     #: Seconds each step of leaving may take before the next one starts anyway.
     STOP_STEP_TIMEOUT = 5.0
+    #: Seconds the handover on a graceful stop may take (what is left is handed over at the next start).
+    LEAVE_TIMEOUT = 40.0
 
     async def stop(self) -> None:
         """Leave gracefully (hand everything over), then stop serving; each step bounded in time."""
-        if self.membership.lease_valid():
-            await self.coordinator.leave()
+        if self.coordinator.started and self.membership.lease_valid():
+            try:
+                await asyncio.wait_for(self.coordinator.leave(), self.LEAVE_TIMEOUT)
+            except TimeoutError:
+                log.warning("handing over took longer than %.0f s; leaving the rest on disk", self.LEAVE_TIMEOUT)
         steps = [("coordinator", self.coordinator.stop()), ("membership", self.membership.stop())]
         if self.server is not None:
             steps.append(("gRPC server", self.server.stop(1)))

@@ -209,3 +209,57 @@ def test_deliveries_for_a_queue_without_consumers_here_go_straight_back() -> Non
         assert client.settled == [(("q", 1, 5, [7]), {"ack": False})] and not router.proxies
 
     run(body())
+
+
+class FakeMembership:
+    def __init__(self) -> None:
+        self.node_id, self.cluster, self.lease = "a", "c", 1
+        self.nodes = {"a": {"grpc": "a:1"}, "b": {"grpc": "b:1"}}
+        self.on_change: list[Any] = []
+        self.on_lease_lost: list[Any] = []
+        self.on_lease_regained: list[Any] = []
+
+    def lease_valid(self) -> bool:
+        return True
+
+
+class FakeClient:
+    """A peer's EnqueueClient: each call returns a future the test resolves."""
+
+    target = "b:1"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[bytes], asyncio.Future[None]]] = []
+
+    def enqueue_records(self, queue: str, partition: int, epoch: int, records: list[bytes]) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        self.calls.append((list(records), future))
+        return future
+
+
+def test_a_forward_refused_by_the_old_owner_is_stored_before_later_ones() -> None:
+    """A batch sent to the old owner and refused after this node took the partition over goes first."""
+    from shoalmq.cluster.assignment import HashPartitionAssigner
+    from shoalmq.cluster.coordinator import Coordinator, Owner
+    from shoalmq.cluster.transport import ForwardError, Status
+
+    async def body() -> None:
+        manager = QueueManager(Store(MemoryBackend()), defaults=QueueConfig(partitions=1))
+        coordinator = Coordinator(None, FakeMembership(), manager, HashPartitionAssigner(),  # type: ignore[arg-type]
+                                  routing="direct")
+        manager.cluster = coordinator
+        coordinator.definitions["q"] = QueueConfig(partitions=1)
+        coordinator.owners[("q", 0)] = Owner("b", 5, 2)
+        client = coordinator._clients["b"] = FakeClient()  # type: ignore[assignment]
+        first = manager.publish("$queue/q", b"m0")
+        await settle(lambda: len(client.calls) == 1)
+        coordinator.mine[("q", 0)] = 9  # this node took the partition over meanwhile
+        coordinator.owners[("q", 0)] = Owner("a", 9, 1)
+        second = manager.publish("$queue/q", b"m1")  # must not overtake m0
+        await settle()
+        client.calls[0][1].set_exception(ForwardError("not the owner", Status.NOT_OWNER))
+        await asyncio.gather(first, second)
+        part = manager.queue("q").partitions[0]
+        assert [m.payload for m in part.take(10)] == [encode_record(b"", b"m0"), encode_record(b"", b"m1")]
+
+    run(body())

@@ -26,6 +26,7 @@ view is refreshed by the watch), for up to ``FORWARD_TIMEOUT`` seconds; a partit
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import time
@@ -38,7 +39,7 @@ from shoalmq.cluster.etcd import Etcd, KeyValue, PrefixWatch, WatchEvent
 from shoalmq.cluster.membership import Membership
 from shoalmq.cluster.routing import Router
 from shoalmq.cluster.transport import EnqueueClient, ForwardError, Status
-from shoalmq.errors import NotOwner, ShoalError, StaleEpoch
+from shoalmq.errors import ConfigError, NotOwner, ShoalError, StaleEpoch
 from shoalmq.queue.manager import QueueConfig
 
 if TYPE_CHECKING:
@@ -70,10 +71,11 @@ class Owner:
 class _Forward:
     """Forwarded publishes of one loop turn (grouped by partition), and the future their publishers wait on."""
 
-    __slots__ = ("deadline", "future", "groups", "outstanding")
+    __slots__ = ("deadline", "future", "groups", "outstanding", "seq")
 
-    def __init__(self, groups: dict[tuple[str, int], list[bytes]], future: asyncio.Future[None],
+    def __init__(self, seq: int, groups: dict[tuple[str, int], list[bytes]], future: asyncio.Future[None],
                  deadline: float) -> None:
+        self.seq = seq  # turn order: held forwards are retried oldest first
         self.groups = groups
         self.future = future
         self.deadline = deadline
@@ -99,6 +101,8 @@ class Coordinator:
         self.definitions: dict[str, QueueConfig] = {}
         #: (queue, partition) -> its owner as recorded in etcd.
         self.owners: dict[tuple[str, int], Owner] = {}
+        #: (queue, partition) -> the highest epoch the view has shown (kept when the key goes).
+        self.max_epoch: dict[tuple[str, int], int] = {}
         #: (queue, partition) -> epoch, for the partitions this node holds the key of.
         self.mine: dict[tuple[str, int], int] = {}
         self._clients: dict[str, EnqueueClient] = {}
@@ -108,9 +112,10 @@ class Coordinator:
         self._held: list[_Forward] = []
         #: Partitions with forwarded groups not yet stored (a local publish to them waits behind those).
         self._unsettled: dict[tuple[str, int], int] = {}
-        #: Partitions with groups sent and not yet answered: [the node they went to, how many].
-        self._sent_to: dict[tuple[str, int], list[Any]] = {}
-        self._retry_handle: asyncio.TimerHandle | None = None
+        #: Partitions with a group sent to another node and not yet answered (at most one each).
+        self._on_the_way: set[tuple[str, int]] = set()
+        self._forward_seq = 0
+        self._retry_handle: asyncio.Handle | None = None
         self._defining: dict[str, asyncio.Future[QueueConfig]] = {}
         self._wake = asyncio.Event()
         self._watches: list[PrefixWatch] = []
@@ -119,6 +124,8 @@ class Coordinator:
         #: Set by ``leave``: this node hands everything over and takes nothing.
         self.leaving = False
         self._reconcile_lock = asyncio.Lock()
+        self._unservable: set[str] = set()
+        self.started = False
         self._next_load_report = 0.0
         self._last_load: dict[str, Any] | None = None
         self._last_load_lease = 0
@@ -143,11 +150,17 @@ class Coordinator:
             watch = PrefixWatch(self.etcd, prefix, snapshot, events)
             await watch.start()
             self._watches.append(watch)
-        # Queues this node stored before (created in an earlier run) are defined in the cluster too.
+        # Queues this node stored before (created in an earlier run) or declares are defined in the cluster too;
+        # one the cluster knows with another partition count cannot be served here.
         for queue in self.manager.queues():
-            if queue.name not in self.definitions:
-                await self._define(queue.name, queue.config)
+            defined = self.definitions.get(queue.name) or await self._define(queue.name, queue.config)
+            if defined.partitions != len(queue.partitions):
+                raise ConfigError(f"queue {queue.name!r} has {defined.partitions} partitions in cluster "
+                                  f"{self.membership.cluster} but {len(queue.partitions)} on this node (its data "
+                                  f"directory or configuration); a queue's partition count cannot change")
+        self.manager.refresh_sources()  # nothing is owned yet: deliver nothing until claimed
         self._task = asyncio.create_task(self._run(), name="shoalmq-coordinator")
+        self.started = True
 
     async def stop(self) -> None:
         self._stopping = True
@@ -240,7 +253,9 @@ class Coordinator:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring unreadable ownership record %r", kv.key)
             return
-        self.owners[self._partition_of(kv.key)] = Owner(owner, kv.create_revision, kv.lease)
+        part = self._partition_of(kv.key)
+        self.owners[part] = Owner(owner, kv.create_revision, kv.lease)
+        self.max_epoch[part] = max(self.max_epoch.get(part, 0), kv.create_revision)
 
     def _owners_updated(self) -> None:
         # A key of ours that is gone (or now someone else's) is no longer ours, whatever we thought.
@@ -302,7 +317,8 @@ class Coordinator:
             return  # our own registration is not in the view yet, or nobody is left to take over
         changed = False
         for name, config in list(self.definitions.items()):
-            self._ensure_local(name)
+            if not self._ensure_local(name):
+                continue
             for index, wanted in enumerate(self.assigner.assign(name, config.partitions, live)):
                 if self._stopping or not self.membership.lease_valid():
                     return
@@ -390,7 +406,8 @@ class Coordinator:
                     return moved
                 offsets = [m.offset for m in messages]
                 try:
-                    await client.enqueue_records(part[0], part[1], epoch, [m.payload for m in messages])
+                    await asyncio.wait_for(client.enqueue_records(part[0], part[1], epoch,
+                                                                  [m.payload for m in messages]), FORWARD_TIMEOUT)
                 except BaseException:
                     part_log.nack(offsets)
                     raise
@@ -509,11 +526,16 @@ class Coordinator:
         self._changed()
         return self.definitions[name]
 
-    def _ensure_local(self, name: str) -> None:
+    def _ensure_local(self, name: str) -> bool:
+        """Open the queue here (False, logged once, if this node cannot serve it)."""
         try:
             self.manager.queue(name)
+            return True
         except ShoalError as exc:
-            log.error("queue %s cannot be opened here: %s", name, exc)
+            if name not in self._unservable:
+                self._unservable.add(name)
+                log.error("queue %s cannot be served by this node: %s", name, exc)
+            return False
 
     # -- forwarding -------------------------------------------------------------------------------------------
 
@@ -535,27 +557,25 @@ class Coordinator:
         assert future is not None
         for part in groups:
             self._unsettled[part] = self._unsettled.get(part, 0) + 1
-        self._send(_Forward(groups, future, time.monotonic() + FORWARD_TIMEOUT),
+        self._forward_seq += 1
+        self._send(_Forward(self._forward_seq, groups, future, time.monotonic() + FORWARD_TIMEOUT),
                    {part for held in self._held for part in held.groups})
 
     def _send(self, forward: _Forward, blocked: set[tuple[str, int]]) -> None:
         """Send each group to its partition's owner (or append it here if this node owns it now); groups without
         a reachable owner wait for the next attempt.
 
-        Per-partition order: a group waits while an earlier group of its partition waits (``blocked``), or is
-        still unanswered by a different node than the one it would go to now."""
+        Per-partition order: a partition has at most one group on its way (sent and not yet answered); a group
+        waits while an earlier group of its partition is on its way or waiting (``blocked``), and waiting groups
+        are sent again oldest first. A group refused or lost is thus always sent again before any later one."""
         held: dict[tuple[str, int], list[bytes]] = {}
         failure: ShoalError | None = None
         for part, records in forward.groups.items():
-            sent = self._sent_to.get(part)
-            if part in blocked:
+            if part in blocked or part in self._on_the_way:
                 held[part] = records
+                blocked.add(part)
                 continue
             if part in self.mine and self.membership.lease_valid():
-                if sent is not None:
-                    held[part] = records
-                    blocked.add(part)
-                    continue
                 try:
                     part_log = self.manager.queue(part[0]).partition(part[1])
                     flush = None
@@ -565,20 +585,17 @@ class Coordinator:
                     failure = exc
                     self._group_settled(part)
                     continue
-                self._track(forward, flush, part, records, None)
+                self._track(forward, flush, part, records)
                 continue
             owner = self.owners.get(part)
             client = self._client(owner.node) if owner is not None and owner.node != self.node_id else None
-            if owner is None or client is None or (sent is not None and sent[0] != owner.node):
+            if owner is None or client is None:
                 held[part] = records
                 blocked.add(part)
                 continue
-            if sent is None:
-                self._sent_to[part] = [owner.node, 1]
-            else:
-                sent[1] += 1
+            self._on_the_way.add(part)
             self._track(forward, client.enqueue_records(part[0], part[1], owner.epoch, records), part, records,
-                        owner.node)
+                        remote=True)
         forward.groups = held
         if failure is not None:
             self._fail(forward, failure)
@@ -588,16 +605,15 @@ class Coordinator:
             self._settle(forward)
 
     def _track(self, forward: _Forward, flush: asyncio.Future[None] | None, part: tuple[str, int],
-               records: list[bytes], node: str | None) -> None:
+               records: list[bytes], remote: bool = False) -> None:
         forward.outstanding += 1
 
         def done(f: asyncio.Future[None] | None) -> None:
             forward.outstanding -= 1
-            if node is not None:
-                sent = self._sent_to[part]
-                sent[1] -= 1
-                if not sent[1]:
-                    del self._sent_to[part]
+            if remote:
+                self._on_the_way.discard(part)
+                if self._held:
+                    self._schedule_retry(0)  # the partition's next group may go now
             error = f.exception() if f is not None else None
             retry = isinstance(error, ForwardError) and getattr(error, "status", None) != Status.REFUSED
             if retry and not forward.future.done():
@@ -632,9 +648,16 @@ class Coordinator:
             self._fail(forward, ShoalError(f"no owner of {parts} took the message within {FORWARD_TIMEOUT:.0f} s"))
             return
         if forward not in self._held:
-            self._held.append(forward)
-        if self._retry_handle is None:
-            self._retry_handle = self._loop.call_later(FORWARD_RETRY, self._retry_held)
+            bisect.insort(self._held, forward, key=lambda f: f.seq)
+        self._schedule_retry(FORWARD_RETRY)
+
+    def _schedule_retry(self, delay: float) -> None:
+        if self._retry_handle is not None:
+            if delay > 0:
+                return
+            self._retry_handle.cancel()
+        self._retry_handle = (self._loop.call_later(delay, self._retry_held) if delay > 0
+                              else self._loop.call_soon(self._retry_held))
 
     def _retry_held(self) -> None:
         """Send again what waits, oldest first (so each partition keeps its order)."""
@@ -644,8 +667,13 @@ class Coordinator:
         held, self._held = self._held, []
         blocked: set[tuple[str, int]] = set()
         for forward in held:
-            if not forward.future.done() and forward.groups:
+            if forward.future.done() or not forward.groups:
+                continue
+            try:
                 self._send(forward, blocked)
+            except Exception as exc:  # never lose a held forward to a bug: fail it, visibly
+                log.exception("forwarding failed")
+                self._fail(forward, exc)
 
     def _settle(self, forward: _Forward) -> None:
         if not forward.future.done():

@@ -136,8 +136,9 @@ class Membership:
             if not self.healthy:
                 try:
                     await self._register()
-                except NodeIdInUse:
-                    raise
+                except NodeIdInUse as exc:
+                    log.error("%s: this node stays out of the cluster (it takes no writes) until restarted", exc)
+                    return
                 except ShoalError as exc:
                     log.warning("cannot register again yet: %s", exc)
 

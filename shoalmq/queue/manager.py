@@ -493,14 +493,17 @@ class QueueManager:
         return self._store_records(batches, check=False)
 
     def _store_records(self, batches: Sequence[Any], check: bool) -> asyncio.Future[None]:
-        flush: asyncio.Future[None] | None = None
+        # Every group is checked before any is stored: a refusal stores nothing (the sender retries all of it).
         for batch in batches:
             if check and self.ownership is not None:
                 self.ownership.check(batch.queue, batch.partition, batch.epoch)
             try:
-                queue = self.queue(batch.queue)
+                self.queue(batch.queue).partition(batch.partition)
             except QueueUndefined:
                 raise NotOwner(f"queue {batch.queue!r} is not known here yet") from None
+        flush: asyncio.Future[None] | None = None
+        for batch in batches:
+            queue = self.queue(batch.queue)
             part = queue.partition(batch.partition)
             for record in batch.records:
                 try:
@@ -762,7 +765,10 @@ class QueueManager:
     def _check_ack_timeouts(self) -> None:
         try:
             now = time.monotonic()
-            expired = [d for s in self._consumers.values() for d in s.inflight.values() if d.deadline <= now]
+            # Not for other nodes' route streams: their consumers' deadlines are kept on their node, and a stream
+            # that ends hands everything back.
+            expired = [d for s in self._consumers.values() if not getattr(s.consumer, "remote", False)
+                       for d in s.inflight.values() if d.deadline <= now]
             if expired:
                 log.info("%d delivery(ies) not acked in time: handed to other consumers", len(expired))
                 self._requeue(expired)
