@@ -16,8 +16,9 @@ certainly alive (``Membership.lease_valid``): a node cut off from etcd stops wri
 lease and let another node claim.
 
 Publishes. A publish to a partition this node owns is appended locally. Any other is forwarded to the owner over
-the peer's ``EnqueueRemote`` stream, every forwarded message of one loop turn in one batch with one future; the
-owner answers once it is durable, and only then is the publisher acknowledged. A batch that the owner refuses as
+the peer's ``EnqueueRemote`` stream: every message forwarded to a peer in one loop turn travels in one gRPC
+message, with one future per partition; the owner answers once they are durable, and only then are the
+publishers acknowledged. A batch that the owner refuses as
 not-owner or stale-epoch, or that is lost with a dying peer, is sent again to whoever owns the partition then (the
 view is refreshed by the watch), for up to ``FORWARD_TIMEOUT`` seconds; a partition with no owner at the moment
 (between a crash and the takeover) holds its publishes meanwhile.
@@ -69,7 +70,7 @@ class Owner:
 
 
 class _Forward:
-    """Forwarded publishes of one loop turn (grouped by partition), and the future their publishers wait on."""
+    """Forwarded publishes of one loop turn to one partition, and the future their publishers wait on."""
 
     __slots__ = ("deadline", "future", "groups", "outstanding", "seq")
 
@@ -107,8 +108,7 @@ class Coordinator:
         self.mine: dict[tuple[str, int], int] = {}
         self._clients: dict[str, EnqueueClient] = {}
         self._loop = asyncio.get_running_loop()
-        self._turn: dict[tuple[str, int], list[bytes]] = {}
-        self._turn_future: asyncio.Future[None] | None = None
+        self._turn: dict[tuple[str, int], tuple[list[bytes], asyncio.Future[None]]] = {}
         self._held: list[_Forward] = []
         #: Partitions with forwarded groups not yet stored (a local publish to them waits behind those).
         self._unsettled: dict[tuple[str, int], int] = {}
@@ -540,26 +540,25 @@ class Coordinator:
     # -- forwarding -------------------------------------------------------------------------------------------
 
     def forward(self, queue: str, partition: int, record: bytes) -> asyncio.Future[None]:
-        """Send a publish (a stored record) to the partition's owner; every forward of this loop turn shares the
-        returned future, which resolves once the owner has it on disk."""
-        if self._turn_future is None:
-            self._turn_future = self._loop.create_future()
-            self._loop.call_soon(self._flush_turn)
-        records = self._turn.get((queue, partition))
-        if records is None:
-            records = self._turn[(queue, partition)] = []
-        records.append(record)
-        return self._turn_future
+        """Send a publish (a stored record) to the partition's owner. The forwards of one loop turn to one
+        partition share the returned future, which resolves once the owner has them on disk (one future per
+        partition per turn: a refusal fails only the publishes of its partition)."""
+        entry = self._turn.get((queue, partition))
+        if entry is None:
+            if not self._turn:
+                self._loop.call_soon(self._flush_turn)
+            entry = self._turn[(queue, partition)] = ([], self._loop.create_future())
+        entry[0].append(record)
+        return entry[1]
 
     def _flush_turn(self) -> None:
-        groups, self._turn = self._turn, {}
-        future, self._turn_future = self._turn_future, None
-        assert future is not None
-        for part in groups:
+        turn, self._turn = self._turn, {}
+        blocked = {part for held in self._held for part in held.groups}
+        deadline = time.monotonic() + FORWARD_TIMEOUT
+        for part, (records, future) in turn.items():
             self._unsettled[part] = self._unsettled.get(part, 0) + 1
-        self._forward_seq += 1
-        self._send(_Forward(self._forward_seq, groups, future, time.monotonic() + FORWARD_TIMEOUT),
-                   {part for held in self._held for part in held.groups})
+            self._forward_seq += 1
+            self._send(_Forward(self._forward_seq, {part: records}, future, deadline), blocked)
 
     def _send(self, forward: _Forward, blocked: set[tuple[str, int]]) -> None:
         """Send each group to its partition's owner (or append it here if this node owns it now); groups without
