@@ -227,6 +227,7 @@ class FakeClient:
     """A peer's EnqueueClient: each call returns a future the test resolves."""
 
     target = "b:1"
+    open_batch = None
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[bytes], asyncio.Future[None]]] = []

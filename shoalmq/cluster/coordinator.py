@@ -72,7 +72,7 @@ class Owner:
 class _Forward:
     """Forwarded publishes of one loop turn to one partition, and the future their publishers wait on."""
 
-    __slots__ = ("deadline", "future", "groups", "outstanding", "seq")
+    __slots__ = ("deadline", "future", "groups", "held", "outstanding", "seq")
 
     def __init__(self, seq: int, groups: dict[tuple[str, int], list[bytes]], future: asyncio.Future[None],
                  deadline: float) -> None:
@@ -81,6 +81,7 @@ class _Forward:
         self.future = future
         self.deadline = deadline
         self.outstanding = 0
+        self.held = False
 
 
 class Coordinator:
@@ -112,8 +113,9 @@ class Coordinator:
         self._held: list[_Forward] = []
         #: Partitions with forwarded groups not yet stored (a local publish to them waits behind those).
         self._unsettled: dict[tuple[str, int], int] = {}
-        #: Partitions with a group sent to another node and not yet answered (at most one each).
-        self._on_the_way: set[tuple[str, int]] = set()
+        #: Partitions with groups sent to another node and not yet answered -> the future of the gRPC message
+        #: they ride in (all of a partition's groups on their way share one).
+        self._on_the_way: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._forward_seq = 0
         self._retry_handle: asyncio.Handle | None = None
         self._defining: dict[str, asyncio.Future[QueueConfig]] = {}
@@ -553,7 +555,7 @@ class Coordinator:
 
     def _flush_turn(self) -> None:
         turn, self._turn = self._turn, {}
-        blocked = {part for held in self._held for part in held.groups}
+        blocked = {part for held in self._held for part in held.groups} if self._held else set()
         deadline = time.monotonic() + FORWARD_TIMEOUT
         for part, (records, future) in turn.items():
             self._unsettled[part] = self._unsettled.get(part, 0) + 1
@@ -564,17 +566,23 @@ class Coordinator:
         """Send each group to its partition's owner (or append it here if this node owns it now); groups without
         a reachable owner wait for the next attempt.
 
-        Per-partition order: a partition has at most one group on its way (sent and not yet answered); a group
-        waits while an earlier group of its partition is on its way or waiting (``blocked``), and waiting groups
-        are sent again oldest first. A group refused or lost is thus always sent again before any later one."""
+        Per-partition order: a partition's groups on their way (sent, not yet answered) all ride in one gRPC
+        message (the peer's batch of this loop turn), answered or failed together; a group waits while an
+        earlier group of its partition is waiting (``blocked``) or on its way in an earlier message, and waiting
+        groups are sent again oldest first. A group refused or lost is thus always sent again before any later
+        one, and the groups that waited for it go with it."""
         held: dict[tuple[str, int], list[bytes]] = {}
         failure: ShoalError | None = None
         for part, records in forward.groups.items():
-            if part in blocked or part in self._on_the_way:
+            on_the_way = self._on_the_way.get(part)
+            if part in blocked:
                 held[part] = records
-                blocked.add(part)
                 continue
             if part in self.mine and self.membership.lease_valid():
+                if on_the_way is not None:
+                    held[part] = records
+                    blocked.add(part)
+                    continue
                 try:
                     part_log = self.manager.queue(part[0]).partition(part[1])
                     flush = None
@@ -588,13 +596,13 @@ class Coordinator:
                 continue
             owner = self.owners.get(part)
             client = self._client(owner.node) if owner is not None and owner.node != self.node_id else None
-            if owner is None or client is None:
+            if owner is None or client is None or (on_the_way is not None and on_the_way is not client.open_batch):
                 held[part] = records
                 blocked.add(part)
                 continue
-            self._on_the_way.add(part)
-            self._track(forward, client.enqueue_records(part[0], part[1], owner.epoch, records), part, records,
-                        remote=True)
+            flush = client.enqueue_records(part[0], part[1], owner.epoch, records)
+            self._on_the_way[part] = flush
+            self._track(forward, flush, part, records, remote=True)
         forward.groups = held
         if failure is not None:
             self._fail(forward, failure)
@@ -609,10 +617,10 @@ class Coordinator:
 
         def done(f: asyncio.Future[None] | None) -> None:
             forward.outstanding -= 1
-            if remote:
-                self._on_the_way.discard(part)
+            if remote and self._on_the_way.get(part) is f:
+                del self._on_the_way[part]
                 if self._held:
-                    self._schedule_retry(0)  # the partition's next group may go now
+                    self._schedule_retry(0)  # the partition's next groups may go now
             error = f.exception() if f is not None else None
             retry = isinstance(error, ForwardError) and getattr(error, "status", None) != Status.REFUSED
             if retry and not forward.future.done():
@@ -646,7 +654,8 @@ class Coordinator:
             parts = ", ".join(f"{q}/{p}" for q, p in forward.groups)
             self._fail(forward, ShoalError(f"no owner of {parts} took the message within {FORWARD_TIMEOUT:.0f} s"))
             return
-        if forward not in self._held:
+        if not forward.held:
+            forward.held = True
             bisect.insort(self._held, forward, key=lambda f: f.seq)
         self._schedule_retry(FORWARD_RETRY)
 
@@ -666,6 +675,7 @@ class Coordinator:
         held, self._held = self._held, []
         blocked: set[tuple[str, int]] = set()
         for forward in held:
+            forward.held = False
             if forward.future.done() or not forward.groups:
                 continue
             try:

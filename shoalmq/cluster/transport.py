@@ -174,6 +174,11 @@ class EnqueueClient:
         records.append(encode_record(key, message.payload))
         return self._batch_future
 
+    @property
+    def open_batch(self) -> asyncio.Future[None] | None:
+        """The future of the batch still being gathered in this loop turn (None once it is sent)."""
+        return self._batch_future
+
     def enqueue_records(self, queue: str, partition: int, epoch: int, records: list[bytes]) -> asyncio.Future[None]:
         """Forward records already in the stored form; they join this loop turn's batch and share its future."""
         if self._batch_future is None:
