@@ -109,6 +109,17 @@ def test_shared_subscription_run_accounts_for_every_message(mosquitto: Mosquitto
     assert "broker CPU / 100K" in result.stdout
 
 
+def test_a_paced_run_sends_no_faster_than_the_rate(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """``--rate`` paces the publishers (message i is due at i / rate s): the run cannot end before its schedule."""
+    report_path = tmp_path / "paced.json"
+    result = run_loadtool("--port", str(mosquitto.port), "--messages", "1000", "--rate", "2000",
+                          "--topic", "bench/paced", "--client-prefix", "paced", "--json", str(report_path))
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    report = json.loads(report_path.read_text())
+    assert report["acked"] == 1000 and report["lost"] == 0 and report["rate"] == 2000
+    assert report["publish_seconds"] >= 999 / 2000  # the last message was due at 0.4995 s
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("args, mentions", [
     (("--port", "1883", "--bogus"), "--bogus"),

@@ -87,6 +87,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1, help="QoS of the PUBLISHes")
     parser.add_argument("--window", type=_positive_int, default=64, metavar="W",
                         help="most unacknowledged PUBLISHes per publisher (at QoS 0: messages per send)")
+    parser.add_argument("--rate", type=float, default=0.0, metavar="MSGS_PER_S",
+                        help="pace the publishers to this many messages per second in total (0: as fast as the "
+                             "window allows); for latency at a given load")
     parser.add_argument("--topic", default="bench/load", metavar="TOPIC", help="the topic publishers send to")
     parser.add_argument("--sub-topic", default=None, metavar="FILTER",
                         help="the topic filter consumers subscribe to (QoS 1), e.g. $share/g/bench/load "
@@ -163,6 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         size=args.size, window=args.window, client_prefix=args.client_prefix,
         drain_timeout=args.drain_timeout, connect_timeout=args.connect_timeout,
         run_id=random.randrange(1, 2**32), per_publisher=per_publisher, consumers=args.consumers,
+        rate=args.rate / p if args.rate > 0 else 0.0,
     )
     control = ctx.Queue()
     go = ctx.Event()
@@ -299,6 +303,7 @@ def summarize(args: argparse.Namespace, per_publisher: Sequence[int], pubs: list
         "size": args.size,
         "qos": args.qos,
         "window": args.window,
+        "rate": args.rate,
         "topic": args.topic,
         "sub_topic": args.sub_topic,
         "published": sent,

@@ -55,6 +55,7 @@ class Settings:
     run_id: int
     per_publisher: tuple[int, ...]  # messages each publisher sends
     consumers: int
+    rate: float = 0.0  # messages per second for each publisher; 0: as fast as the window allows
 
 
 def _cpu() -> float:
@@ -158,11 +159,19 @@ def _publish(conn: Connection, index: int, settings: Settings) -> dict[str, Any]
     stalled = False
     data = b""
     last_progress = last_send = monotonic()
+    rate = settings.rate
+    paced_from = monotonic()
 
     while True:
-        # Send as many as the window allows, up to per_send frames per send().
+        # Send as many as the window allows, up to per_send frames per send() (and, when paced, as the schedule
+        # allows: message i is due at i / rate seconds).
         room = window - inflight if qos else per_send
         k = min(room, per_send, n - seq)
+        paced = False
+        if rate and k > 0:
+            due = int((monotonic() - paced_from) * rate) + 1 - seq
+            if due < k:
+                k, paced = max(due, 0), True
         if k > 0:
             ts = perf_ns()
             if not t_first:
@@ -186,14 +195,19 @@ def _publish(conn: Connection, index: int, settings: Settings) -> dict[str, Any]
             _send_all(conn, view[:k * frame_size], stall)
             inflight += k
             last_send = monotonic()
-            if seq < n and (qos == 0 or inflight < window):
+            if seq < n and (qos == 0 or inflight < window) and not paced:
                 continue
         if qos == 0:
             if seq >= n:
                 break
+            if paced:
+                time.sleep(max(0.0, (seq + 1) / rate - (monotonic() - paced_from)))
             continue
         if inflight == 0:
-            break
+            if seq >= n or not rate:
+                break
+            time.sleep(max(0.0, (seq + 1) / rate - (monotonic() - paced_from)))  # paced: wait for the next one
+            continue
 
         # Window full (or everything sent): read PUBACKs, as many as have arrived.
         try:
