@@ -247,3 +247,25 @@ def test_nodes_cut_off_from_etcd_stop_writing_and_resume_when_it_returns(cluster
     consumer.subscribe("$queue/orders")
     got = consume(consumer, 2)
     assert got == [b"before", b"during"]
+
+
+def test_a_joining_node_takes_a_cluster_queue_settings_but_not_another_partition_count(
+        cluster: Cluster, tmp_path: Path) -> None:
+    cluster.add("n1")
+    cluster.wait_settled("orders", 6)
+    config = tmp_path / "other.yaml"
+    config.write_text("queues:\n  orders: {partitions: 4}\n  jobs: {partitions: 3, max_deliveries: 9}\n")
+    node = BrokerProcess(tmp_path / "n2", ["--etcd", cluster.etcd.url, "--node-id", "n2", "--config", str(config)])
+    node.spawn()
+    assert node.proc is not None
+    assert node.proc.wait(30) == 2
+    assert "queue 'orders' has 6 partitions in cluster shoalmq but 4 on this node" in node.log
+    assert "Traceback" not in node.log
+    assert set(cluster.live()) == {"n1"}  # it left no registration behind
+    config.write_text("queues:\n  orders: {partitions: 6, max_deliveries: 9}\n")
+    node = BrokerProcess(tmp_path / "n3", ["--etcd", cluster.etcd.url, "--node-id", "n3", "--config", str(config)])
+    try:
+        node.start(timeout=30)
+        assert "queue orders: using the cluster's settings, not this node's (max_deliveries=5)" in node.log
+    finally:
+        node.stop()

@@ -160,6 +160,11 @@ class Coordinator:
                 raise ConfigError(f"queue {queue.name!r} has {defined.partitions} partitions in cluster "
                                   f"{self.membership.cluster} but {len(queue.partitions)} on this node (its data "
                                   f"directory or configuration); a queue's partition count cannot change")
+            if defined != queue.config:
+                log.warning("queue %s: using the cluster's settings, not this node's (%s)", queue.name,
+                            ", ".join(f"{k}={v}" for k, v in sorted(asdict(defined).items())
+                                      if getattr(queue.config, k) != v))
+                self.manager.adopt_config(queue.name, defined)
         self.manager.refresh_sources()  # nothing is owned yet: deliver nothing until claimed
         self._task = asyncio.create_task(self._run(), name="shoalmq-coordinator")
         self.started = True

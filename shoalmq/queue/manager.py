@@ -338,6 +338,19 @@ class QueueManager:
             self.refresh_sources(queue)
         return queue
 
+    def adopt_config(self, name: str, config: QueueConfig) -> None:
+        """Serve an open queue with the settings the cluster recorded (same partition count; the limits may
+        differ from this node's configuration)."""
+        queue = self._queues[name]
+        if config.partitions != len(queue.partitions):
+            raise ConfigError(f"queue {name!r} has {config.partitions} partitions in the cluster but "
+                              f"{len(queue.partitions)} here")
+        if config != queue.config:
+            queue.config = config
+            limits = config.limits()
+            for part in queue.partitions:
+                part.set_limits(limits)
+
     def local_config(self, name: str) -> QueueConfig:
         """The settings this node would give a new queue: declared, else the defaults (a DLQ: its queue's)."""
         config = self._declared.get(name)

@@ -114,9 +114,7 @@ class PartitionLog:
         self.queue = queue
         self.index = index
         self.pid = pid
-        self.limits = limits
-        self._max_payload = limits.max_payload
-        self._max_depth = limits.max_depth if limits.max_depth is not None else 1 << 62
+        self.set_limits(limits)
         self.ring = RingBuffer(store.ring_capacity)
         # Offsets: [.. loaded_upto) are in the ring, in flight or acked; [loaded_upto .. committed_end) wait on
         # disk; [committed_end .. next_offset) are pending in memory or being committed.
@@ -138,6 +136,12 @@ class PartitionLog:
         self.last_offset = next_offset - 1
         #: Messages dropped because their TTL passed before delivery.
         self.expired = 0
+
+    def set_limits(self, limits: Limits) -> None:
+        """Apply the queue's limits (from now on: messages already stored stay)."""
+        self.limits = limits
+        self._max_payload = limits.max_payload
+        self._max_depth = limits.max_depth if limits.max_depth is not None else 1 << 62
 
     # -- counts -----------------------------------------------------------------------------------------
 
