@@ -160,7 +160,10 @@ class Ownership(Protocol):
 
 
 class Consumer(Protocol):
-    """What the manager needs from a consumer (an MQTT session subscribed to a queue)."""
+    """What the manager needs from a consumer (an MQTT session subscribed to a queue).
+
+    A consumer with a true ``remote`` attribute is another node's route stream (proxy routing): it is given only
+    partitions this node owns, has no ack timeout here, and does not count as a consumer on this node."""
 
     #: Most unacknowledged deliveries it may hold (across all its queues).
     window: int
@@ -222,6 +225,7 @@ class Queue:
         self.is_dlq = name.endswith(DLQ_SUFFIX)
         self._next_partition = 0  # round-robin for unkeyed messages
         self._next_take = 0  # round-robin start for dispatch
+        self._remote_first = False  # dispatch alternates between other nodes' route streams and local consumers
         self.dead_lettered = 0
 
     @property
@@ -638,7 +642,7 @@ class QueueManager:
         # Other nodes' consumers get only this node's own partitions (a message is never routed twice); local
         # consumers get everything. Who goes first alternates, so neither side starves the other.
         local = [s for s in consumers if not getattr(s.consumer, "remote", False)]
-        queue._remote_first = not getattr(queue, "_remote_first", False)
+        queue._remote_first = not queue._remote_first
         order = [(remote, queue.owned), (local, queue.sources)]
         for group, sources in order if queue._remote_first else order[::-1]:
             if group:
