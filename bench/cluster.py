@@ -56,10 +56,14 @@ def start_cluster(work: Path, nodes: list[str], partitions: int,
     etcd.start()
     cluster = Cluster(etcd, work / "cluster", queues={q: partitions for q in queues},
                       args=["--log-level", "warning"])
-    for node in nodes:
-        cluster.add(node)
-    for queue in queues:
-        cluster.wait_settled(queue, partitions)
+    try:
+        for node in nodes:
+            cluster.add(node)
+        for queue in queues:
+            cluster.wait_settled(queue, partitions)
+    except BaseException:
+        stop(etcd, cluster)  # no broker or etcd left running behind a failed start
+        raise
     return etcd, cluster
 
 
