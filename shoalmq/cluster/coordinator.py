@@ -714,9 +714,3 @@ class Coordinator:
             return None
         client = self._clients[node] = EnqueueClient(target)
         return client
-
-    # -- status -------------------------------------------------------------------------------------------------
-
-    def describe(self) -> dict[str, Any]:
-        return {"node": self.node_id, "routing": self.routing, "owned": len(self.mine),
-                "nodes": sorted(self.membership.nodes)}

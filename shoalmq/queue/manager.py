@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from shoalmq._native import partition_of
 from shoalmq.errors import ConfigError, NotOwner, PayloadTooLarge, QueueError, ShoalError
-from shoalmq.queue.record import encode_record, split_record
+from shoalmq.queue.record import encode_record, payload_size, split_record
 from shoalmq.queue.storage import Limits, Message, PartitionLog, Store
 
 log = logging.getLogger(__name__)
@@ -178,19 +178,37 @@ class Consumer(Protocol):
 class Delivery:
     """One message handed to one consumer, until acked or handed back."""
 
-    __slots__ = ("consumer", "deadline", "message", "packet_id", "partition", "payload", "queue", "topic")
+    __slots__ = ("_payload", "_topic", "consumer", "deadline", "message", "packet_id", "partition", "queue")
 
     def __init__(self, queue: Queue, partition: PartitionLog, message: Message, consumer: Consumer,
                  deadline: float) -> None:
         self.queue = queue
         self.partition = partition
         self.message = message
-        key, self.payload = split_record(message.payload)  # the record is split once, here
-        self.topic = queue.topic_for(key)
         self.consumer = consumer
         self.deadline = deadline
         #: Set by the consumer (its MQTT packet identifier).
         self.packet_id = 0
+        self._topic: str | None = None
+        self._payload = b""
+
+    def _split(self) -> None:
+        # Split once, and only for a consumer that writes MQTT: another node's route stream sends the record whole.
+        key, self._payload = split_record(self.message.payload)
+        self._topic = self.queue.topic_for(key)
+
+    @property
+    def topic(self) -> str:
+        """The topic the message was published on."""
+        if self._topic is None:
+            self._split()
+        return self._topic  # type: ignore[return-value]
+
+    @property
+    def payload(self) -> bytes:
+        if self._topic is None:
+            self._split()
+        return self._payload
 
     @property
     def dup(self) -> bool:
@@ -511,23 +529,23 @@ class QueueManager:
 
     def _store_records(self, batches: Sequence[Any], check: bool) -> asyncio.Future[None]:
         # Every group is checked before any is stored: a refusal stores nothing (the sender retries all of it).
+        targets = []
         for batch in batches:
             if check and self.ownership is not None:
                 self.ownership.check(batch.queue, batch.partition, batch.epoch)
             try:
-                self.queue(batch.queue).partition(batch.partition)
+                queue = self.queue(batch.queue)
             except QueueUndefined:
                 raise NotOwner(f"queue {batch.queue!r} is not known here yet") from None
+            targets.append((queue, queue.partition(batch.partition), batch.records))
         flush: asyncio.Future[None] | None = None
-        for batch in batches:
-            queue = self.queue(batch.queue)
-            part = queue.partition(batch.partition)
-            for record in batch.records:
+        for queue, part, records in targets:
+            for record in records:
                 try:
-                    payload = split_record(record)[1]
+                    size = payload_size(record)
                 except ValueError:
                     raise BadQueueName("malformed forwarded record") from None
-                queue.check_payload(len(payload))
+                queue.check_payload(size)
                 flush = part.enqueue(record)
         if flush is None:
             flush = self._loop.create_future()

@@ -24,3 +24,13 @@ def split_record(record: bytes) -> tuple[bytes, bytes]:
     if 2 + key_len > len(record):
         raise ValueError("record key runs past its end")
     return record[2:2 + key_len], record[2 + key_len:]
+
+
+def payload_size(record: bytes) -> int:
+    """The payload's length in a record, without copying it; ValueError if it is not a record."""
+    if len(record) < 2:
+        raise ValueError("record shorter than its key length")
+    size = len(record) - 2 - _KEY_LEN.unpack_from(record, 0)[0]
+    if size < 0:
+        raise ValueError("record key runs past its end")
+    return size
