@@ -139,7 +139,7 @@ OPTIONS: tuple[Option, ...] = (
            "with --sync async, the longest a message waits before its commit starts"),
     Option("ring_capacity", "--ring-capacity", 16384, _int_parser(2, 1 << 24, power_of_two=True), "N",
            "ready messages each partition keeps in memory (a power of two); the rest wait on disk"),
-    Option("consumer_window", "--consumer-window", 32, _int_parser(1, 65535), "N",
+    Option("consumer_window", "--consumer-window", 128, _int_parser(1, 65535), "N",
            "most unacknowledged $queue/ messages a consumer holds"),
     Option("connect_timeout", "--connect-timeout", 10, _int_parser(1, 3600), "SECONDS",
            "a new connection that sends no CONNECT within this time is closed"),
@@ -181,7 +181,7 @@ class Config:
     batch_size: int = 500
     flush_interval_ms: int = 10
     ring_capacity: int = 16384
-    consumer_window: int = 32
+    consumer_window: int = 128
     connect_timeout: int = 10
     max_packet_size: int = 1 << 20
     etcd: tuple[str, ...] | None = None

@@ -462,3 +462,59 @@ def test_native_and_pure_encode_alike_on_random_input() -> None:
         ids = [rng.randrange(1, 65536) for _ in range(rng.randrange(0, 50))]
         kind = rng.choice([4, 5, 6, 7])
         assert native.mqtt_codec.encode_acks(kind, ids) == mqtt_codec_py.encode_acks(kind, ids)
+
+
+def record(key: bytes, payload: bytes) -> bytes:
+    return len(key).to_bytes(2, "big") + key + payload
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_encode_records_matches_encode_publishes(impl) -> None:
+    records = [record(b"", b"hello"), record(b"eu/4711", b"x" * 200), record(b"", b""), record(b"k", b"\x00")]
+    ids, dups = [1, 65535, 0, 7], b"\x00\x01\x00\x01"
+    expected = impl.encode_publishes([(b"$queue/orders", b"hello", 1, False),
+                                      (b"$queue/orders/eu/4711", b"x" * 200, 65535, True),
+                                      (b"$queue/orders", b"", 0, False), (b"$queue/orders/k", b"\x00", 7, True)])
+    assert impl.encode_records(b"$queue/orders", records, ids, dups) == expected
+    assert impl.encode_records(b"$queue/orders", records, ids, None) == impl.encode_records(
+        b"$queue/orders", records, ids, bytes(4))
+    assert impl.encode_records(b"$queue/orders", [], [], None) == b""
+    packets, consumed = impl.decode(expected, MAX)
+    assert consumed == len(expected) and [p[2] for p in packets] == [
+        "$queue/orders", "$queue/orders/eu/4711", "$queue/orders", "$queue/orders/k"]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_encode_records_errors(impl) -> None:
+    good = record(b"k", b"x")
+    for args in [("$queue/q", [good], [1], None), (b"$queue/q", (good,), [1], None), (b"$queue/q", [good], (1,), None),
+                 (b"$queue/q", [good], [1], bytearray(1)), (b"$queue/q", [bytearray(good)], [1], None),
+                 (b"$queue/q", [BytesSubclass(good)], [1], None), (b"$queue/q", [good], ["1"], None)]:
+        with pytest.raises(TypeError):
+            impl.encode_records(*args)
+    value_errors = [
+        (([good, good], [1], None), "3 records but 2 packet_ids"),
+        (([good], [1], b"\x00\x00"), "2 records but 3 dups"),
+        (([b"\x00"], [1], None), "record shorter than its key length"),
+        (([b"\x00\x05abc"], [1], None), "record key runs past its end"),
+        (([good], [65536], None), "packet_id must be in 0..65535"),
+        (([good], [0], b"\x01"), r"QoS 0 PUBLISH .* cannot have DUP set \[MQTT-3\.3\.1-2\]"),
+        (([record(b"k" * 65530, b"")], [1], None), "topic of 65539 bytes, longer than 65535"),
+    ]
+    for (records, ids, dups), match in value_errors:
+        with pytest.raises(ValueError, match=match):
+            impl.encode_records(b"$queue/q", [good] + records, [1] + ids, None if dups is None else b"\x00" + dups)
+
+
+def test_native_and_pure_encode_records_alike_on_random_input() -> None:
+    rng = random.Random(11)
+    for _ in range(500):
+        count = rng.randrange(0, 12)
+        records = [record(rng.choice([b"", b"k", b"eu/4711", "é".encode()]),
+                          rng.randbytes(rng.choice([0, 3, 100, 130, 20_000]))) for _ in range(count)]
+        ids = [rng.choice([0, rng.randrange(1, 65536)]) for _ in range(count)]
+        dups = bytes(int(bool(i) and rng.random() < 0.3) for i in ids) if rng.random() < 0.5 else None
+        prefix = rng.choice([b"$queue/orders", b"$queue/a.dlq"])
+        data = native.mqtt_codec.encode_records(prefix, records, ids, dups)
+        assert data == mqtt_codec_py.encode_records(prefix, records, ids, dups)
+        assert native.mqtt_codec.decode(data, MAX) == mqtt_codec_py.decode(data, MAX)

@@ -58,3 +58,17 @@ def encode_publishes(items: list[tuple[bytes, bytes, int, bool]]) -> bytes:
     a frame whose remaining length would exceed ``MAX_REMAINING_LENGTH``. Nothing is returned for a call that
     raises.
     """
+
+def encode_records(prefix: bytes, records: list[bytes], packet_ids: list[int], dups: bytes | None = None) -> bytes:
+    """Concatenated PUBLISH frames (retain flag clear) of stored queue records, one per record, in order: what
+    ``encode_publishes`` makes of ``(topic, payload, packet_id, dup)`` items, without building them.
+
+    A record is ``key length (u16, big-endian) | key | payload`` (``shoalmq.queue.record``); its topic is
+    ``prefix`` when the key is empty and ``prefix + b"/" + key`` otherwise, so a queue's deliveries are encoded
+    from their stored form with the queue's topic (``$queue/<name>``) as the prefix. ``packet_ids[i]`` is the
+    identifier of record ``i`` (0: QoS 0); ``dups``, if given, holds one byte per record, non-zero for DUP.
+
+    ``TypeError`` if ``prefix`` or a record is not ``bytes``, ``records`` or ``packet_ids`` not a list, ``dups``
+    neither ``bytes`` nor None. ``ValueError`` if the lengths differ, for a record shorter than 2 bytes or whose
+    key runs past its end, and for what ``encode_publishes`` refuses. Nothing is returned for a call that raises.
+    """

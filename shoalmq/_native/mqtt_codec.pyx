@@ -23,7 +23,7 @@ from libc.string cimport memchr, memcmp, memcpy
 
 from ._errors import MalformedPacket
 
-__all__ = ["MAX_REMAINING_LENGTH", "MalformedPacket", "decode", "encode_acks", "encode_publishes"]
+__all__ = ["MAX_REMAINING_LENGTH", "MalformedPacket", "decode", "encode_acks", "encode_publishes", "encode_records"]
 
 MAX_REMAINING_LENGTH = 268_435_455
 cdef Py_ssize_t _MAX_REMAINING = 268_435_455
@@ -89,6 +89,29 @@ cdef inline Py_ssize_t _fixed_header(const uint8_t* buf, Py_ssize_t pos, Py_ssiz
         shift += 7
         if shift == 28:
             raise MalformedPacket("remaining length longer than 4 bytes [MQTT-2.2.3]")
+
+
+cdef inline uint8_t* _put_publish(uint8_t* p, const _Delivery* meta, const char* topic, Py_ssize_t topic_len,
+                                  const char* key, Py_ssize_t key_len, const char* payload,
+                                  Py_ssize_t payload_len) noexcept nogil:
+    """Write one PUBLISH frame at ``p``: its topic is ``topic``, or ``topic/key`` if ``key_len``. Returns its end."""
+    cdef Py_ssize_t full_len = topic_len + (1 + key_len if key_len else 0)
+    p[0] = meta.first
+    p = _put_varint(p + 1, meta.remaining)
+    p[0] = <uint8_t>(full_len >> 8)
+    p[1] = <uint8_t>(full_len & 0xFF)
+    memcpy(p + 2, topic, topic_len)
+    p += 2 + topic_len
+    if key_len:
+        p[0] = 0x2F  # '/'
+        memcpy(p + 1, key, key_len)
+        p += 1 + key_len
+    if meta.packet_id:
+        p[0] = <uint8_t>(meta.packet_id >> 8)
+        p[1] = <uint8_t>(meta.packet_id & 0xFF)
+        p += 2
+    memcpy(p, payload, payload_len)
+    return p + payload_len
 
 
 def decode(data, max_packet_size):
@@ -243,21 +266,80 @@ def encode_publishes(items):
             item = <object>PyTuple_GET_ITEM(frames, i)
             topic = <object>PyTuple_GET_ITEM(item, 0)
             payload = <object>PyTuple_GET_ITEM(item, 1)
-            topic_len = PyBytes_GET_SIZE(topic)
-            payload_len = PyBytes_GET_SIZE(payload)
-            p[0] = meta[i].first
-            p = _put_varint(p + 1, meta[i].remaining)
-            p[0] = <uint8_t>(topic_len >> 8)
-            p[1] = <uint8_t>(topic_len & 0xFF)
-            memcpy(p + 2, PyBytes_AS_STRING(topic), topic_len)
-            p += 2 + topic_len
-            packet_id = meta[i].packet_id
-            if packet_id:
-                p[0] = <uint8_t>(packet_id >> 8)
-                p[1] = <uint8_t>(packet_id & 0xFF)
-                p += 2
-            memcpy(p, PyBytes_AS_STRING(payload), payload_len)
-            p += payload_len
+            p = _put_publish(p, &meta[i], PyBytes_AS_STRING(topic), PyBytes_GET_SIZE(topic), NULL, 0,
+                             PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+        return out
+    finally:
+        free(meta)
+
+
+def encode_records(prefix, records, packet_ids, dups=None):
+    """Concatenated PUBLISH frames of stored queue records (``key length u16 | key | payload``), each on ``prefix``
+    or ``prefix/key``, with the packet identifiers of ``packet_ids``. See mqtt_codec.pyi."""
+    if not PyBytes_CheckExact(prefix):
+        raise TypeError(f"prefix must be bytes, not {type(prefix).__name__!r}")
+    if not PyList_Check(records):
+        raise TypeError(f"records must be a list, not {type(records).__name__!r}")
+    if not PyList_Check(packet_ids):
+        raise TypeError(f"packet_ids must be a list, not {type(packet_ids).__name__!r}")
+    if dups is not None and not PyBytes_CheckExact(dups):
+        raise TypeError(f"dups must be bytes or None, not {type(dups).__name__!r}")
+    # Snapshots, for the same reason as in encode_publishes.
+    cdef tuple recs = PyList_AsTuple(records)
+    cdef tuple ids = PyList_AsTuple(packet_ids)
+    cdef Py_ssize_t i, count = PyTuple_GET_SIZE(recs), total = 0, prefix_len = PyBytes_GET_SIZE(prefix)
+    cdef Py_ssize_t record_len, key_len, topic_len, payload_len, remaining
+    if PyTuple_GET_SIZE(ids) != count:
+        raise ValueError(f"{count} records but {PyTuple_GET_SIZE(ids)} packet_ids")
+    if dups is not None and PyBytes_GET_SIZE(dups) != count:
+        raise ValueError(f"{count} records but {PyBytes_GET_SIZE(dups)} dups")
+    if count == 0:
+        return b""
+    cdef const uint8_t* dup_flags = <const uint8_t*>PyBytes_AS_STRING(dups) if dups is not None else NULL
+    cdef _Delivery* meta = <_Delivery*>malloc(count * sizeof(_Delivery))
+    if meta == NULL:
+        raise MemoryError()
+    cdef object record
+    cdef const uint8_t* r
+    cdef long packet_id
+    cdef int dup
+    cdef uint8_t* p
+    try:
+        for i in range(count):
+            record = <object>PyTuple_GET_ITEM(recs, i)
+            if not PyBytes_CheckExact(record):
+                raise TypeError(f"record must be bytes, not {type(record).__name__!r}")
+            packet_id = <long>_int_arg(<object>PyTuple_GET_ITEM(ids, i), "packet_id", 0, 0xFFFF)
+            dup = dup_flags != NULL and dup_flags[i] != 0
+            if dup and packet_id == 0:
+                raise ValueError("a QoS 0 PUBLISH (packet_id 0) cannot have DUP set [MQTT-3.3.1-2]")
+            record_len = PyBytes_GET_SIZE(record)
+            if record_len < 2:
+                raise ValueError("record shorter than its key length")
+            r = <const uint8_t*>PyBytes_AS_STRING(record)
+            key_len = (r[0] << 8) | r[1]
+            if 2 + key_len > record_len:
+                raise ValueError("record key runs past its end")
+            topic_len = prefix_len + (1 + key_len if key_len else 0)
+            if topic_len > 0xFFFF:
+                raise ValueError(f"topic of {topic_len} bytes, longer than 65535 [MQTT-1.5.3]")
+            payload_len = record_len - 2 - key_len
+            remaining = 2 + topic_len + (2 if packet_id else 0) + payload_len
+            if remaining > _MAX_REMAINING:
+                raise ValueError(f"PUBLISH of remaining length {remaining}, more than {_MAX_REMAINING} [MQTT-2.2.3]")
+            meta[i].remaining = remaining
+            meta[i].packet_id = packet_id
+            meta[i].first = 0x30 | ((0x08 | 0x02) if dup else (0x02 if packet_id else 0))
+            total += 1 + _varint_size(remaining) + remaining
+        out = PyBytes_FromStringAndSize(NULL, total)
+        p = <uint8_t*>PyBytes_AS_STRING(out)
+        for i in range(count):
+            record = <object>PyTuple_GET_ITEM(recs, i)
+            r = <const uint8_t*>PyBytes_AS_STRING(record)
+            record_len = PyBytes_GET_SIZE(record)
+            key_len = (r[0] << 8) | r[1]
+            p = _put_publish(p, &meta[i], PyBytes_AS_STRING(prefix), prefix_len, <const char*>(r + 2), key_len,
+                             <const char*>(r + 2 + key_len), record_len - 2 - key_len)
         return out
     finally:
         free(meta)

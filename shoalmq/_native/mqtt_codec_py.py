@@ -9,7 +9,7 @@ from operator import index
 
 from ._errors import MalformedPacket
 
-__all__ = ["MAX_REMAINING_LENGTH", "MalformedPacket", "decode", "encode_acks", "encode_publishes"]
+__all__ = ["MAX_REMAINING_LENGTH", "MalformedPacket", "decode", "encode_acks", "encode_publishes", "encode_records"]
 
 MAX_REMAINING_LENGTH = 268_435_455
 _SSIZE_MAX = (1 << 63) - 1
@@ -154,3 +154,43 @@ def encode_publishes(items: list[tuple[bytes, bytes, int, bool]]) -> bytes:
             parts.append(packet_id.to_bytes(2, "big"))
         parts.append(payload)
     return b"".join(parts)
+
+
+def encode_records(prefix: bytes, records: list[bytes], packet_ids: list[int], dups: bytes | None = None) -> bytes:
+    """Concatenated PUBLISH frames of stored queue records (``key length u16 | key | payload``), each on ``prefix``
+    or ``prefix/key``, with the packet identifiers of ``packet_ids``. See mqtt_codec.pyi."""
+    if type(prefix) is not bytes:
+        raise TypeError(f"prefix must be bytes, not {type(prefix).__name__!r}")
+    if not isinstance(records, list):
+        raise TypeError(f"records must be a list, not {type(records).__name__!r}")
+    if not isinstance(packet_ids, list):
+        raise TypeError(f"packet_ids must be a list, not {type(packet_ids).__name__!r}")
+    if dups is not None and type(dups) is not bytes:
+        raise TypeError(f"dups must be bytes or None, not {type(dups).__name__!r}")
+    records, packet_ids = tuple(records), tuple(packet_ids)
+    if len(packet_ids) != len(records):
+        raise ValueError(f"{len(records)} records but {len(packet_ids)} packet_ids")
+    if dups is not None and len(dups) != len(records):
+        raise ValueError(f"{len(records)} records but {len(dups)} dups")
+    items = []
+    for i, record in enumerate(records):
+        if type(record) is not bytes:
+            raise TypeError(f"record must be bytes, not {type(record).__name__!r}")
+        packet_id = _int_arg(packet_ids[i], "packet_id", 0, 0xFFFF)
+        dup = dups is not None and dups[i] != 0
+        if dup and packet_id == 0:
+            raise ValueError("a QoS 0 PUBLISH (packet_id 0) cannot have DUP set [MQTT-3.3.1-2]")
+        if len(record) < 2:
+            raise ValueError("record shorter than its key length")
+        key_len = int.from_bytes(record[:2], "big")
+        if 2 + key_len > len(record):
+            raise ValueError("record key runs past its end")
+        topic = prefix + b"/" + record[2:2 + key_len] if key_len else prefix
+        if len(topic) > 0xFFFF:
+            raise ValueError(f"topic of {len(topic)} bytes, longer than 65535 [MQTT-1.5.3]")
+        remaining = 2 + len(topic) + (2 if packet_id else 0) + len(record) - 2 - key_len
+        if remaining > MAX_REMAINING_LENGTH:
+            raise ValueError(f"PUBLISH of remaining length {remaining}, more than {MAX_REMAINING_LENGTH} "
+                             "[MQTT-2.2.3]")
+        items.append((topic, record[2 + key_len:], packet_id, dup))
+    return encode_publishes(items)

@@ -119,27 +119,51 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
 
     def _process(self, packets: list[tuple]) -> None:
         handler = self.handler
-        publishes: list[tuple[str, int, int, bytes]] = []
+        # Publishes to ``$`` topics, as runs of one topic and QoS: [topic, qos, packet ids, payloads].
+        runs: list[tuple[str, int, list[int], list[bytes]]] = []
+        run: tuple[str, int, list[int], list[bytes]] | None = None
+        acks: list[int] = []  # PUBACKs, most of them of queue deliveries
         for packet in packets:
             kind = packet[0]
-            if kind == PUBLISH and packet[2].startswith("$"):
-                publishes.append((packet[2], (packet[1] >> 1) & 3, packet[3], packet[4]))
+            if kind == PUBLISH:
+                topic = packet[2]
+                if topic.startswith("$"):
+                    qos = (packet[1] >> 1) & 3
+                    if run is None or qos != run[1] or topic != run[0]:
+                        run = (topic, qos, [], [])
+                        runs.append(run)
+                    run[2].append(packet[3])
+                    run[3].append(packet[4])
+                    continue
+            elif kind == PUBACK:
+                acks.append(packet[2])
                 continue
-            if publishes:  # keep the order of queue publishes relative to what follows them
-                self._publish(publishes)
-                publishes = []
-            if kind == PUBACK and handler.queue_ack(packet[2]):
-                continue
+            # Anything else: what came before it is handled first, in order.
+            if runs:
+                self._publish(runs)
+                runs, run = [], None
+            if acks and not self._acks(acks):
+                return
+            acks = []
             if kind == PUBREL and handler.queue_pubrel(packet[2]):
                 continue
             if not self._pass_to_amqtt(packet):
                 return
-        if publishes:
-            self._publish(publishes)
+        if runs:
+            self._publish(runs)
+        if acks:
+            self._acks(acks)
 
-    def _publish(self, publishes: list[tuple[str, int, int, bytes]]) -> None:
-        acked = sum(1 for p in publishes if p[1])
-        flush = self.handler.queue_publishes(publishes)
+    def _acks(self, packet_ids: list[int]) -> bool:
+        """Consumer PUBACKs to the handler as one batch; those of amqtt's deliveries go on to amqtt."""
+        for packet_id in self.handler.queue_acks(packet_ids):
+            if not self._pass_to_amqtt((PUBACK, 0, packet_id)):
+                return False
+        return True
+
+    def _publish(self, runs: list[tuple[str, int, list[int], list[bytes]]]) -> None:
+        acked = sum(len(run[2]) for run in runs if run[1])
+        flush = self.handler.queue_publishes(runs)
         if acked and flush is not None:
             self._unacked += acked
             if self._unacked >= MAX_UNACKED and not self._paused:

@@ -72,6 +72,28 @@ class QueueSession(Session):
                 return packet_id
         raise AMQTTError("no free packet identifier: 65,535 messages in flight")
 
+    def queue_packet_ids(self, deliveries: list[Delivery]) -> list[int]:
+        """Give each delivery the next free packet id, from amqtt's own counter (``_packet_id``; ids in amqtt's
+        ``inflight_in``/``inflight_out`` or of queue deliveries are skipped), and hold it in ``queue_inflight``.
+        What ``next_packet_id`` does for one id, inlined for a batch. AMQTTError if all 65,535 are in use."""
+        inflight, amqtt_in, amqtt_out = self.queue_inflight, self.inflight_in, self.inflight_out
+        packet_id = self._packet_id
+        ids = []
+        for delivery in deliveries:
+            packet_id = packet_id % 65535 + 1
+            if packet_id in inflight or packet_id in amqtt_out or packet_id in amqtt_in:
+                start = packet_id
+                while packet_id in inflight or packet_id in amqtt_out or packet_id in amqtt_in:
+                    packet_id = packet_id % 65535 + 1
+                    if packet_id == start:
+                        self._packet_id = packet_id
+                        raise AMQTTError("no free packet identifier: 65,535 messages in flight")
+            inflight[packet_id] = delivery
+            delivery.packet_id = packet_id
+            ids.append(packet_id)
+        self._packet_id = packet_id
+        return ids
+
 
 class QueueProtocolHandler(BrokerProtocolHandler):
     """amqtt's per-connection handler, also a queue publisher and a competing consumer."""
@@ -100,44 +122,66 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         if topic is None or not topic.startswith("$"):
             await super().handle_publish(publish_packet)
             return
-        self.queue_publishes([(topic, publish_packet.qos or 0, publish_packet.packet_id or 0,
-                               bytes(publish_packet.data or b""))])
+        self.queue_publishes([(topic, publish_packet.qos or 0, [publish_packet.packet_id or 0],
+                               [bytes(publish_packet.data or b"")])])
 
-    def queue_publishes(self, items: list[tuple[str, int, int, bytes]]) -> asyncio.Future[None] | None:
-        """Store a batch of publishes to ``$`` topics: (topic, qos, packet id, payload) each.
+    def queue_publishes(self, runs: list[tuple[str, int, list[int], list[bytes]]]) -> asyncio.Future[None] | None:
+        """Store publishes to ``$`` topics, given as runs of one topic and QoS: (topic, qos, packet ids, payloads).
 
         Each is acknowledged (PUBACK, or PUBREC for QoS 2) once its commit is durable, the acks of one commit in one
-        write; commits resolve in order, so acks leave in the order the PUBLISHes came [MQTT-4.6.0-2]. A publish
-        that is refused, or to a ``$`` topic that is not a queue, closes the connection. Returns the commit the last
+        write; commits resolve in order, so acks leave in the order the PUBLISHes came [MQTT-4.6.0-2]. A run is
+        stored whole or not at all (``QueueManager.publish_many``). A publish that is refused, or to a ``$`` topic
+        that is not a queue, closes the connection, and nothing after it is stored. Returns the commit the last
         acknowledged publish waits for (None if none does)."""
         by_flush: dict[int, tuple[asyncio.Future[None], list[bytes]]] = {}
         last: asyncio.Future[None] | None = None
-        qos2 = self.session.queue_qos2  # type: ignore[union-attr]
-        for topic, qos, packet_id, payload in items:
+        for topic, qos, packet_ids, payloads in runs:
             if self._closing:
                 break  # refused: nothing after it is stored
             if not is_queue_topic(topic):
                 self._refuse(f"publish to {topic!r}: topics starting with '$' are reserved")
                 break
-            flush = qos2.get(packet_id) if qos == 2 else None
-            if flush is None:  # (else a retransmission, stored already: only acknowledged again [MQTT-4.3.3-2])
+            if qos == 2:
+                last = self._queue_publishes_qos2(topic, packet_ids, payloads, by_flush) or last
+                continue
+            try:
+                flush = self.queues.publish_many(topic, payloads)
+            except ShoalError as exc:
+                self._refuse(f"publish to {topic!r} refused: {exc}")
+                break
+            if qos == 0:
+                continue
+            entry = by_flush.get(id(flush))
+            if entry is None:
+                entry = by_flush[id(flush)] = (flush, [])
+            entry[1].append(mqtt_codec.encode_acks(4, packet_ids))
+            last = flush
+        for flush, acks in by_flush.values():
+            data = b"".join(acks)
+            flush.add_done_callback(lambda f, data=data: self._acknowledge(f, data))
+        return last
+
+    def _queue_publishes_qos2(self, topic: str, packet_ids: list[int], payloads: list[bytes],
+                              by_flush: dict[int, tuple[asyncio.Future[None], list[bytes]]]
+                              ) -> asyncio.Future[None] | None:
+        """QoS 2 publishes one by one: a retransmission of one stored already is only acknowledged again
+        [MQTT-4.3.3-2]."""
+        qos2 = self.session.queue_qos2  # type: ignore[union-attr]
+        last = None
+        for packet_id, payload in zip(packet_ids, payloads):
+            flush = qos2.get(packet_id)
+            if flush is None:
                 try:
                     flush = self.queues.publish(topic, payload)
                 except ShoalError as exc:
                     self._refuse(f"publish to {topic!r} refused: {exc}")
                     break
-                if qos == 0:
-                    continue
-                if qos == 2:
-                    qos2[packet_id] = flush
+                qos2[packet_id] = flush
             entry = by_flush.get(id(flush))
             if entry is None:
                 entry = by_flush[id(flush)] = (flush, [])
-            entry[1].append((_PUBACK if qos == 1 else _PUBREC) + _U16.pack(packet_id))
+            entry[1].append(_PUBREC + _U16.pack(packet_id))
             last = flush
-        for flush, acks in by_flush.values():
-            data = b"".join(acks)
-            flush.add_done_callback(lambda f, data=data: self._acknowledge(f, data))
         return last
 
     def _acknowledge(self, flush: asyncio.Future[None], acks: bytes) -> None:
@@ -162,23 +206,26 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     # -- consuming --------------------------------------------------------------------------------------
 
     def deliver(self, deliveries: list[Delivery]) -> None:
-        """Write a batch of queue deliveries as PUBLISH frames, in one write."""
+        """Write a batch of deliveries of one queue as PUBLISH frames, encoded from the stored records in one call
+        and written in one write."""
         if self._closing or self.session is None:
             self.queues.consumer_gone(self)
             return
-        items = []
-        inflight = self._queue_inflight
-        qos0_queues = self.session.queue_qos0  # type: ignore[attr-defined]
-        for delivery in deliveries:
-            topic = delivery.topic.encode()
-            if delivery.queue.name in qos0_queues:  # at most once: the manager removed it as it was handed over
-                items.append((topic, delivery.payload, 0, False))
-                continue
-            packet_id = self.session.next_packet_id
-            inflight[packet_id] = delivery
-            delivery.packet_id = packet_id
-            items.append((topic, delivery.payload, packet_id, delivery.dup))
-        self._write(mqtt_codec.encode_publishes(items))
+        queue = deliveries[0].queue
+        records = [d.message.payload for d in deliveries]
+        session: QueueSession = self.session  # type: ignore[assignment]
+        if queue.name in session.queue_qos0:  # at most once: the manager removed them as they were handed over
+            self._write(mqtt_codec.encode_records(queue.topic_prefix, records, [0] * len(records)))
+            return
+        ids = session.queue_packet_ids(deliveries)
+        dups = None
+        for i, delivery in enumerate(deliveries):
+            if delivery.message.deliveries > 1:
+                if dups is None:
+                    dups = bytearray(len(deliveries))
+                dups[i] = 1
+        self._write(mqtt_codec.encode_records(queue.topic_prefix, records, ids,
+                                              bytes(dups) if dups is not None else None))
 
     def revoke(self, deliveries: list[Delivery]) -> None:
         """The manager took these back (ack timeout, unsubscribe): their packet ids are free again."""
@@ -194,14 +241,24 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     def queue_ack(self, packet_id: int) -> bool:
         """A consumer's PUBACK of a queue delivery (applied with the others of this loop iteration, as one batch).
         False if the packet id is not one of ours."""
-        delivery = self._queue_inflight.pop(packet_id, None)
-        if delivery is None:
-            return False
-        self._pending_acks.append(delivery)
-        if not self._ack_scheduled:
+        return not self.queue_acks([packet_id])
+
+    def queue_acks(self, packet_ids: list[int]) -> list[int]:
+        """Consumer PUBACKs, applied with the others of this loop iteration as one batch. Returns the packet ids
+        that are not queue deliveries of this connection (for amqtt), in order."""
+        inflight = self._queue_inflight
+        pending = self._pending_acks
+        others = []
+        for packet_id in packet_ids:
+            delivery = inflight.pop(packet_id, None)
+            if delivery is None:
+                others.append(packet_id)
+            else:
+                pending.append(delivery)
+        if pending and not self._ack_scheduled:
             self._ack_scheduled = True
             asyncio.get_running_loop().call_soon(self._apply_acks)
-        return True
+        return others
 
     def _apply_acks(self) -> None:
         self._ack_scheduled = False

@@ -42,6 +42,8 @@ DLQ_SUFFIX = ".dlq"
 #: Seconds between attempts to store a dead-letter copy when the disk refused it.
 DEAD_LETTER_RETRY = 0.5
 MAX_KEY = 0xFFFF
+#: Checked ``$queue/`` topics remembered (the cache starts over when full).
+TOPIC_CACHE = 4096
 
 
 class BadQueueName(QueueError):
@@ -169,7 +171,7 @@ class Consumer(Protocol):
     window: int
 
     def deliver(self, deliveries: list[Delivery]) -> None:
-        """Send these deliveries (one batch; the consumer writes them and later acks them)."""
+        """Send these deliveries, all of one queue (one batch; the consumer writes them and later acks them)."""
 
     def revoke(self, deliveries: list[Delivery]) -> None:
         """These deliveries were taken back (ack timeout, unsubscribe): forget them; a late ack counts for nothing."""
@@ -220,7 +222,8 @@ class Delivery:
 class _ConsumerState:
     consumer: Consumer
     queues: set[str] = field(default_factory=set)
-    inflight: dict[tuple[int, int], Delivery] = field(default_factory=dict)  # (partition pid, offset) -> delivery
+    #: Its deliveries in flight, in the order they were made (a dict used as an ordered set).
+    inflight: dict[Delivery, None] = field(default_factory=dict)
     #: At-most-once subscribers: messages are acked as they are sent.
     at_most_once: set[str] = field(default_factory=set)
 
@@ -241,6 +244,8 @@ class Queue:
         #: The partitions this node owns (what a consumer on another node may be given).
         self.owned: list[Any] = list(self.partitions)
         self.is_dlq = name.endswith(DLQ_SUFFIX)
+        #: ``$queue/<name>`` as bytes: the topic of a message without a key, and the start of the others'.
+        self.topic_prefix = (QUEUE_PREFIX + name).encode()
         self._next_partition = 0  # round-robin for unkeyed messages
         self._next_take = 0  # round-robin start for dispatch
         self._remote_first = False  # dispatch alternates between other nodes' route streams and local consumers
@@ -292,7 +297,7 @@ class QueueManager:
     """All queues of a node, their consumers, and the dispatch between them."""
 
     def __init__(self, store: Store, queues: dict[str, QueueConfig] | None = None,
-                 defaults: QueueConfig = QueueConfig(), consumer_window: int = 32) -> None:
+                 defaults: QueueConfig = QueueConfig(), consumer_window: int = 128) -> None:
         self.store = store
         self.defaults = defaults
         self.consumer_window = consumer_window
@@ -310,6 +315,8 @@ class QueueManager:
         #: Called with (queue, the window of its consumers on this node together) when they change (proxy routing).
         self.on_consumers_changed: Any = None
         self._ack_timer: asyncio.TimerHandle | None = None
+        #: Checked ``$queue/`` topics: topic -> (queue name, key, record head ``u16 key length | key``).
+        self._topics: dict[str, tuple[str, str, bytes]] = {}
         store.on_readable = self._on_readable
         for name in self._declared:
             self.queue(name)
@@ -439,7 +446,7 @@ class QueueManager:
         if queue is None:
             return 0
         part = queue.partitions[index]
-        held = [d for s in self._consumers.values() for d in s.inflight.values() if d.partition is part]
+        held = [d for s in self._consumers.values() for d in s.inflight if d.partition is part]
         self._requeue(held)
         return len(held)
 
@@ -471,9 +478,10 @@ class QueueManager:
         """Enqueue a message published on a ``$queue/`` topic; the future resolves once it is durable.
 
         Raises BadQueueName, PayloadTooLarge, QueueFull or StorageError: the publish must not be acknowledged."""
-        name, key = parse_queue_topic(topic)
-        if len(topic.encode()) > 0xFFFF - len(DLQ_SUFFIX):
-            raise BadQueueName(f"queue topic longer than {0xFFFF - len(DLQ_SUFFIX)} bytes (room is kept for .dlq)")
+        target = self._topics.get(topic)
+        if target is None:
+            target = self._check_topic(topic)
+        name, key, head = target
         cluster = self.cluster
         if cluster is None:
             return self.queue(name).publish(key, payload)
@@ -485,10 +493,62 @@ class QueueManager:
                 return self._publish_when_defined(name, topic, payload)
         queue.check_payload(len(payload))
         index = queue.partition_for(key)
-        record = encode_record(key.encode(), payload)
+        record = head + payload
         if cluster.writable(name, index):
             return queue.partitions[index].enqueue(record)
         return cluster.forward(name, index, record)
+
+    def publish_many(self, topic: str, payloads: list[bytes]) -> asyncio.Future[None]:
+        """Enqueue messages published on one ``$queue/`` topic, in order: the batch form of ``publish``, with the
+        topic checked once and each partition's share appended in one call. One future, resolved once every
+        message is durable. The batch is stored whole or not at all: BadQueueName, PayloadTooLarge, QueueFull or
+        StorageError are raised before anything is stored."""
+        target = self._topics.get(topic)
+        if target is None:
+            target = self._check_topic(topic)
+        name, key, head = target
+        queue = self._queues.get(name)
+        if queue is None:
+            try:
+                queue = self.queue(name)
+            except QueueUndefined:
+                return _all_of(self._loop, [self._publish_when_defined(name, topic, p) for p in payloads])
+        queue.check_payload(max(map(len, payloads)))
+        records = [head + p for p in payloads]
+        parts = queue.partitions
+        if key:
+            groups = [(queue.partition_for(key), records)]
+        else:
+            start = queue._next_partition
+            groups = [((start + j) % len(parts), records[j::len(parts)]) for j in range(min(len(records), len(parts)))]
+        cluster = self.cluster
+        local = [cluster is None or cluster.writable(name, index) for index, _ in groups]
+        for (index, chunk), here in zip(groups, local):
+            if here:
+                parts[index].check_room(len(chunk))
+        if not key:
+            queue._next_partition = (queue._next_partition + len(records)) % len(parts)
+        flushes = []
+        for (index, chunk), here in zip(groups, local):
+            if here:
+                flush = parts[index].enqueue_many(chunk)
+                if not flushes or flush is not flushes[-1]:
+                    flushes.append(flush)
+            else:
+                for record in chunk:
+                    flush = cluster.forward(name, index, record)  # type: ignore[union-attr]
+                    if not flushes or flush is not flushes[-1]:
+                        flushes.append(flush)
+        return flushes[0] if len(flushes) == 1 else _all_of(self._loop, flushes)
+
+    def _check_topic(self, topic: str) -> tuple[str, str, bytes]:
+        name, key = parse_queue_topic(topic)
+        if len(topic.encode()) > 0xFFFF - len(DLQ_SUFFIX):
+            raise BadQueueName(f"queue topic longer than {0xFFFF - len(DLQ_SUFFIX)} bytes (room is kept for .dlq)")
+        if len(self._topics) >= TOPIC_CACHE:
+            self._topics.clear()
+        target = self._topics[topic] = (name, key, encode_record(key.encode(), b""))
+        return target
 
     def _publish_when_defined(self, name: str, topic: str, payload: bytes) -> asyncio.Future[None]:
         """The first publishes to a queue new to the cluster wait for its definition (one future each)."""
@@ -587,7 +647,7 @@ class QueueManager:
         state.at_most_once.discard(queue_name)
         queue = self._queues[queue_name]
         queue.consumers.remove(state)
-        self._requeue([d for d in state.inflight.values() if d.queue is queue])
+        self._requeue([d for d in state.inflight if d.queue is queue])
         if not state.queues:
             del self._consumers[id(consumer)]
         if not getattr(consumer, "remote", False):
@@ -601,7 +661,7 @@ class QueueManager:
             return 0
         for name in state.queues:
             self._queues[name].consumers.remove(state)
-        deliveries = list(state.inflight.values())
+        deliveries = list(state.inflight)
         self._requeue(deliveries)
         if not getattr(consumer, "remote", False):
             self._consumers_changed(state.queues)
@@ -618,15 +678,25 @@ class QueueManager:
     def ack(self, deliveries: Iterable[Delivery]) -> int:
         """The consumers acknowledged these deliveries: remove the messages. Returns how many were still theirs."""
         done = 0
-        touched: set[Queue] = set()
+        consumers = self._consumers
+        by_part: dict[Any, tuple[Queue, list[int]]] = {}
+        consumer: Any = None
+        inflight: dict[Delivery, None] = {}
         for delivery in deliveries:
-            state = self._consumers.get(id(delivery.consumer))
-            key = (delivery.partition.pid, delivery.message.offset)
-            if state is None or state.inflight.get(key) is not delivery:
+            if delivery.consumer is not consumer:  # a batch usually comes from one consumer: look it up once
+                consumer = delivery.consumer
+                state = consumers.get(id(consumer))
+                inflight = state.inflight if state is not None else {}
+            if inflight.pop(delivery, 0) is not None:
                 continue  # requeued meanwhile (timeout, unsubscribe): the ack is too late to count
-            del state.inflight[key]
-            done += delivery.partition.ack((delivery.message.offset,))
-            touched.add(delivery.queue)
+            entry = by_part.get(delivery.partition)
+            if entry is None:
+                entry = by_part[delivery.partition] = (delivery.queue, [])
+            entry[1].append(delivery.message.offset)
+        touched: set[Queue] = set()
+        for part, (queue, offsets) in by_part.items():
+            done += part.ack(offsets)
+            touched.add(queue)
         for queue in touched:
             self._schedule_dispatch(queue)
         return done
@@ -671,32 +741,42 @@ class QueueManager:
         taken = self._take(queue, capacity, sources)
         if not taken:
             return
-        now = time.monotonic()
-        deadline = now + queue.config.ack_timeout
-        batches: dict[int, tuple[_ConsumerState, list[Delivery]]] = {}
-        # Fewest in flight first: hand out one message at a time to whoever has the least.
-        consumers.sort(key=lambda s: len(s.inflight))
-        for part, message in taken:
-            key = (part.pid, message.offset)
-            # A message handed back (timeout, unsubscribe) goes to another consumer if one has room.
-            previous, message.last_holder = message.last_holder, None
-            candidates = consumers
-            if previous is not None:
-                others = [s for s in consumers if id(s.consumer) != previous and len(s.inflight) < s.consumer.window]
-                candidates = others or consumers
-            state = min(candidates, key=lambda s: len(s.inflight))
-            if len(state.inflight) >= state.consumer.window:
-                # Cannot happen (capacity was counted), but never overfill a window.
-                part.nack((message.offset,))
-                continue
-            delivery = Delivery(queue, part, message, state.consumer, deadline)
-            state.inflight[key] = delivery
-            batches.setdefault(id(state), (state, []))[1].append(delivery)
+        deadline = time.monotonic() + queue.config.ack_timeout
+        if len(consumers) == 1:
+            state = consumers[0]
+            consumer, inflight = state.consumer, state.inflight
+            deliveries = []
+            for part, message in taken:
+                message.last_holder = None
+                delivery = Delivery(queue, part, message, consumer, deadline)
+                inflight[delivery] = None
+                deliveries.append(delivery)
+            batches = {id(state): (state, deliveries)}
+        else:
+            batches = {}
+            # Fewest in flight first: hand out one message at a time to whoever has the least.
+            consumers.sort(key=lambda s: len(s.inflight))
+            for part, message in taken:
+                # A message handed back (timeout, unsubscribe) goes to another consumer if one has room.
+                previous, message.last_holder = message.last_holder, None
+                candidates = consumers
+                if previous is not None:
+                    others = [s for s in consumers
+                              if id(s.consumer) != previous and len(s.inflight) < s.consumer.window]
+                    candidates = others or consumers
+                state = min(candidates, key=lambda s: len(s.inflight))
+                if len(state.inflight) >= state.consumer.window:
+                    # Cannot happen (capacity was counted), but never overfill a window.
+                    part.nack((message.offset,))
+                    continue
+                delivery = Delivery(queue, part, message, state.consumer, deadline)
+                state.inflight[delivery] = None
+                batches.setdefault(id(state), (state, []))[1].append(delivery)
         for state, deliveries in batches.values():
             if queue.name in state.at_most_once:
                 # At most once: removed as it is sent.
                 for d in deliveries:
-                    del state.inflight[(d.partition.pid, d.message.offset)]
+                    del state.inflight[d]
                     d.partition.ack((d.message.offset,))
             state.consumer.deliver(deliveries)
         if any(s.queues and len(s.inflight) < s.consumer.window for s in consumers):
@@ -705,35 +785,35 @@ class QueueManager:
                 self._schedule_dispatch(queue)
 
     def _take(self, queue: Queue, count: int, parts: list[Any]) -> list[tuple[PartitionLog, Message]]:
-        """Up to ``count`` messages, round-robin over ``parts``; dead-letters what was delivered too often."""
+        """Up to ``count`` messages, shared among the ``parts`` that have some ready (the first of them turns
+        round-robin); dead-letters what was delivered too often."""
         taken: list[tuple[PartitionLog, Message]] = []
         if not parts:
             return taken
+        start = queue._next_take % len(parts)
+        queue._next_take = start + 1
+        ready = [p for p in parts[start:] + parts[:start] if p.ready]
         max_deliveries = queue.config.max_deliveries
-        empty = 0
-        i = queue._next_take
-        while len(taken) < count and empty < len(parts):
-            part = parts[i % len(parts)]
-            i += 1
-            if not part.ready:
-                empty += 1
-                continue
-            share = max(1, (count - len(taken)) // len(parts))
-            got = part.take(share)
-            if not got:
-                empty += 1
-                continue
-            empty = 0
-            for message in got:
-                if max_deliveries and message.deliveries > max_deliveries and not queue.is_dlq:
-                    try:
-                        self._dead_letter(queue, part, message)
-                        continue
-                    except ShoalError as exc:  # the DLQ is full or the disk is: deliver it once more instead
-                        log.warning("cannot dead-letter message %d of %s/%d: %s", message.offset, queue.name,
-                                    part.index, exc)
-                taken.append((part, message))
-        queue._next_take = i % len(parts)
+        while ready and len(taken) < count:
+            share = -(-(count - len(taken)) // len(ready))  # ceil: one pass when every part has enough
+            more = []
+            for part in ready:
+                want = min(share, count - len(taken))
+                if want <= 0:
+                    break
+                got = part.take(want)
+                if len(got) == want and part.ready:
+                    more.append(part)
+                for message in got:
+                    if max_deliveries and message.deliveries > max_deliveries and not queue.is_dlq:
+                        try:
+                            self._dead_letter(queue, part, message)
+                            continue
+                        except ShoalError as exc:  # the DLQ is full or the disk is: deliver it once more instead
+                            log.warning("cannot dead-letter message %d of %s/%d: %s", message.offset, queue.name,
+                                        part.index, exc)
+                    taken.append((part, message))
+            ready = more
         return taken
 
     def _dead_letter(self, queue: Queue, part: PartitionLog, message: Message) -> None:
@@ -769,10 +849,9 @@ class QueueManager:
         for consumer, taken_back in by_consumer.values():
             consumer.revoke(taken_back)
         for d in deliveries:
-            key = (d.partition.pid, d.message.offset)
             state = self._consumers.get(id(d.consumer))
             if state is not None:
-                state.inflight.pop(key, None)
+                state.inflight.pop(d, None)
             limit = d.queue.config.max_deliveries
             if limit and d.message.deliveries >= limit and not d.queue.is_dlq:
                 try:
@@ -803,7 +882,7 @@ class QueueManager:
             # Not for other nodes' route streams: their consumers' deadlines are kept on their node, and a stream
             # that ends hands everything back.
             expired = [d for s in self._consumers.values() if not getattr(s.consumer, "remote", False)
-                       for d in s.inflight.values() if d.deadline <= now]
+                       for d in s.inflight if d.deadline <= now]
             if expired:
                 log.info("%d delivery(ies) not acked in time: handed to other consumers", len(expired))
                 self._requeue(expired)
@@ -814,6 +893,33 @@ class QueueManager:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
         self.store.on_readable = None
+
+
+def _all_of(loop: asyncio.AbstractEventLoop, futures: list[asyncio.Future[None]]) -> asyncio.Future[None]:
+    """A future that resolves once all of ``futures`` have, or fails with the first of them to fail."""
+    outer: asyncio.Future[None] = loop.create_future()
+    left = len(futures)
+
+    def settle(future: asyncio.Future[None]) -> None:
+        nonlocal left
+        if outer.done():
+            return
+        if future.cancelled():
+            outer.cancel()
+            return
+        if future.exception() is not None:
+            outer.set_exception(future.exception())  # type: ignore[arg-type]
+            outer.exception()  # retrieved: whoever awaits it still sees it; a QoS 0 publisher never does
+            return
+        left -= 1
+        if not left:
+            outer.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(settle)
+    if not futures:
+        outer.set_result(None)
+    return outer
 
 
 def queue_configs_from_mapping(values: object) -> dict[str, QueueConfig]:

@@ -194,6 +194,40 @@ class PartitionLog:
             store._commit_early()
         return store._flush
 
+    def enqueue_many(self, records: list[bytes]) -> asyncio.Future[None]:
+        """Append messages in order, as ``enqueue`` does one (each must be ``bytes``): all or none. The returned
+        future resolves once all are durable. PayloadTooLarge, QueueFull or StorageError before anything is stored.
+        """
+        count = len(records)
+        if not count:
+            return self.store._flush
+        largest = max(map(len, records))
+        if largest > self._max_payload:
+            raise PayloadTooLarge(f"payload of {largest} bytes exceeds max_payload {self._max_payload} "
+                                  f"of queue {self.queue!r}")
+        self.check_room(count)
+        store = self.store
+        if not self._pending:
+            store._dirty_partitions.add(self)
+        self._pending.extend(records)
+        self._next_offset += count
+        self.last_offset = self._next_offset - 1
+        self._depth += count
+        store._pending_count += count
+        if not store._commit_requested:
+            store._request_commit()
+        elif store._pending_count >= store._early_commit_at:
+            store._commit_early()
+        return store._flush
+
+    def check_room(self, count: int) -> None:
+        """QueueFull unless ``count`` more messages fit the partition's ``max_depth``; StorageError while the store
+        cannot write."""
+        if self._depth + count > self._max_depth:
+            raise QueueFull(f"queue {self.queue!r} partition {self.index} is full ({self._depth} messages)")
+        if self.store.failure is not None:
+            raise self.store.failure
+
     # -- reading ----------------------------------------------------------------------------------------
 
     def take(self, max_count: int, now: int | None = None) -> list[Message]:
