@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from shoalmq.broker.fastpath import QueueFastProtocol
 
 from tests.conftest import BrokerFactory
 from tests.support import (
@@ -468,3 +472,56 @@ def test_qos2_state_survives_a_reconnect_of_a_persistent_session(broker: BrokerP
     assert [f.publish_fields()[2] for f in reader.publishes(1)] == [b"once"]
     with pytest.raises(TimeoutError):
         reader.publishes(1, timeout=0.5)
+
+
+def test_acks_of_queue_and_ordinary_deliveries_in_one_write(broker: BrokerProcess, mqtt_client) -> None:
+    """The fast path applies a read's PUBACKs as one batch and passes those of amqtt's deliveries on to amqtt."""
+    client = RawMqtt(broker.port, "mixed-acks", clean_session=False)
+    client.subscribe("$queue/acks", packet_id=1)
+    client.subscribe("news/#", qos=1, packet_id=2)
+    producer = mqtt_client(broker.port)
+    producer.publish("$queue/acks", b"job", qos=1)
+    producer.publish("news/today", b"headline", qos=1)
+    frames = client.publishes(2)
+    assert sorted(f.publish_fields()[0] for f in frames) == ["$queue/acks", "news/today"]
+    client.send(b"".join(puback_packet(f.publish_fields()[1]) for f in frames) + b"\xc0\x00")  # + PINGREQ
+    assert client.read() == Frame(13, 0, b"")  # PINGRESP
+    client.close()
+    again = RawMqtt(broker.port, "mixed-acks", clean_session=False)  # the session resumes: nothing is resent
+    other = RawMqtt(broker.port, "other")
+    other.subscribe("$queue/acks")
+    with pytest.raises(TimeoutError):
+        again.publishes(1, timeout=0.5)
+    with pytest.raises(TimeoutError):
+        other.publishes(1, timeout=0.3)
+
+
+def test_fast_path_batches_a_read_s_acks_and_passes_amqtt_s_on_in_order() -> None:
+    class Transport(asyncio.Transport):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+        def is_closing(self) -> bool:
+            return False
+
+    class Handler:
+        def __init__(self) -> None:
+            self.calls: list[list[int]] = []
+
+        def queue_acks(self, packet_ids: list[int]) -> list[int]:
+            self.calls.append(list(packet_ids))
+            return [i for i in packet_ids if i >= 100]  # ids from 100 up are amqtt's
+
+    async def body() -> None:
+        protocol = QueueFastProtocol(lambda reader, writer: None, 1 << 20)
+        protocol.connection_made(Transport())
+        handler = Handler()
+        protocol._frames = 1  # CONNECT went by
+        protocol.link(handler)
+        protocol.data_received(puback_packet(1) + puback_packet(100) + puback_packet(2) + b"\xc0\x00"
+                               + puback_packet(3) + puback_packet(101))
+        assert handler.calls == [[1, 100, 2], [3, 101]]
+        reader = protocol._stream_reader
+        assert bytes(reader._buffer) == puback_packet(100) + b"\xc0\x00" + puback_packet(101)
+
+    asyncio.run(body())

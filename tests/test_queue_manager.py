@@ -280,6 +280,50 @@ def test_keys_pick_partitions_and_keep_their_order() -> None:
     run(body())
 
 
+def test_publish_many_spreads_and_orders_like_single_publishes() -> None:
+    async def body() -> None:
+        singles = manager_on(MemoryBackend(), defaults=QueueConfig(partitions=3))
+        batched = manager_on(MemoryBackend(), defaults=QueueConfig(partitions=3))
+        for runs in ([5], [1, 7], [3]):  # runs of unkeyed publishes, then keyed ones
+            for count in runs:
+                payloads = [b"%d" % i for i in range(count)]
+                for p in payloads:
+                    singles.publish("$queue/q", p)
+                for p in payloads:
+                    singles.publish("$queue/q/k", b"k" + p)
+                batched.publish_many("$queue/q", payloads)
+                batched.publish_many("$queue/q/k", [b"k" + p for p in payloads])
+        await singles.store.flush()
+        await batched.store.flush()
+        for a, b in zip(singles.queue("q").partitions, batched.queue("q").partitions):
+            assert a.depth == b.depth
+            assert [(m.offset, m.payload) for m in a.take(100)] == [(m.offset, m.payload) for m in b.take(100)]
+        singles.close()
+        batched.close()
+
+    run(body())
+
+
+def test_publish_many_stores_all_or_nothing() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend(), queues={"q": QueueConfig(partitions=2, max_depth=2, max_payload=8)})
+        queue = manager.queue("q")
+        flush = manager.publish_many("$queue/q", [b"1", b"2", b"3"])  # partitions 0, 1, 0
+        with pytest.raises(QueueFull):  # partition 1 has room for one more, partition 0 for none
+            manager.publish_many("$queue/q", [b"4", b"5"])
+        with pytest.raises(PayloadTooLarge):
+            manager.publish_many("$queue/q", [b"6", b"123456789"])
+        with pytest.raises(BadQueueName):
+            manager.publish_many("$queue/bad name", [b"x"])
+        assert queue.depth == 3
+        await flush
+        manager.publish_many("$queue/q", [b"7"])  # the round-robin went on from where the stored run ended
+        assert [p.depth for p in queue.partitions] == [2, 2]
+        manager.close()
+
+    run(body())
+
+
 def test_limits_refuse_publishes() -> None:
     async def body() -> None:
         manager = manager_on(MemoryBackend(), queues={"small": QueueConfig(partitions=1, max_depth=2,

@@ -264,6 +264,25 @@ def test_max_depth_rejects_until_acked(open_store: OpenStore) -> None:
     run(body())
 
 
+def test_enqueue_many_appends_in_order_all_or_nothing(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store()
+        part = store.partition("q", 0, Limits(max_depth=5, max_payload=4))
+        flush = part.enqueue_many([b"a", b"b", b"c"])
+        assert part.enqueue(b"d") is flush and part.last_offset == 3 and part.depth == 4
+        with pytest.raises(QueueFull):
+            part.enqueue_many([b"e", b"f"])  # one would fit: neither is stored
+        with pytest.raises(PayloadTooLarge):
+            part.enqueue_many([b"e", b"12345"])
+        assert part.depth == 4 and part.last_offset == 3
+        assert part.enqueue_many([]) is store._flush
+        await flush
+        assert [m.payload for m in part.take(10)] == [b"a", b"b", b"c", b"d"]
+        await store.close()
+
+    run(body())
+
+
 def test_max_payload(open_store: OpenStore) -> None:
     async def body() -> None:
         store = open_store()
