@@ -21,6 +21,9 @@ from shoalmq.queue.storage.keys import DATABASES
 
 log = logging.getLogger(__name__)
 
+#: Free bytes under which an I/O error in a commit is taken for a full disk.
+SHORT_OF_SPACE = 1 << 20
+
 Put = tuple[str, bytes, bytes]
 Delete = tuple[str, bytes]
 
@@ -107,7 +110,7 @@ class LmdbBackend:
                 raise self._error("commit failed", exc) from None
 
     def _error(self, what: str, exc: lmdb.Error) -> StorageError:
-        if _is_disk_full(exc):
+        if _is_disk_full(exc, self.path):
             return StorageFull(f"partition log in {self.path}: disk full ({exc})")
         return StorageError(f"partition log in {self.path}: {what}: {exc}")
 
@@ -145,6 +148,15 @@ class LmdbBackend:
         self.env.close()
 
 
-def _is_disk_full(exc: lmdb.Error) -> bool:
+def _is_disk_full(exc: lmdb.Error, path: Path) -> bool:
     text = str(exc)
-    return "No space left" in text or os.strerror(errno.ENOSPC) in text or "ENOSPC" in text
+    if "No space left" in text or os.strerror(errno.ENOSPC) in text or "ENOSPC" in text:
+        return True
+    # A write the disk could take only part of is a "short write", which LMDB reports as EIO.
+    if os.strerror(errno.EIO) in text:
+        try:
+            stat = os.statvfs(path)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize < SHORT_OF_SPACE
+    return False
