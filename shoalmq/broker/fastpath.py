@@ -4,10 +4,10 @@ amqtt reads a packet field by field, with a task per packet: ~100 µs of CPU per
 is the connection's asyncio protocol instead. Each read is split into frames by the Cython codec
 (``shoalmq._native.mqtt_codec``), many per call, and then:
 
-- a PUBLISH to a ``$`` topic goes, with the others of the same read, to ``QueueProtocolHandler.queue_publishes``:
-  one batch into the queue manager, one write of acks per commit;
-- a PUBACK of a queue delivery, and a PUBREL of a QoS 2 queue publish, go to the handler directly (acks are applied
-  as one batch per loop iteration);
+- a PUBLISH to a ``$`` topic goes, with the others of the same read, to ``QueueProtocolHandler.queue_publishes``,
+  as runs of one topic and QoS: one call into the queue manager per run, one write of acks per commit;
+- the PUBACKs of a read go to the handler as one list (``queue_acks``; applied as one batch per loop iteration),
+  and those of amqtt's own deliveries go on to amqtt; a PUBREL of a QoS 2 queue publish goes to the handler;
 - every other frame (CONNECT, SUBSCRIBE, PINGREQ, ordinary publishes, their acks, DISCONNECT, ...) is checked by
   the frame guard's rules and fed, whole, to the amqtt stream reader behind the protocol, which handles it as before.
 

@@ -9,7 +9,7 @@ The overrides are few and named here; docs/design.md ("amqtt seams") lists them 
   the client's value, as MQTT 3.1.1 asks (amqtt never drops a silent client).
 - ``ShoalBroker.add_subscription`` / ``_del_subscription``: a ``$queue/`` filter registers the connection with the
   queue manager instead of amqtt's subscription table, so a subscriber to ``#`` never sees queue traffic.
-- ``QueueProtocolHandler.queue_publishes`` / ``queue_ack`` / ``queue_pubrel``: the queue side of a connection,
+- ``QueueProtocolHandler.queue_publishes`` / ``queue_acks`` / ``queue_pubrel``: the queue side of a connection,
   called in batches by the fast path (``shoalmq.broker.fastpath``), which takes ``$queue/`` frames off amqtt's
   reader. A ``$queue/`` publish is acknowledged (PUBACK, or PUBREC for QoS 2) only when its commit is durable; a
   refused one closes the connection, and so does a publish to any other ``$`` topic (amqtt would leave it
@@ -20,7 +20,9 @@ The overrides are few and named here; docs/design.md ("amqtt seams") lists them 
 - ``handle_read_timeout``: keep-alive expiry closes the connection. ``stop``: the consumer is gone; its
   unacknowledged messages go back to their queues. ``start`` (after CONNACK): links the connection's fast path,
   and a client with clean session off is a consumer of its queues again without subscribing anew.
-- ``QueueSession.next_packet_id``: amqtt's own packet ids skip the ids of queue deliveries in flight.
+- ``QueueSession.next_packet_id`` / ``queue_packet_ids``: amqtt's own packet ids skip the ids of queue deliveries in
+  flight, and a batch of deliveries takes its ids from amqtt's counter (``_packet_id``), skipping amqtt's
+  ``inflight_in`` and ``inflight_out``.
 
 Ordinary topics are untouched: amqtt serves them as before. The connection's transport is reached through amqtt's
 ``StreamWriterAdapter`` (its ``_writer``), to write acks and deliveries and to close the connection.
