@@ -48,8 +48,8 @@ class FakeCluster:
     def writable(self, queue: str, partition: int) -> bool:
         return partition in self.owned.get(queue, [])
 
-    def forward(self, queue: str, partition: int, record: bytes) -> asyncio.Future[None]:
-        self.forwarded.append((queue, partition, record))
+    def forward(self, queue: str, partition: int, records: list[bytes]) -> asyncio.Future[None]:
+        self.forwarded += [(queue, partition, record) for record in records]
         future = asyncio.get_running_loop().create_future()
         future.set_result(None)
         return future

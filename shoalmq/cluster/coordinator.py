@@ -546,16 +546,16 @@ class Coordinator:
 
     # -- forwarding -------------------------------------------------------------------------------------------
 
-    def forward(self, queue: str, partition: int, record: bytes) -> asyncio.Future[None]:
-        """Send a publish (a stored record) to the partition's owner. The forwards of one loop turn to one
-        partition share the returned future, which resolves once the owner has them on disk (one future per
+    def forward(self, queue: str, partition: int, records: list[bytes]) -> asyncio.Future[None]:
+        """Send publishes (stored records), in order, to the partition's owner. The forwards of one loop turn to
+        one partition share the returned future, which resolves once the owner has them on disk (one future per
         partition per turn: a refusal fails only the publishes of its partition)."""
         entry = self._turn.get((queue, partition))
         if entry is None:
             if not self._turn:
                 self._loop.call_soon(self._flush_turn)
             entry = self._turn[(queue, partition)] = ([], self._loop.create_future())
-        entry[0].append(record)
+        entry[0].extend(records)
         return entry[1]
 
     def _flush_turn(self) -> None:

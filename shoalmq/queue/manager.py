@@ -144,8 +144,8 @@ class Cluster(Protocol):
     def writable(self, queue: str, partition: int) -> bool:
         """May this node append to the partition now?"""
 
-    def forward(self, queue: str, partition: int, record: bytes) -> asyncio.Future[None]:
-        """Send a record to the partition's owner; resolves once the owner has it on disk."""
+    def forward(self, queue: str, partition: int, records: list[bytes]) -> asyncio.Future[None]:
+        """Send records, in order, to the partition's owner; resolves once the owner has them on disk."""
 
     def owned_partitions(self, queue: str) -> list[int]:
         """The queue's partitions this node owns (the ones it delivers from)."""
@@ -496,7 +496,7 @@ class QueueManager:
         record = head + payload
         if cluster.writable(name, index):
             return queue.partitions[index].enqueue(record)
-        return cluster.forward(name, index, record)
+        return cluster.forward(name, index, [record])
 
     def publish_many(self, topic: str, payloads: list[bytes]) -> asyncio.Future[None]:
         """Enqueue messages published on one ``$queue/`` topic, in order: the batch form of ``publish``, with the
@@ -535,10 +535,9 @@ class QueueManager:
                 if not flushes or flush is not flushes[-1]:
                     flushes.append(flush)
             else:
-                for record in chunk:
-                    flush = cluster.forward(name, index, record)  # type: ignore[union-attr]
-                    if not flushes or flush is not flushes[-1]:
-                        flushes.append(flush)
+                flush = cluster.forward(name, index, chunk)  # type: ignore[union-attr]
+                if not flushes or flush is not flushes[-1]:
+                    flushes.append(flush)
         return flushes[0] if len(flushes) == 1 else _all_of(self._loop, flushes)
 
     def _check_topic(self, topic: str) -> tuple[str, str, bytes]:
