@@ -7,7 +7,6 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from shoalmq.errors import PayloadTooLarge, QueueFull, StorageError, StorageFull
@@ -43,9 +42,11 @@ def payloads(n: int, prefix: str = "m") -> list[bytes]:
 def test_segment_and_state_round_trip() -> None:
     data = [b"", b"a", b"\x00" * 70000, b"xyz"]
     assert keys.unpack_segment(keys.pack_segment(data)) == data
-    state = np.array([0, 3, keys.ACKED], dtype=np.uint8)
+    state = bytearray([0, 3, keys.ACKED])
     enqueued_at, back = keys.unpack_state(keys.pack_state(1234567890123, state))
-    assert enqueued_at == 1234567890123 and back.tolist() == [0, 3, 255]
+    assert enqueued_at == 1234567890123 and back == bytearray([0, 3, 255])
+    with pytest.raises(ValueError, match="state record of 2 entries, its header says 3"):
+        keys.unpack_state(keys.pack_state(1, state)[:-1])
     assert keys.parse_partition_key(keys.partition_key("orders.eu", 7)) == ("orders.eu", 7)
 
 

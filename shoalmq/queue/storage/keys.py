@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
-
 from shoalmq._native import segment
 
 SEGMENTS = "segments"
@@ -63,13 +61,16 @@ pack_segment = segment.pack
 unpack_segment = segment.unpack
 
 
-def pack_state(enqueued_at: int, state: np.ndarray) -> bytes:
-    return _STATE_HEADER.pack(enqueued_at, len(state)) + state.tobytes()
+def pack_state(enqueued_at: int, state: bytes | bytearray) -> bytes:
+    return _STATE_HEADER.pack(enqueued_at, len(state)) + state
 
 
-def unpack_state(value: bytes) -> tuple[int, np.ndarray]:
+def unpack_state(value: bytes) -> tuple[int, bytearray]:
+    """(enqueued_at, state): the state as a ``bytearray`` (one byte per message; item writes are cheap)."""
     enqueued_at, count = _STATE_HEADER.unpack_from(value, 0)
-    state = np.frombuffer(value, dtype=np.uint8, count=count, offset=_STATE_HEADER.size).copy()
+    state = bytearray(value[_STATE_HEADER.size:_STATE_HEADER.size + count])
+    if len(state) != count:
+        raise ValueError(f"state record of {len(state)} entries, its header says {count}")
     return enqueued_at, state
 
 

@@ -17,7 +17,7 @@ Reading. Committed messages enter the partition's ring buffer (``shoalmq._native
 partition) while it has room and nothing older is waiting on disk; otherwise they stay on disk only and the ring
 is refilled from the segments when it runs low. ``take`` pops ready messages, drops expired ones, counts the
 delivery and holds them in flight until ``ack`` (deleted) or ``nack`` (back to the head of the partition, ahead of
-the ring, delivery count kept). Delivery counts and acks change a per-segment state array in memory, written with the next commit.
+the ring, delivery count kept). Delivery counts and acks change a per-segment state (a bytearray) in memory, written with the next commit.
 
 Recovery. Opening a store reads the ``partitions`` and ``states`` databases (never the payloads): every message
 not acked is ready again, in offset order, with its delivery count; offsets continue from the high-water mark.
@@ -34,8 +34,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
-
-import numpy as np
 
 from shoalmq._native import RingBuffer
 from shoalmq.errors import PayloadTooLarge, QueueFull, StorageError
@@ -98,12 +96,12 @@ class _Segment:
 
     __slots__ = ("count", "enqueued_at", "first", "remaining", "state")
 
-    def __init__(self, first: int, enqueued_at: int, state: np.ndarray) -> None:
+    def __init__(self, first: int, enqueued_at: int, state: bytearray) -> None:
         self.first = first
         self.count = len(state)
         self.enqueued_at = enqueued_at
         self.state = state
-        self.remaining = int(np.count_nonzero(state != K.ACKED))
+        self.remaining = len(state) - state.count(K.ACKED)
 
 
 class PartitionLog:
@@ -359,7 +357,7 @@ class PartitionLog:
                 if not self.ring.free:
                     return
                 if state[index] != K.ACKED:
-                    self.ring.push(segment.first + index, payloads[index], segment.enqueued_at, int(state[index]))
+                    self.ring.push(segment.first + index, payloads[index], segment.enqueued_at, state[index])
                 self._loaded_upto = segment.first + index + 1
         if i >= len(starts) and self.ring.free:
             # Every segment is loaded; what lies between here and committed_end are offsets of failed commits.
@@ -369,7 +367,7 @@ class PartitionLog:
         """Segments appended by a successful commit become readable."""
         offset = first
         for payloads in batches:
-            segment = _Segment(offset, enqueued_at, np.zeros(len(payloads), dtype=np.uint8))
+            segment = _Segment(offset, enqueued_at, bytearray(len(payloads)))
             self._add_segment(segment)
             if self._loaded_upto == offset and self.ring.free >= len(payloads):
                 self.ring.push_many(offset, payloads, enqueued_at)
@@ -608,7 +606,7 @@ class Store:
             for payloads in batches:
                 key = key_of(part.pid, offset)
                 puts.append((K.SEGMENTS, key, K.pack_segment(payloads)))
-                puts.append((K.STATES, key, K.pack_state(commit.enqueued_at, np.zeros(len(payloads), np.uint8))))
+                puts.append((K.STATES, key, K.pack_state(commit.enqueued_at, bytes(len(payloads)))))
                 offset += len(payloads)
             commit.appended.append((part, first, batches))
             part._meta_dirty = True
