@@ -48,7 +48,7 @@ SyncMode = Literal["fsync", "async"]
 RETRY_INTERVAL = 0.2
 NEVER = 1 << 62
 #: Up to this many messages, ``take`` pops records one by one instead of in a batch.
-SMALL_TAKE = 8
+SMALL_TAKE = 2
 #: Loop turns without new pending writes after which a commit starts (fsync mode). The fast path enqueues a whole
 #: socket read in one turn, but a packet on amqtt's path spans several (a task per packet, a wait_for per header):
 #: with 2 turns, commits there shrank to one message each.
@@ -270,18 +270,22 @@ class PartitionLog:
             else:
                 offsets, payloads, enqueued, deliveries = ring.pop_many(wanted)
                 records = zip(offsets.tolist(), payloads, enqueued.tolist(), deliveries.tolist())
+            inflight = self._inflight
+            first = end = 0  # the segment of the last record (ring offsets ascend: usually the next one's too)
             for offset, payload, enqueued_at, count in records:
-                segment = self._segment_of(offset)
-                index = offset - segment.first
+                if not first <= offset < end:
+                    segment = self._segment_of(offset)
+                    first, end, state = segment.first, segment.first + segment.count, segment.state
+                    segments_touched.add(segment)
+                index = offset - first
                 if ttl_cutoff is not None and enqueued_at < ttl_cutoff:
                     self._settle(segment, index)
                     self.expired += 1
                     continue
                 count += 1
-                segment.state[index] = min(count, K.MAX_DELIVERIES_COUNTED)
-                segments_touched.add(segment)
+                state[index] = count if count < K.MAX_DELIVERIES_COUNTED else K.MAX_DELIVERIES_COUNTED
                 message = Message(offset, payload, enqueued_at, count, segment, index)
-                self._inflight[offset] = message
+                inflight[offset] = message
                 out.append(message)
         if self._dirty_segments:
             self.store._mark_dirty(self)
@@ -290,13 +294,17 @@ class PartitionLog:
     def ack(self, offsets: Iterable[int]) -> int:
         """Remove in-flight messages for good; returns how many were in flight (others are ignored)."""
         done = 0
-        inflight = self._inflight
+        inflight, dirty, acked = self._inflight, self._dirty_segments, K.ACKED
         for offset in offsets:
             message = inflight.pop(offset, None)
-            if message is not None:
-                self._settle(message._segment, message._index)
+            if message is not None:  # what _settle does, inlined
+                segment = message._segment
+                segment.state[message._index] = acked
+                segment.remaining -= 1
+                dirty.add(segment)
                 done += 1
         if done:
+            self._depth -= done
             self.store._mark_dirty(self)
         return done
 
