@@ -525,3 +525,25 @@ def test_fast_path_batches_a_read_s_acks_and_passes_amqtt_s_on_in_order() -> Non
         assert bytes(reader._buffer) == puback_packet(100) + b"\xc0\x00" + puback_packet(101)
 
     asyncio.run(body())
+
+
+def test_queue_packet_ids_share_amqtt_s_counter_and_skip_ids_in_use() -> None:
+    from amqtt.errors import AMQTTError
+
+    from shoalmq.broker.queue_broker import QueueSession
+
+    class Held:
+        packet_id = 0
+
+    session = QueueSession()
+    session.queue_inflight = {}
+    session._packet_id = 65533
+    session.inflight_out[65535] = object()  # amqtt's own delivery in flight
+    session.queue_inflight[1] = Held()  # a queue delivery in flight
+    batch = [Held() for _ in range(3)]
+    assert session.queue_packet_ids(batch) == [65534, 2, 3]  # 65535 and 1 are taken; the counter wraps
+    assert [d.packet_id for d in batch] == [65534, 2, 3] and session.queue_inflight[2] is batch[1]
+    assert session.next_packet_id == 4  # amqtt's next id follows on
+    session.queue_inflight.update({i: Held() for i in range(1, 65536)})
+    with pytest.raises(AMQTTError, match="no free packet identifier"):
+        session.queue_packet_ids([Held()])
