@@ -196,3 +196,25 @@ def test_a_malformed_batch_is_refused_and_the_stream_goes_on() -> None:
         await server.stop(0)
 
     run(body())
+
+
+def test_a_forwarded_batch_is_stored_whole_or_not_at_all() -> None:
+    from shoalmq.cluster.transport import RemoteRecords
+    from shoalmq.errors import PayloadTooLarge, QueueFull
+    from shoalmq.queue.record import encode_record
+
+    async def body() -> None:
+        owner = QueueManager(Store(MemoryBackend()),
+                             queues={"q": QueueConfig(partitions=2, max_depth=3, max_payload=10)})
+        queue = owner.queue("q")
+        ok = RemoteRecords("q", 0, 1, [encode_record(b"", b"a"), encode_record(b"k", b"b")])
+        with pytest.raises(QueueFull):  # the second group's partition has room for 3
+            owner.enqueue_remote([ok, RemoteRecords("q", 1, 1, [encode_record(b"", b"x")] * 4)])
+        with pytest.raises(PayloadTooLarge):
+            owner.enqueue_remote([ok, RemoteRecords("q", 1, 1, [encode_record(b"", b"x" * 11)])])
+        assert queue.depth == 0
+        await owner.enqueue_remote([ok, RemoteRecords("q", 1, 1, [encode_record(b"", b"x")] * 3)])
+        assert [p.depth for p in queue.partitions] == [2, 3]
+        owner.close()
+
+    run(body())

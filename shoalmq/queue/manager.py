@@ -597,15 +597,21 @@ class QueueManager:
             except QueueUndefined:
                 raise NotOwner(f"queue {batch.queue!r} is not known here yet") from None
             targets.append((queue, queue.partition(batch.partition), batch.records))
-        flush: asyncio.Future[None] | None = None
+        counts: dict[PartitionLog, int] = {}
         for queue, part, records in targets:
-            for record in records:
+            if records:
                 try:
-                    size = payload_size(record)
+                    largest = max(map(payload_size, records))
                 except ValueError:
                     raise BadQueueName("malformed forwarded record") from None
-                queue.check_payload(size)
-                flush = part.enqueue(record)
+                queue.check_payload(largest)
+                counts[part] = counts.get(part, 0) + len(records)
+        for part, count in counts.items():
+            part.check_room(count)
+        flush: asyncio.Future[None] | None = None
+        for queue, part, records in targets:
+            if records:
+                flush = part.enqueue_many(records if type(records) is list else list(records))
         if flush is None:
             flush = self._loop.create_future()
             flush.set_result(None)
