@@ -324,6 +324,38 @@ def test_publish_many_stores_all_or_nothing() -> None:
     run(body())
 
 
+def test_dispatch_takes_from_the_ready_partitions_in_turn() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend(), defaults=QueueConfig(partitions=16))
+        queue = manager.queue("q")
+        for i in range(40):
+            queue.publish("", b"a%d" % i, partition=0)
+            queue.publish("", b"b%d" % i, partition=9)
+        await manager.store.flush()
+        consumer = FakeConsumer("c", window=1)  # one message per dispatch: the partitions must alternate
+        manager.subscribe(consumer, "q")
+        for n in range(1, 81):
+            await settle(lambda: len(consumer.received) == n)
+            consumer.ack_all(manager)
+        first = [d.partition.index for d in consumer.received[:20]]
+        assert first == [0, 9] * 10 or first == [9, 0] * 10, first
+        manager.close()
+
+    run(body())
+
+
+def test_checked_topics_are_remembered_only_while_short() -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend())
+        manager.publish_many("$queue/q/short", [b"1"])
+        manager.publish_many("$queue/q/" + "k" * 300, [b"2"])
+        assert list(manager._topics) == ["$queue/q/short"]
+        await manager.store.flush()
+        manager.close()
+
+    run(body())
+
+
 def test_limits_refuse_publishes() -> None:
     async def body() -> None:
         manager = manager_on(MemoryBackend(), queues={"small": QueueConfig(partitions=1, max_depth=2,

@@ -131,10 +131,11 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         """Store publishes to ``$`` topics, given as runs of one topic and QoS: (topic, qos, packet ids, payloads).
 
         Each is acknowledged (PUBACK, or PUBREC for QoS 2) once its commit is durable, the acks of one commit in one
-        write; commits resolve in order, so acks leave in the order the PUBLISHes came [MQTT-4.6.0-2]. A run is
-        stored whole or not at all (``QueueManager.publish_many``). A publish that is refused, or to a ``$`` topic
-        that is not a queue, closes the connection, and nothing after it is stored. Returns the commit the last
-        acknowledged publish waits for (None if none does)."""
+        write; commits resolve in order, so on a single node acks leave in the order the PUBLISHes came
+        [MQTT-4.6.0-2] (on a cluster, those of a partition owned elsewhere follow its owner's answer). A run is
+        checked whole before any of it is stored (``QueueManager.publish_many``). A publish that is refused, or to
+        a ``$`` topic that is not a queue, closes the connection, and nothing after it is stored. Returns the
+        commit the last acknowledged publish waits for (None if none does)."""
         by_flush: dict[int, tuple[asyncio.Future[None], list[bytes]]] = {}
         last: asyncio.Future[None] | None = None
         for topic, qos, packet_ids, payloads in runs:

@@ -42,8 +42,9 @@ DLQ_SUFFIX = ".dlq"
 #: Seconds between attempts to store a dead-letter copy when the disk refused it.
 DEAD_LETTER_RETRY = 0.5
 MAX_KEY = 0xFFFF
-#: Checked ``$queue/`` topics remembered (the cache starts over when full).
+#: Checked ``$queue/`` topics remembered (the cache starts over when full), if at most this long (characters).
 TOPIC_CACHE = 4096
+CACHED_TOPIC_MAX = 256
 
 
 class BadQueueName(QueueError):
@@ -501,8 +502,9 @@ class QueueManager:
     def publish_many(self, topic: str, payloads: list[bytes]) -> asyncio.Future[None]:
         """Enqueue messages published on one ``$queue/`` topic, in order: the batch form of ``publish``, with the
         topic checked once and each partition's share appended in one call. One future, resolved once every
-        message is durable. The batch is stored whole or not at all: BadQueueName, PayloadTooLarge, QueueFull or
-        StorageError are raised before anything is stored."""
+        message is durable. The batch is checked whole before any of it is stored: BadQueueName, PayloadTooLarge,
+        or for a partition of this node QueueFull or StorageError, raised with nothing stored. On a cluster, a
+        share forwarded to its owner may still be refused there after the rest was stored: the future fails."""
         target = self._topics.get(topic)
         if target is None:
             target = self._check_topic(topic)
@@ -544,9 +546,11 @@ class QueueManager:
         name, key = parse_queue_topic(topic)
         if len(topic.encode()) > 0xFFFF - len(DLQ_SUFFIX):
             raise BadQueueName(f"queue topic longer than {0xFFFF - len(DLQ_SUFFIX)} bytes (room is kept for .dlq)")
-        if len(self._topics) >= TOPIC_CACHE:
-            self._topics.clear()
-        target = self._topics[topic] = (name, key, encode_record(key.encode(), b""))
+        target = (name, key, encode_record(key.encode(), b""))
+        if len(topic) <= CACHED_TOPIC_MAX:
+            if len(self._topics) >= TOPIC_CACHE:
+                self._topics.clear()
+            self._topics[topic] = target
         return target
 
     def _publish_when_defined(self, name: str, topic: str, payload: bytes) -> asyncio.Future[None]:
@@ -790,25 +794,28 @@ class QueueManager:
                 self._schedule_dispatch(queue)
 
     def _take(self, queue: Queue, count: int, parts: list[Any]) -> list[tuple[PartitionLog, Message]]:
-        """Up to ``count`` messages, shared among the ``parts`` that have some ready (the first of them turns
-        round-robin); dead-letters what was delivered too often."""
+        """Up to ``count`` messages, shared among the ``parts`` that have some ready, round-robin: the next call
+        starts after the last part served here. Dead-letters what was delivered too often."""
         taken: list[tuple[PartitionLog, Message]] = []
-        if not parts:
+        n = len(parts)
+        if not n:
             return taken
-        start = queue._next_take % len(parts)
-        queue._next_take = start + 1
-        ready = [p for p in parts[start:] + parts[:start] if p.ready]
+        start = queue._next_take % n
+        ready = [i % n for i in range(start, start + n) if parts[i % n].ready]
         max_deliveries = queue.config.max_deliveries
+        last = start - 1
         while ready and len(taken) < count:
             share = -(-(count - len(taken)) // len(ready))  # ceil: one pass when every part has enough
             more = []
-            for part in ready:
+            for i in ready:
                 want = min(share, count - len(taken))
                 if want <= 0:
                     break
+                part = parts[i]
                 got = part.take(want)
+                last = i
                 if len(got) == want and part.ready:
-                    more.append(part)
+                    more.append(i)
                 for message in got:
                     if max_deliveries and message.deliveries > max_deliveries and not queue.is_dlq:
                         try:
@@ -819,6 +826,7 @@ class QueueManager:
                                         part.index, exc)
                     taken.append((part, message))
             ready = more
+        queue._next_take = last + 1
         return taken
 
     def _dead_letter(self, queue: Queue, part: PartitionLog, message: Message) -> None:
