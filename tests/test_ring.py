@@ -251,6 +251,26 @@ def test_pop_many_across_the_end_of_the_arrays(impl) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_pop_record_gives_the_head_record_whole(impl) -> None:
+    ring = impl.RingBuffer(4)
+    with pytest.raises(IndexError, match="pop from an empty ring buffer"):
+        ring.pop_record()
+    payload = b"head" * 10
+    ring.push(INT64_MAX, payload, INT64_MIN, 65535)
+    ring.push_many(5, [b"a", b"b"], T0)
+    ring.push_front(4, b"front", T0 - 1, 3)
+    before = sys.getrefcount(payload)
+    assert ring.pop_record() == (4, T0 - 1, 3, b"front")
+    record = ring.pop_record()
+    assert record == (INT64_MAX, INT64_MIN, 65535, payload) and record[3] is payload
+    assert sys.getrefcount(payload) == before  # the ring's reference went to the tuple
+    del record
+    assert sys.getrefcount(payload) == before - 1
+    assert [ring.pop_record() for _ in range(2)] == [(5, T0, 0, b"a"), (6, T0, 0, b"b")]
+    assert len(ring) == 0 and ring.free == 4
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_pop_many_partial_empty_and_all(impl) -> None:
     ring = impl.RingBuffer(16)
 

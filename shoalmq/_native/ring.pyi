@@ -72,6 +72,9 @@ class RingBuffer:
         """
     def pop(self) -> bytes:
         """Remove the head record and return its payload. ``IndexError`` if the buffer is empty."""
+    def pop_record(self) -> tuple[int, int, int, bytes]:
+        """Remove the head record and return ``(offset, enqueued_at, deliveries, payload)``: one call for what
+        ``head_offset``, ``head_enqueued_at``, ``head_deliveries`` and ``pop`` give. ``IndexError`` if empty."""
     def peek(self) -> bytes:
         """The head record's payload, left in place. ``IndexError`` if the buffer is empty."""
     @property

@@ -224,6 +224,19 @@ cdef class RingBuffer:
         Py_DECREF(payload)  # ... and this drops the one the ring held
         return payload
 
+    @cython.always_allow_keywords(False)
+    def pop_record(self):
+        if self._count == 0:
+            raise IndexError("pop from an empty ring buffer")
+        cdef size_t i = self._head
+        cdef PyObject* slot = self._payloads[i]
+        self._payloads[i] = NULL
+        self._head = (i + 1) & self._mask
+        self._count -= 1
+        payload = <object>slot  # takes a new reference ...
+        Py_DECREF(payload)  # ... and this drops the one the ring held
+        return (self._offsets[i], self._enqueued_at[i], self._deliveries[i], payload)
+
     @cython.always_allow_keywords(False)  # METH_NOARGS: the cheapest call
     def peek(self):
         if self._count == 0:

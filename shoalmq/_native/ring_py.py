@@ -121,6 +121,12 @@ class RingBuffer:
             raise IndexError("pop from an empty ring buffer")
         return self._records.popleft()[1]
 
+    def pop_record(self) -> tuple[int, int, int, bytes]:
+        if not self._records:
+            raise IndexError("pop from an empty ring buffer")
+        offset, payload, enqueued_at, deliveries = self._records.popleft()
+        return offset, enqueued_at, deliveries, payload
+
     def peek(self) -> bytes:
         if not self._records:
             raise IndexError("peek at an empty ring buffer")

@@ -263,16 +263,14 @@ class PartitionLog:
             if wanted <= SMALL_TAKE:
                 # A few messages (a consumer's window refilling after an ack): pop them one by one, which
                 # costs less than the three arrays of a batch pop.
-                records = []
-                while ring and len(records) < wanted:
-                    offset, enqueued_at, count = ring.head_offset, ring.head_enqueued_at, ring.head_deliveries
-                    records.append((offset, ring.pop(), enqueued_at, count))
+                pop_record = ring.pop_record
+                records = [pop_record() for _ in range(min(wanted, len(ring)))]
             else:
                 offsets, payloads, enqueued, deliveries = ring.pop_many(wanted)
-                records = zip(offsets.tolist(), payloads, enqueued.tolist(), deliveries.tolist())
+                records = zip(offsets.tolist(), enqueued.tolist(), deliveries.tolist(), payloads)
             inflight = self._inflight
             first = end = 0  # the segment of the last record (ring offsets ascend: usually the next one's too)
-            for offset, payload, enqueued_at, count in records:
+            for offset, enqueued_at, count, payload in records:
                 if not first <= offset < end:
                     segment = self._segment_of(offset)
                     first, end, state = segment.first, segment.first + segment.count, segment.state
