@@ -212,9 +212,8 @@ cdef class RingBuffer:
         self._count += n
 
     @cython.always_allow_keywords(False)  # METH_NOARGS: the cheapest call
-    def pop(self):
-        if self._count == 0:
-            raise IndexError("pop from an empty ring buffer")
+    cdef inline object _take_head(self):
+        """Remove the head record (the buffer must not be empty) and return its payload."""
         cdef size_t i = self._head
         cdef PyObject* slot = self._payloads[i]
         self._payloads[i] = NULL
@@ -224,18 +223,17 @@ cdef class RingBuffer:
         Py_DECREF(payload)  # ... and this drops the one the ring held
         return payload
 
+    def pop(self):
+        if self._count == 0:
+            raise IndexError("pop from an empty ring buffer")
+        return self._take_head()
+
     @cython.always_allow_keywords(False)
     def pop_record(self):
         if self._count == 0:
             raise IndexError("pop from an empty ring buffer")
         cdef size_t i = self._head
-        cdef PyObject* slot = self._payloads[i]
-        self._payloads[i] = NULL
-        self._head = (i + 1) & self._mask
-        self._count -= 1
-        payload = <object>slot  # takes a new reference ...
-        Py_DECREF(payload)  # ... and this drops the one the ring held
-        return (self._offsets[i], self._enqueued_at[i], self._deliveries[i], payload)
+        return (self._offsets[i], self._enqueued_at[i], self._deliveries[i], self._take_head())
 
     @cython.always_allow_keywords(False)  # METH_NOARGS: the cheapest call
     def peek(self):
