@@ -509,6 +509,8 @@ class QueueManager:
         if target is None:
             target = self._check_topic(topic)
         name, key, head = target
+        if not payloads:
+            return _all_of(self._loop, [])
         queue = self._queues.get(name)
         if queue is None:
             try:

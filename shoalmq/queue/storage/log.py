@@ -17,7 +17,8 @@ Reading. Committed messages enter the partition's ring buffer (``shoalmq._native
 partition) while it has room and nothing older is waiting on disk; otherwise they stay on disk only and the ring
 is refilled from the segments when it runs low. ``take`` pops ready messages, drops expired ones, counts the
 delivery and holds them in flight until ``ack`` (deleted) or ``nack`` (back to the head of the partition, ahead of
-the ring, delivery count kept). Delivery counts and acks change a per-segment state (a bytearray) in memory, written with the next commit.
+the ring, delivery count kept). Delivery counts and acks change a per-segment state (a bytearray) in memory,
+written with the next commit.
 
 Recovery. Opening a store reads the ``partitions`` and ``states`` databases (never the payloads): every message
 not acked is ready again, in offset order, with its delivery count; offsets continue from the high-water mark.
