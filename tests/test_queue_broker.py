@@ -235,6 +235,14 @@ def test_a_client_that_never_sends_connect_is_closed(broker_factory: BrokerFacto
     mqtt_client(broker.port).publish("still/serving", b"x", qos=1)
 
 
+def test_a_connection_closed_before_connect_is_one_info_line(broker: BrokerProcess, mqtt_client) -> None:
+    socket.create_connection((broker.host, broker.port), timeout=10).close()  # a TCP health check
+    wait_until(lambda: "closed before sending CONNECT" in broker.log, 10, "the log line")
+    mqtt_client(broker.port).publish("still/serving", b"x", qos=1)
+    lines = [line for line in broker.log.splitlines() if "CONNECT" in line or "No data" in line]
+    assert len(lines) == 1 and " INFO " in lines[0], lines
+
+
 @pytest.mark.timeout(120)
 def test_sigkill_under_load_loses_no_acknowledged_message(broker: BrokerProcess, mqtt_client) -> None:
     consumer = mqtt_client(broker.port, client_id="during")

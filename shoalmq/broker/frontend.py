@@ -41,6 +41,26 @@ def amqtt_config(config: Config) -> dict[str, Any]:
     }
 
 
+class QuietClosedConnections(logging.Filter):
+    """amqtt logs a connection that closes before sending anything (a TCP health check, a port probe) as an
+    ERROR ("No data from ...") and then a WARNING ("Failed to initialize client session: No data ..."). This
+    filter on amqtt's broker logger says it once, at INFO, in ShoalMQ's words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("No data from "):
+            client = message[len("No data from "):].split(" : ")[0]  # amqtt's "(client @=host:port)"
+            if client.startswith("(client @=") and client.endswith(")"):
+                client = client[len("(client @="):-1]
+            record.msg, record.args = f"connection from {client} closed before sending CONNECT", None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger("shoalmq").isEnabledFor(logging.INFO)
+        return not message.startswith("Failed to initialize client session: No data")
+
+
+_QUIET_CLOSED = QuietClosedConnections()
+
+
 class MqttFrontEnd:
     """Listens for MQTT over TCP and serves each connection with amqtt (``ShoalBroker``, which adds ``$queue/``)."""
 
@@ -61,6 +81,7 @@ class MqttFrontEnd:
 
     async def start(self) -> None:
         """Start amqtt, then listen. StartupError if the address can't be bound."""
+        logging.getLogger("amqtt.broker").addFilter(_QUIET_CLOSED)  # once: addFilter ignores a filter it has
         self._broker = ShoalBroker(amqtt_config(self._config), self._queues, self._config.connect_timeout)
         await self._broker.start()
         listen = self._config.listen
