@@ -555,3 +555,56 @@ def test_queue_packet_ids_share_amqtt_s_counter_and_skip_ids_in_use() -> None:
     session.queue_inflight.update({i: Held() for i in range(1, 65536)})
     with pytest.raises(AMQTTError, match="no free packet identifier"):
         session.queue_packet_ids([Held()])
+
+
+def test_a_publisher_that_outruns_the_disk_stops_being_read() -> None:
+    from shoalmq.broker import fastpath
+
+    class Transport(asyncio.Transport):
+        paused = 0
+        resumed = 0
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+        def is_closing(self) -> bool:
+            return False
+
+        def pause_reading(self) -> None:
+            self.paused += 1
+
+        def resume_reading(self) -> None:
+            self.resumed += 1
+
+    class Handler:
+        def __init__(self) -> None:
+            self.flushes: list[asyncio.Future[None]] = []
+            self.stored = 0
+
+        def queue_publishes(self, runs: list) -> asyncio.Future[None]:
+            self.stored += sum(len(run[3]) for run in runs)
+            self.flushes.append(asyncio.get_running_loop().create_future())  # a commit that has not ended
+            return self.flushes[-1]
+
+    async def body() -> None:
+        protocol = QueueFastProtocol(lambda reader, writer: None, 1 << 20)
+        transport = Transport()
+        protocol.connection_made(transport)
+        handler = Handler()
+        protocol._frames = 1
+        protocol.link(handler)
+        read = b"".join(publish_packet("$queue/q", b"x", qos=1, packet_id=i % 65535 + 1) for i in range(1000))
+        while handler.stored < fastpath.MAX_UNACKED:
+            assert not transport.paused
+            protocol.data_received(read)
+        assert transport.paused == 1 and handler.stored == fastpath.MAX_UNACKED + 1000 - fastpath.MAX_UNACKED % 1000
+        for flush in handler.flushes[:3]:  # commits end: below half of the limit unacknowledged again
+            flush.set_result(None)
+        await asyncio.sleep(0)
+        assert transport.resumed == 1
+        for flush in handler.flushes[3:]:
+            flush.set_result(None)
+        await asyncio.sleep(0)
+        assert protocol._unacked == 0 and transport.resumed == 1
+
+    asyncio.run(body())
