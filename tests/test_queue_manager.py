@@ -19,6 +19,7 @@ from shoalmq.queue.manager import (
     queue_configs_from_mapping,
     queue_of_filter,
 )
+from shoalmq.queue.record import split_record
 from shoalmq.queue.storage import MemoryBackend, Store
 
 
@@ -280,26 +281,24 @@ def test_keys_pick_partitions_and_keep_their_order() -> None:
     run(body())
 
 
-def test_publish_many_spreads_and_orders_like_single_publishes() -> None:
+def test_publish_many_puts_a_run_in_one_partition_and_the_next_run_in_the_next() -> None:
     async def body() -> None:
-        singles = manager_on(MemoryBackend(), defaults=QueueConfig(partitions=3))
-        batched = manager_on(MemoryBackend(), defaults=QueueConfig(partitions=3))
-        for runs in ([5], [1, 7], [3]):  # runs of unkeyed publishes, then keyed ones
-            for count in runs:
-                payloads = [b"%d" % i for i in range(count)]
-                for p in payloads:
-                    singles.publish("$queue/q", p)
-                for p in payloads:
-                    singles.publish("$queue/q/k", b"k" + p)
-                batched.publish_many("$queue/q", payloads)
-                batched.publish_many("$queue/q/k", [b"k" + p for p in payloads])
-        await singles.store.flush()
-        await batched.store.flush()
-        for a, b in zip(singles.queue("q").partitions, batched.queue("q").partitions):
-            assert a.depth == b.depth
-            assert [(m.offset, m.payload) for m in a.take(100)] == [(m.offset, m.payload) for m in b.take(100)]
-        singles.close()
-        batched.close()
+        manager = manager_on(MemoryBackend(), defaults=QueueConfig(partitions=3))
+        for count in (5, 1, 7, 3):
+            manager.publish_many("$queue/q", [b"u%d-%d" % (count, i) for i in range(count)])
+            manager.publish_many("$queue/q/k", [b"k%d-%d" % (count, i) for i in range(count)])
+        manager.publish("$queue/q", b"single")  # a publish is a run of one: it takes the next partition
+        await manager.store.flush()
+        queue = manager.queue("q")
+        keyed = queue.partition_for("k")
+        held = {p.index: [split_record(m.payload)[1] for m in p.take(100)] for p in queue.partitions}
+        unkeyed = {i: [x for x in msgs if not x.startswith(b"k")] for i, msgs in held.items()}
+        assert unkeyed == {0: [b"u5-%d" % i for i in range(5)] + [b"u3-%d" % i for i in range(3)],
+                           1: [b"u1-0"] + [b"single"],
+                           2: [b"u7-%d" % i for i in range(7)]}
+        assert [x for x in held[keyed] if x.startswith(b"k")] == [
+            b"k%d-%d" % (count, i) for count in (5, 1, 7, 3) for i in range(count)]
+        manager.close()
 
     run(body())
 
@@ -308,17 +307,19 @@ def test_publish_many_stores_all_or_nothing() -> None:
     async def body() -> None:
         manager = manager_on(MemoryBackend(), queues={"q": QueueConfig(partitions=2, max_depth=2, max_payload=8)})
         queue = manager.queue("q")
-        flush = manager.publish_many("$queue/q", [b"1", b"2", b"3"])  # partitions 0, 1, 0
-        with pytest.raises(QueueFull):  # partition 1 has room for one more, partition 0 for none
-            manager.publish_many("$queue/q", [b"4", b"5"])
+        flush = manager.publish_many("$queue/q", [b"1", b"2"])  # partition 0
+        with pytest.raises(QueueFull):  # partition 1 has room for two: none of the three is stored
+            manager.publish_many("$queue/q", [b"3", b"4", b"5"])
         with pytest.raises(PayloadTooLarge):
-            manager.publish_many("$queue/q", [b"6", b"123456789"])
+            manager.publish_many("$queue/q/k", [b"6", b"123456789"])
         with pytest.raises(BadQueueName):
             manager.publish_many("$queue/bad name", [b"x"])
-        assert queue.depth == 3
+        assert queue.depth == 2
         await flush
-        manager.publish_many("$queue/q", [b"7"])  # the round-robin went on from where the stored run ended
-        assert [p.depth for p in queue.partitions] == [2, 2]
+        with pytest.raises(QueueFull):  # the turn goes on past a refused run: partition 0, full
+            manager.publish_many("$queue/q", [b"7"])
+        manager.publish_many("$queue/q", [b"8"])  # partition 1
+        assert [p.depth for p in queue.partitions] == [2, 1]
         manager.close()
 
     run(body())

@@ -133,7 +133,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         Each is acknowledged (PUBACK, or PUBREC for QoS 2) once its commit is durable, the acks of one commit in one
         write; commits resolve in order, so on a single node acks leave in the order the PUBLISHes came
         [MQTT-4.6.0-2] (on a cluster, those of a partition owned elsewhere follow its owner's answer). A run is
-        checked whole before any of it is stored (``QueueManager.publish_many``). A publish that is refused, or to
+        stored whole or not at all (``QueueManager.publish_many``). A publish that is refused, or to
         a ``$`` topic that is not a queue, closes the connection, and nothing after it is stored. Returns the
         commit the last acknowledged publish waits for (None if none does)."""
         by_flush: dict[int, tuple[asyncio.Future[None], list[bytes]]] = {}

@@ -6,8 +6,9 @@ It knows no MQTT: the front end hands it publishes (a topic and a payload) and c
 dispatch, so a front end can write them with one socket write.
 
 Topics. ``$queue/<name>`` or ``$queue/<name>/<key...>`` addresses queue ``<name>`` (1-128 letters, digits, ``.``,
-``_``, ``-``). A key picks the partition by FNV-1a, so one key's messages stay in order; without a key, messages go
-round-robin over the partitions. The stored record is ``key length u16 | key | payload`` (``shoalmq.queue.record``),
+``_``, ``-``). A key picks the partition by FNV-1a, so one key's messages stay in order; without a key, each
+publish (or each run of them that ``publish_many`` stores: a client's publishes to one topic in one socket read)
+goes to the next partition in turn. The stored record is ``key length u16 | key | payload`` (``shoalmq.queue.record``),
 so a message is delivered with the topic it was published on.
 
 Dispatch. Committed messages are taken from the partitions (round-robin, so no partition starves) and handed to the
@@ -247,7 +248,7 @@ class Queue:
         self.is_dlq = name.endswith(DLQ_SUFFIX)
         #: ``$queue/<name>`` as bytes: the topic of a message without a key, and the start of the others'.
         self.topic_prefix = (QUEUE_PREFIX + name).encode()
-        self._next_partition = 0  # round-robin for unkeyed messages
+        self._next_partition = 0  # the partition the next unkeyed publish (or run of them) goes to
         self._next_take = 0  # round-robin start for dispatch
         self._remote_first = False  # dispatch alternates between other nodes' route streams and local consumers
         self.dead_lettered = 0
@@ -261,7 +262,8 @@ class Queue:
         return sum(p.expired for p in self.partitions)
 
     def partition_for(self, key: str) -> int:
-        """The partition a message with this key goes to: by FNV-1a of the key, round-robin without one."""
+        """The partition a message with this key goes to: by FNV-1a of the key; without one, the next in turn
+        (each call moves the turn on)."""
         if key:
             return partition_of(key.encode(), len(self.partitions))
         index = self._next_partition
@@ -500,11 +502,11 @@ class QueueManager:
         return cluster.forward(name, index, [record])
 
     def publish_many(self, topic: str, payloads: list[bytes]) -> asyncio.Future[None]:
-        """Enqueue messages published on one ``$queue/`` topic, in order: the batch form of ``publish``, with the
-        topic checked once and each partition's share appended in one call. One future, resolved once every
-        message is durable. The batch is checked whole before any of it is stored: BadQueueName, PayloadTooLarge,
-        or for a partition of this node QueueFull or StorageError, raised with nothing stored. On a cluster, a
-        share forwarded to its owner may still be refused there after the rest was stored: the future fails."""
+        """Enqueue messages published on one ``$queue/`` topic, in order, into one partition: the batch form of
+        ``publish``, with the topic checked once and the messages appended in one call. One future, resolved once
+        every message is durable (on a cluster, once the partition's owner has them). Stored whole or not at all:
+        BadQueueName, PayloadTooLarge, or (a partition of this node) QueueFull or StorageError are raised before
+        anything is stored."""
         target = self._topics.get(topic)
         if target is None:
             target = self._check_topic(topic)
@@ -519,30 +521,13 @@ class QueueManager:
                 return _all_of(self._loop, [self._publish_when_defined(name, topic, p) for p in payloads])
         queue.check_payload(max(map(len, payloads)))
         records = [head + p for p in payloads]
-        parts = queue.partitions
-        if key:
-            groups = [(queue.partition_for(key), records)]
-        else:
-            start = queue._next_partition
-            groups = [((start + j) % len(parts), records[j::len(parts)]) for j in range(min(len(records), len(parts)))]
+        # A key picks its partition; a run without one goes whole to the next partition in turn, so that a commit
+        # writes one segment for it (not one per partition) and a forwarded run is one group.
+        index = queue.partition_for(key)
         cluster = self.cluster
-        local = [cluster is None or cluster.writable(name, index) for index, _ in groups]
-        for (index, chunk), here in zip(groups, local):
-            if here:
-                parts[index].check_room(len(chunk))
-        if not key:
-            queue._next_partition = (queue._next_partition + len(records)) % len(parts)
-        flushes = []
-        for (index, chunk), here in zip(groups, local):
-            if here:
-                flush = parts[index].enqueue_many(chunk)
-                if not flushes or flush is not flushes[-1]:
-                    flushes.append(flush)
-            else:
-                flush = cluster.forward(name, index, chunk)  # type: ignore[union-attr]
-                if not flushes or flush is not flushes[-1]:
-                    flushes.append(flush)
-        return flushes[0] if len(flushes) == 1 else _all_of(self._loop, flushes)
+        if cluster is None or cluster.writable(name, index):
+            return queue.partitions[index].enqueue_many(records)
+        return cluster.forward(name, index, records)
 
     def _check_topic(self, topic: str) -> tuple[str, str, bytes]:
         name, key = parse_queue_topic(topic)
