@@ -211,7 +211,6 @@ cdef class RingBuffer:
             self._deliveries[i] = 0
         self._count += n
 
-    @cython.always_allow_keywords(False)  # METH_NOARGS: the cheapest call
     cdef inline object _take_head(self):
         """Remove the head record (the buffer must not be empty) and return its payload."""
         cdef size_t i = self._head
@@ -223,6 +222,7 @@ cdef class RingBuffer:
         Py_DECREF(payload)  # ... and this drops the one the ring held
         return payload
 
+    @cython.always_allow_keywords(False)  # METH_NOARGS: the cheapest call
     def pop(self):
         if self._count == 0:
             raise IndexError("pop from an empty ring buffer")

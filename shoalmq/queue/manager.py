@@ -8,8 +8,8 @@ dispatch, so a front end can write them with one socket write.
 Topics. ``$queue/<name>`` or ``$queue/<name>/<key...>`` addresses queue ``<name>`` (1-128 letters, digits, ``.``,
 ``_``, ``-``). A key picks the partition by FNV-1a, so one key's messages stay in order; without a key, each
 publish (or each run of them that ``publish_many`` stores: a client's publishes to one topic in one socket read)
-goes to the next partition in turn. The stored record is ``key length u16 | key | payload`` (``shoalmq.queue.record``),
-so a message is delivered with the topic it was published on.
+goes to the next partition in turn. The stored record is ``key length u16 | key | payload``
+(``shoalmq.queue.record``), so a message is delivered with the topic it was published on.
 
 Dispatch. Committed messages are taken from the partitions (round-robin, so no partition starves) and handed to the
 online consumer with the fewest unacknowledged messages, never beyond its window. A consumer's ack deletes the
