@@ -91,6 +91,20 @@ cdef inline Py_ssize_t _fixed_header(const uint8_t* buf, Py_ssize_t pos, Py_ssiz
             raise MalformedPacket("remaining length longer than 4 bytes [MQTT-2.2.3]")
 
 
+cdef inline Py_ssize_t _size_publish(_Delivery* meta, Py_ssize_t topic_len, Py_ssize_t payload_len, long packet_id,
+                                     int dup) except -1:
+    """Check a PUBLISH's topic length and size, fill in its ``meta`` and return the size of its frame."""
+    if topic_len > 0xFFFF:
+        raise ValueError(f"topic of {topic_len} bytes, longer than 65535 [MQTT-1.5.3]")
+    cdef Py_ssize_t remaining = 2 + topic_len + (2 if packet_id else 0) + payload_len
+    if remaining > _MAX_REMAINING:
+        raise ValueError(f"PUBLISH of remaining length {remaining}, more than {_MAX_REMAINING} [MQTT-2.2.3]")
+    meta.remaining = remaining
+    meta.packet_id = packet_id
+    meta.first = 0x30 | ((0x08 | 0x02) if dup else (0x02 if packet_id else 0))
+    return 1 + _varint_size(remaining) + remaining
+
+
 cdef inline uint8_t* _put_publish(uint8_t* p, const _Delivery* meta, const char* topic, Py_ssize_t topic_len,
                                   const char* key, Py_ssize_t key_len, const char* payload,
                                   Py_ssize_t payload_len) noexcept nogil:
@@ -224,7 +238,7 @@ def encode_publishes(items):
     # A snapshot holding every item (and so every topic and payload) alive: checking an item may run Python code
     # (__index__, __bool__), which could change the list between the sizing pass and the writing pass.
     cdef tuple frames = PyList_AsTuple(items)
-    cdef Py_ssize_t i, count = PyTuple_GET_SIZE(frames), total = 0, topic_len, payload_len, remaining
+    cdef Py_ssize_t i, count = PyTuple_GET_SIZE(frames), total = 0
     if count == 0:
         return b""
     cdef _Delivery* meta = <_Delivery*>malloc(count * sizeof(_Delivery))
@@ -249,17 +263,7 @@ def encode_publishes(items):
             dup = PyObject_IsTrue(<object>PyTuple_GET_ITEM(item, 3))
             if dup and packet_id == 0:
                 raise ValueError("a QoS 0 PUBLISH (packet_id 0) cannot have DUP set [MQTT-3.3.1-2]")
-            topic_len = PyBytes_GET_SIZE(topic)
-            if topic_len > 0xFFFF:
-                raise ValueError(f"topic of {topic_len} bytes, longer than 65535 [MQTT-1.5.3]")
-            payload_len = PyBytes_GET_SIZE(payload)
-            remaining = 2 + topic_len + (2 if packet_id else 0) + payload_len
-            if remaining > _MAX_REMAINING:
-                raise ValueError(f"PUBLISH of remaining length {remaining}, more than {_MAX_REMAINING} [MQTT-2.2.3]")
-            meta[i].remaining = remaining
-            meta[i].packet_id = packet_id
-            meta[i].first = 0x30 | ((0x08 | 0x02) if dup else (0x02 if packet_id else 0))
-            total += 1 + _varint_size(remaining) + remaining
+            total += _size_publish(&meta[i], PyBytes_GET_SIZE(topic), PyBytes_GET_SIZE(payload), packet_id, dup)
         out = PyBytes_FromStringAndSize(NULL, total)
         p = <uint8_t*>PyBytes_AS_STRING(out)
         for i in range(count):
@@ -288,7 +292,7 @@ def encode_records(prefix, records, packet_ids, dups=None):
     cdef tuple recs = PyList_AsTuple(records)
     cdef tuple ids = PyList_AsTuple(packet_ids)
     cdef Py_ssize_t i, count = PyTuple_GET_SIZE(recs), total = 0, prefix_len = PyBytes_GET_SIZE(prefix)
-    cdef Py_ssize_t record_len, key_len, topic_len, payload_len, remaining
+    cdef Py_ssize_t record_len, key_len
     if PyTuple_GET_SIZE(ids) != count:
         raise ValueError(f"{count} records but {PyTuple_GET_SIZE(ids)} packet_ids")
     if dups is not None and PyBytes_GET_SIZE(dups) != count:
@@ -320,17 +324,8 @@ def encode_records(prefix, records, packet_ids, dups=None):
             key_len = (r[0] << 8) | r[1]
             if 2 + key_len > record_len:
                 raise ValueError("record key runs past its end")
-            topic_len = prefix_len + (1 + key_len if key_len else 0)
-            if topic_len > 0xFFFF:
-                raise ValueError(f"topic of {topic_len} bytes, longer than 65535 [MQTT-1.5.3]")
-            payload_len = record_len - 2 - key_len
-            remaining = 2 + topic_len + (2 if packet_id else 0) + payload_len
-            if remaining > _MAX_REMAINING:
-                raise ValueError(f"PUBLISH of remaining length {remaining}, more than {_MAX_REMAINING} [MQTT-2.2.3]")
-            meta[i].remaining = remaining
-            meta[i].packet_id = packet_id
-            meta[i].first = 0x30 | ((0x08 | 0x02) if dup else (0x02 if packet_id else 0))
-            total += 1 + _varint_size(remaining) + remaining
+            total += _size_publish(&meta[i], prefix_len + (1 + key_len if key_len else 0), record_len - 2 - key_len,
+                                   packet_id, dup)
         out = PyBytes_FromStringAndSize(NULL, total)
         p = <uint8_t*>PyBytes_AS_STRING(out)
         for i in range(count):
