@@ -481,25 +481,7 @@ class QueueManager:
         """Enqueue a message published on a ``$queue/`` topic; the future resolves once it is durable.
 
         Raises BadQueueName, PayloadTooLarge, QueueFull or StorageError: the publish must not be acknowledged."""
-        target = self._topics.get(topic)
-        if target is None:
-            target = self._check_topic(topic)
-        name, key, head = target
-        cluster = self.cluster
-        if cluster is None:
-            return self.queue(name).publish(key, payload)
-        queue = self._queues.get(name)
-        if queue is None:
-            try:
-                queue = self.queue(name)
-            except QueueUndefined:
-                return self._publish_when_defined(name, topic, payload)
-        queue.check_payload(len(payload))
-        index = queue.partition_for(key)
-        record = head + payload
-        if cluster.writable(name, index):
-            return queue.partitions[index].enqueue(record)
-        return cluster.forward(name, index, [record])
+        return self.publish_many(topic, [payload])
 
     def publish_many(self, topic: str, payloads: list[bytes]) -> asyncio.Future[None]:
         """Enqueue messages published on one ``$queue/`` topic, in order, into one partition: the batch form of
