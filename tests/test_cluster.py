@@ -266,6 +266,6 @@ def test_a_joining_node_takes_a_cluster_queue_settings_but_not_another_partition
     node = BrokerProcess(tmp_path / "n3", ["--etcd", cluster.etcd.url, "--node-id", "n3", "--config", str(config)])
     try:
         node.start(timeout=30)
-        assert "queue orders: using the cluster's settings, not this node's (max_deliveries=5)" in node.log
+        assert "queue orders: using the cluster's settings, not this node's (max_deliveries=20)" in node.log
     finally:
         node.stop()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shoalmq.cluster.routing import RemotePartition, Router
+from shoalmq.cluster.routing import RemotePartition, Router, RouteStream
 from shoalmq.proto import broker_pb2
 from shoalmq.queue.manager import QueueConfig, QueueManager
 from shoalmq.queue.record import encode_record
@@ -164,25 +164,37 @@ def test_dispatch_takes_only_from_owned_partitions_and_other_nodes_get_only_thos
 def test_remote_partition_holds_hands_back_and_acks_through_its_client() -> None:
     class Client:
         node = "n2"
+        connected = True
 
         def __init__(self) -> None:
-            self.settled: list[tuple[str, int, int, list[int], bool]] = []
+            self.settled: list[tuple[str, int, int, list[int], str]] = []
 
-        def settle(self, queue: str, partition: int, epoch: int, offsets: list[int], ack: bool) -> None:
-            self.settled.append((queue, partition, epoch, list(offsets), ack))
+        def settle(self, queue: str, partition: int, epoch: int, offsets: list[int], how: str) -> None:
+            self.settled.append((queue, partition, epoch, list(offsets), how))
 
     client = Client()
     proxy = RemotePartition(client, "orders", 3, 42)  # type: ignore[arg-type]
-    proxy.add([b"a", b"b", b"c"], [10, 11, 12], bytes([1, 1, 2]))
-    assert (proxy.ready, proxy.depth) == (3, 3)
+    proxy.add([b"a", b"b", b"c", b"d"], [10, 11, 12, 13], bytes([1, 1, 2, 1]), bytes([0, 0, 0, 1]))
+    assert (proxy.ready, proxy.depth) == (4, 4)
     taken = proxy.take(2)
-    assert [m.offset for m in taken] == [10, 11] and proxy.ready == 1 and proxy.depth == 3
-    assert proxy.nack([11]) == 1  # a local consumer went away: the next local one gets it first, as a redelivery
-    again = proxy.take(5)
-    assert [m.offset for m in again] == [11, 12] and again[0].deliveries == 2
-    assert proxy.ack([10, 11, 99]) == 2
-    assert client.settled == [("orders", 3, 42, [10, 11], True)]
-    assert proxy.drop() == [12] and proxy.depth == 0
+    assert [m.offset for m in taken] == [10, 11] and proxy.ready == 2 and proxy.depth == 4
+    assert not taken[0].returned
+    # A local consumer went away holding 11: it goes back to the owner, which counts the attempt (it alone keeps
+    # the count, and dead-letters), and may deliver it again here.
+    assert proxy.nack([11]) == 1 and proxy.depth == 3
+    assert client.settled.pop() == ("orders", 3, 42, [11], "nack")
+    assert proxy.nack([12], counted=False) == 0  # not in flight: nothing to hand back
+    again = proxy.take(1)
+    assert [m.offset for m in again] == [12] and again[0].deliveries == 2
+    assert proxy.ack([10, 12, 99]) == 2
+    assert client.settled.pop() == ("orders", 3, 42, [10, 12], "ack")
+    # Dropped (the partition moved): what is ready goes back uncounted, flagged as possibly seen.
+    assert proxy.ready == 1
+    proxy.drop(tell_owner=True)
+    assert client.settled.pop() == ("orders", 3, 42, [13], "return") and proxy.depth == 0
+    proxy.add([b"d"], [13], bytes([1]), bytes([1]))  # sent again by the owner: held once more
+    message = proxy.take(1)[0]
+    assert message.offset == 13 and message.returned
 
 
 def test_deliveries_for_a_queue_without_consumers_here_go_straight_back() -> None:
@@ -206,7 +218,7 @@ def test_deliveries_for_a_queue_without_consumers_here_go_straight_back() -> Non
         message = broker_pb2.RouteDeliveries(queue="q", partition=1, epoch=5, records=segment.pack([b"\x00\x00x"]),
                                              offsets=[7], deliveries=bytes([1]))
         router.received(client, message)  # type: ignore[arg-type]
-        assert client.settled == [(("q", 1, 5, [7]), {"ack": False})] and not router.proxies
+        assert client.settled == [(("q", 1, 5, [7], "return"), {})] and not router.proxies
 
     run(body())
 
@@ -262,5 +274,38 @@ def test_a_forward_refused_by_the_old_owner_is_stored_before_later_ones() -> Non
         await asyncio.gather(first, second)
         part = manager.queue("q").partitions[0]
         assert [m.payload for m in part.take(10)] == [encode_record(b"", b"m0"), encode_record(b"", b"m1")]
+
+    run(body())
+
+
+def test_a_route_stream_s_acks_count_while_the_partition_is_not_owned_for_a_moment() -> None:
+    """After an etcd outage the owner's lease lapses and it owns nothing for a moment; acks that arrive then must
+    still apply (the deliveries were made under the same epoch, and nobody took them back), or they would stay
+    in flight on the stream for good. An ack for another epoch does not apply."""
+    async def body() -> None:
+        cluster = FakeCluster({"jobs": [0]})
+        cluster.definitions["jobs"] = QueueConfig(partitions=1)
+        manager = clustered(cluster, partitions=1)
+        for i in range(3):
+            await manager.queue("jobs").publish("", b"%d" % i, partition=0)
+
+        class Coordinator:
+            mine = {("jobs", 0): 7}
+
+        stream = RouteStream(manager, Coordinator(), "n2")  # type: ignore[arg-type]
+        stream.handle(broker_pb2.RouteRequest(queue="jobs", credit=10))
+        sent = await asyncio.wait_for(stream.outgoing.get(), 5)
+        assert sent is not None and list(sent.offsets) == [0, 1, 2] and sent.epoch == 7
+        Coordinator.mine = {}  # the lease lapsed
+        acks = broker_pb2.PartitionOffsets(partition=0, epoch=7, offsets=[0, 1])
+        stale = broker_pb2.PartitionOffsets(partition=0, epoch=6, offsets=[2])
+        stream.handle(broker_pb2.RouteRequest(queue="jobs", credit=-1, acks=[acks, stale]))
+        part = manager.queue("jobs").partitions[0]
+        assert part.depth == 1 and part.inflight == 1
+        # The stream ends: what it held comes back at once, uncounted.
+        stream.close()
+        assert part.ready == 1
+        assert part.take(1)[0].deliveries == 1
+        manager.close()
 
     run(body())

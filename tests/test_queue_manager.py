@@ -414,3 +414,113 @@ def test_a_full_disk_during_an_ack_timeout_stops_nothing() -> None:
         manager.close()
 
     run(body())
+
+
+# -- dispatch strategies and delivery counting ----------------------------------------------------------------
+
+
+class AckingConsumer(FakeConsumer):
+    """Acks every delivery at once, as ``mosquitto_sub`` does."""
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        super().deliver(deliveries)
+        assert self.manager is not None
+        asyncio.get_running_loop().call_soon(self.ack_all, self.manager)
+
+
+def test_ties_rotate_among_consumers_with_equally_few_in_flight() -> None:
+    """Two consumers that ack at once, ten publishes one after another: each gets five (the first of equals
+    does not always win)."""
+    async def body() -> None:
+        manager = manager_on(MemoryBackend())
+        consumers = [AckingConsumer(f"c{i}") for i in range(2)]
+        for c in consumers:
+            c.manager = manager
+            manager.subscribe(c, "orders")
+        for i in range(10):
+            manager.publish("$queue/orders", b"order %d" % i)
+            await settle(lambda i=i: sum(len(c.received) for c in consumers) == i + 1)
+            await settle(lambda: manager.queue("orders").depth == 0)
+        assert [len(c.received) for c in consumers] == [5, 5]
+        manager.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("strategy", ["least_inflight", "round_robin", "random"])
+def test_dispatch_strategies_share_a_burst(strategy: str) -> None:
+    async def body() -> None:
+        manager = manager_on(MemoryBackend(), defaults=QueueConfig(dispatch=strategy, partitions=1))
+        busy = FakeConsumer("busy", window=200)
+        manager.subscribe(busy, "q")
+        for i in range(6):
+            manager.publish("$queue/q", b"early %d" % i)
+        await settle(lambda: len(busy.received) == 6)
+        idle = [FakeConsumer(f"idle{i}", window=200) for i in range(2)]
+        for c in idle:
+            manager.subscribe(c, "q")
+        manager.publish_many("$queue/q", [b"m%d" % i for i in range(300)])
+        everyone = [busy, *idle]
+        await settle(lambda: sum(len(c.received) for c in everyone) == 306)
+        counts = [len(c.received) for c in everyone]
+        if strategy == "least_inflight":
+            # busy held 6 unacked: the others catch up first, then all three share evenly.
+            assert counts == [102, 102, 102]
+        elif strategy == "round_robin":
+            assert counts == [106, 100, 100]  # in turn, whatever each holds
+        else:
+            assert all(c >= 60 for c in counts[1:]) and sum(counts) == 306
+        manager.close()
+
+    run(body())
+
+
+def test_an_unknown_dispatch_strategy_is_refused() -> None:
+    with pytest.raises(ConfigError, match="dispatch must be one of"):
+        QueueConfig(dispatch="fastest")
+
+
+class RemoteFakeConsumer(FakeConsumer):
+    """Another node's route stream, as the manager sees it."""
+
+    remote = True
+
+
+def test_the_broker_s_own_moves_are_not_delivery_attempts() -> None:
+    """A message moved by three handoffs (take-backs) and two route streams that broke is not dead-lettered;
+    one whose consumer dies holding it ``max_deliveries`` times is."""
+    async def body() -> None:
+        manager = manager_on(MemoryBackend(), defaults=QueueConfig(max_deliveries=2, partitions=1))
+        manager.publish("$queue/q", b"healthy")
+        for round_ in range(3):
+            consumer = FakeConsumer(f"handoff{round_}")
+            manager.subscribe(consumer, "q")
+            await settle(lambda: len(consumer.received) == 1)
+            assert manager.take_back("q", 0) == 1
+            manager.consumer_gone(consumer)
+        for round_ in range(2):
+            stream = RemoteFakeConsumer(f"stream{round_}")
+            manager.subscribe(stream, "q")
+            await settle(lambda: len(stream.received) == 1)
+            manager.consumer_gone(stream)
+        survivor = FakeConsumer("survivor")
+        manager.subscribe(survivor, "q")
+        await settle(lambda: len(survivor.received) == 1)
+        [delivery] = survivor.received
+        assert delivery.payload == b"healthy" and delivery.dup, "it may have been seen: DUP"
+        assert delivery.message.deliveries == 1, "only this delivery counts"
+        assert survivor.ack_all(manager) == 1
+        assert manager.queue("q").dead_lettered == 0
+        manager.consumer_gone(survivor)
+
+        manager.publish("$queue/q", b"poison")
+        for round_ in range(2):
+            dying = FakeConsumer(f"dying{round_}")
+            manager.subscribe(dying, "q")
+            await settle(lambda: len(dying.received) == 1)
+            manager.consumer_gone(dying)
+        await settle(lambda: manager.queue("q").dead_lettered == 1)
+        assert manager.queue("q").depth == 0
+        manager.close()
+
+    run(body())

@@ -114,6 +114,11 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         self._closing = False
 
     @property
+    def name(self) -> str:
+        """The consumer's name in logs: its client id."""
+        return f"client {self.session.client_id}" if self.session is not None else "a client"
+
+    @property
     def _queue_inflight(self) -> dict[int, Delivery]:
         return self.session.queue_inflight  # type: ignore[union-attr]
 
@@ -212,6 +217,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         """Write a batch of deliveries of one queue as PUBLISH frames, encoded from the stored records in one call
         and written in one write."""
         if self._closing or self.session is None:
+            self.queues.hand_back(deliveries, counted=False)  # never written: not a delivery attempt
             self.queues.consumer_gone(self)
             return
         queue = deliveries[0].queue
@@ -223,7 +229,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         ids = session.queue_packet_ids(deliveries)
         dups = None
         for i, delivery in enumerate(deliveries):
-            if delivery.message.deliveries > 1:
+            message = delivery.message
+            if message.deliveries > 1 or message.returned:
                 if dups is None:
                     dups = bytearray(len(deliveries))
                 dups[i] = 1

@@ -39,7 +39,7 @@ from shoalmq.cluster.assignment import PartitionAssigner
 from shoalmq.cluster.etcd import Etcd, KeyValue, PrefixWatch, WatchEvent
 from shoalmq.cluster.membership import Membership
 from shoalmq.cluster.routing import Router
-from shoalmq.cluster.transport import EnqueueClient, ForwardError, Status
+from shoalmq.cluster.transport import EnqueueClient, ForwardError, Status, peer_ready
 from shoalmq.errors import ConfigError, NotOwner, ShoalError, StaleEpoch
 from shoalmq.queue.manager import QueueConfig
 
@@ -58,6 +58,15 @@ RECONCILE_INTERVAL = 1.0
 MOVE_CHUNK = 500
 #: Seconds between updates of this node's ``/<cluster>/load/<node>`` key (only written when it changed).
 LOAD_INTERVAL = 2.0
+#: Seconds a handoff waits for the new owner's gRPC server to accept a connection before it gives up for now
+#: (nothing is taken back or paused until it does: a node whose old registration is still in etcd after a crash,
+#: or that is still starting, costs nothing but this probe).
+HANDOFF_PROBE_TIMEOUT = 1.0
+#: Seconds a handoff lets consumers ack the partition's deliveries they hold before taking the rest back (a
+#: delivery taken back is delivered again by the new owner, and its late ack counts for nothing).
+HANDOFF_ACK_GRACE = 1.0
+#: Backoff between handoff attempts to a node that failed one: doubling from the first to the last.
+HANDOFF_BACKOFF = (0.25, 5.0)
 
 
 class Owner:
@@ -139,6 +148,8 @@ class Coordinator:
         self.on_ownership_change.append(manager.refresh_sources)
         #: Partitions claimed but whose key the watch may not have shown yet.
         self._claimed_recently: set[tuple[str, int]] = set()
+        #: (node, its registration's start time) -> (no handoff to it before this time, the current backoff).
+        self._handoff_backoff: dict[tuple[str, Any], tuple[float, float]] = {}
 
     # -- life ---------------------------------------------------------------------------------------------
 
@@ -323,6 +334,7 @@ class Coordinator:
         if not live or (self.node_id not in live and not self.leaving):
             return  # our own registration is not in the view yet, or nobody is left to take over
         changed = False
+        handoffs: list[tuple[tuple[str, int], str, int]] = []
         for name, config in list(self.definitions.items()):
             if not self._ensure_local(name):
                 continue
@@ -333,7 +345,7 @@ class Coordinator:
                 current = self.owners.get(part)
                 if part in self.mine:
                     if wanted != self.node_id and wanted in nodes:
-                        await self._hand_off(part, wanted, self.mine[part])
+                        handoffs.append((part, wanted, self.mine[part]))
                         changed = True
                 elif current is not None and current.node == self.node_id:
                     # A key of ours we do not write to: a handoff that did not finish, or a claim whose answer
@@ -345,22 +357,76 @@ class Coordinator:
                         self._ownership_changed()
                         changed = True
                     elif wanted in nodes:
-                        await self._hand_off(part, wanted, current.epoch)
+                        handoffs.append((part, wanted, current.epoch))
                 elif wanted == self.node_id:
                     if current is None and await self._claim(part):
                         changed = True
                 elif current is not None and current.node in nodes:
                     await self._drain(part, current)
+        if handoffs:
+            await self._hand_off_all(handoffs)
         if changed:
             self._ownership_changed()
             self._retry_held()
 
-    async def _hand_off(self, part: tuple[str, int], target: str, epoch: int) -> None:
-        """Stop writing to the partition, move its messages to ``target`` (``TransferPartition``), then give up
-        its key so that ``target`` can claim it. Publishes meanwhile wait (they are forwarded once the new owner
-        holds the key); deliveries in flight are taken back and delivered again by the new owner."""
-        if self.mine.pop(part, None) is not None:
+    async def _hand_off_all(self, handoffs: list[tuple[tuple[str, int], str, int]]) -> None:
+        """Hand partitions over, those to one node together: its readiness is probed once, and the partitions
+        wait out one ack grace together (a node leaving with many partitions pauses each for one grace, not the
+        sum of them)."""
+        by_target: dict[str, list[tuple[tuple[str, int], int]]] = {}
+        for part, target, epoch in handoffs:
+            by_target.setdefault(target, []).append((part, epoch))
+        await asyncio.gather(*(self._hand_off_to(target, parts) for target, parts in by_target.items()))
+
+    async def _hand_off_to(self, target: str, parts: list[tuple[tuple[str, int], int]]) -> None:
+        info = self.membership.nodes.get(target)
+        if info is None or not info.get("grpc"):
+            return
+        backoff_key = (target, info.get("started"))
+        not_before, delay = self._handoff_backoff.get(backoff_key, (0.0, 0.0))
+        if time.monotonic() < not_before:
+            return
+        # Nothing is paused or taken back until the new owner answers: a node whose old registration is still in
+        # etcd after a crash, or one still starting, would otherwise cost every try a pause and a take-back.
+        if not await peer_ready(info["grpc"], HANDOFF_PROBE_TIMEOUT):
+            delay = min(max(delay * 2, HANDOFF_BACKOFF[0]), HANDOFF_BACKOFF[1])
+            self._handoff_backoff[backoff_key] = (time.monotonic() + delay, delay)
+            log.info("not handing %d partition(s) over to %s yet: its gRPC server at %s does not answer (next try "
+                     "in %.2f s)", len(parts), target, info["grpc"], delay)
+            return
+        self._handoff_backoff.pop(backoff_key, None)
+        # Stop dispatching from the partitions and writing to them (publishes meanwhile are held), then give the
+        # consumers a moment to ack what they hold.
+        stopped = [(part, epoch) for part, epoch in parts if self.mine.pop(part, None) is not None]
+        if stopped:
             self._ownership_changed()
+        deadline = time.monotonic() + HANDOFF_ACK_GRACE
+        while time.monotonic() < deadline and any(self.manager.held(*part) for part, _ in parts):
+            await asyncio.sleep(0.02)
+        failed = False
+        for part, epoch in parts:
+            if failed:  # the target failed: give the rest back to ourselves, try again later
+                self._keep(part, epoch)
+                continue
+            failed = not await self._hand_off(part, target, epoch)
+        if failed:
+            delay = HANDOFF_BACKOFF[0]
+            self._handoff_backoff[backoff_key] = (time.monotonic() + delay, delay)
+
+    def _keep(self, part: tuple[str, int], epoch: int) -> None:
+        """A handoff did not happen: own the partition again if its key is still ours at that epoch."""
+        current = self.owners.get(part)
+        if current is not None and current.node == self.node_id and current.epoch == epoch:
+            self.mine[part] = epoch
+            self._ownership_changed()
+
+    async def _hand_off(self, part: tuple[str, int], target: str, epoch: int) -> bool:
+        """Move the partition's messages to ``target`` (``TransferPartition``), then give up its key so that
+        ``target`` can claim it (the caller stopped writing to it and dispatching from it). Publishes meanwhile
+        wait (they are forwarded once the new owner holds the key); deliveries still in flight are taken back,
+        uncounted, and delivered again by the new owner. False if the transfer failed (the partition is ours
+        again)."""
+        self.mine.pop(part, None)
         taken_back = self.manager.take_back(*part)
         log.info("handing partition %s/%d over to %s (%d delivery(ies) in flight taken back)", part[0], part[1],
                  target, taken_back)
@@ -370,11 +436,8 @@ class Coordinator:
             moved = await self._move(part, target, epoch, transfer=True)
         except (ShoalError, OSError) as exc:
             log.warning("handoff of %s/%d to %s failed (%s); keeping it for now", part[0], part[1], target, exc)
-            current = self.owners.get(part)
-            if current is not None and current.node == self.node_id and current.epoch == epoch:
-                self.mine[part] = epoch
-                self._ownership_changed()
-            return
+            self._keep(part, epoch)
+            return False
         key = self.partitions_prefix + f"{part[0]}/{part[1]}".encode()
         if await self.etcd.call(self.etcd.delete_if_created_at_sync, key, epoch):
             current = self.owners.get(part)
@@ -382,6 +445,7 @@ class Coordinator:
                 del self.owners[part]  # before the watch says so: no second handoff of it
         log.info("partition %s/%d handed over to %s: %d message(s) moved in %.0f ms", part[0], part[1], target,
                  moved, (time.monotonic() - started) * 1000)
+        return True
 
     async def _drain(self, part: tuple[str, int], owner: Owner) -> None:
         """Move messages stored here for a partition another node owns to that owner (``EnqueueRemote``)."""
@@ -416,7 +480,7 @@ class Coordinator:
                     await asyncio.wait_for(client.enqueue_records(part[0], part[1], epoch,
                                                                   [m.payload for m in messages]), FORWARD_TIMEOUT)
                 except BaseException:
-                    part_log.nack(offsets)
+                    part_log.nack(offsets, counted=False)
                     raise
                 part_log.ack(offsets)
                 moved += len(messages)

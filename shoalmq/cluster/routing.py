@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from shoalmq._native import segment
-from shoalmq.cluster.transport import GRPC_OPTIONS
+from shoalmq.cluster.transport import open_channel
 from shoalmq.proto import broker_pb2, broker_pb2_grpc
 
 if TYPE_CHECKING:
@@ -65,51 +65,67 @@ class RemoteConsumer:
         self.stream = stream
         self.queue = queue
         self.window = 0
-        self.inflight: dict[tuple[int, int], Delivery] = {}
+        #: (partition, offset) -> the delivery and the epoch it was made under.
+        self.inflight: dict[tuple[int, int], tuple[Delivery, int]] = {}
+
+    @property
+    def name(self) -> str:
+        return f"the route stream from {self.stream.peer}"
 
     def deliver(self, deliveries: list[Delivery]) -> None:
         by_partition: dict[int, list[Delivery]] = {}
         for d in deliveries:
-            self.inflight[(d.partition.index, d.message.offset)] = d
             by_partition.setdefault(d.partition.index, []).append(d)
+        inflight = self.inflight
         for index, batch in by_partition.items():
             epoch = self.stream.coordinator.mine.get((self.queue, index), 0)
+            for d in batch:
+                inflight[(index, d.message.offset)] = (d, epoch)
+            returned = [d.message.returned for d in batch]
             self.stream.send(broker_pb2.RouteDeliveries(
                 queue=self.queue, partition=index, epoch=epoch,
                 records=segment.pack([d.message.payload for d in batch]),
                 offsets=[d.message.offset for d in batch],
-                deliveries=bytes(min(d.message.deliveries, 255) for d in batch)))
+                deliveries=bytes(min(d.message.deliveries, 255) for d in batch),
+                returned=bytes(returned) if any(returned) else b""))
 
     def revoke(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
             self.inflight.pop((d.partition.index, d.message.offset), None)
 
-    def settle(self, offsets: Any, ack: bool) -> None:
-        """The consumer node acked (or handed back) these deliveries."""
-        coordinator = self.stream.coordinator
-        manager = self.stream.manager
+    def settle(self, offsets: Any, how: str) -> None:
+        """The consumer node acked these deliveries (``how`` "ack"), or handed them back after a consumer
+        ended holding them ("nack": counted) or without giving them to one ("return": not counted).
+
+        One applies if this stream still holds the delivery under the epoch named: one taken back meanwhile (a
+        handoff) is the new owner's to deliver again, whatever this node's ownership is now. (An ack is not
+        refused because the partition is not owned here at this moment: after an etcd outage the node owns it
+        again at the same epoch, and a dropped ack would leave the delivery in flight for good.)"""
+        inflight = self.inflight
         done = []
         for entry in offsets:
-            if coordinator.mine.get((self.queue, entry.partition)) != entry.epoch:
-                continue  # the partition changed owner since: its messages were taken back then
+            partition, epoch = entry.partition, entry.epoch
             for offset in entry.offsets:
-                delivery = self.inflight.pop((entry.partition, offset), None)
-                if delivery is not None:
-                    done.append(delivery)
+                held = inflight.get((partition, offset))
+                if held is not None and held[1] == epoch:
+                    del inflight[(partition, offset)]
+                    done.append(held[0])
         if not done:
             return
-        if ack:
+        manager = self.stream.manager
+        if how == "ack":
             manager.ack(done)
         else:
-            manager.hand_back(done)
+            manager.hand_back(done, counted=how == "nack")
 
 
 class RouteStream:
     """The owner's end of one ``RouteQueueMessage`` stream."""
 
-    def __init__(self, manager: QueueManager, coordinator: Coordinator) -> None:
+    def __init__(self, manager: QueueManager, coordinator: Coordinator, peer: str = "a peer") -> None:
         self.manager = manager
         self.coordinator = coordinator
+        self.peer = peer
         self.consumers: dict[str, RemoteConsumer] = {}
         self.outgoing: asyncio.Queue[broker_pb2.RouteDeliveries | None] = asyncio.Queue()
 
@@ -133,9 +149,11 @@ class RouteStream:
                 self.manager.subscribe(consumer, name)
         if consumer is not None:
             if request.acks:
-                consumer.settle(request.acks, ack=True)
+                consumer.settle(request.acks, "ack")
             if request.nacks:
-                consumer.settle(request.nacks, ack=False)
+                consumer.settle(request.nacks, "nack")
+            if request.returns:
+                consumer.settle(request.returns, "return")
 
     def close(self) -> None:
         for consumer in self.consumers.values():
@@ -145,8 +163,9 @@ class RouteStream:
 
 
 async def serve_route_stream(manager: QueueManager, coordinator: Coordinator,
-                             requests: AsyncIterator[broker_pb2.RouteRequest]) -> AsyncIterator[Any]:
-    stream = RouteStream(manager, coordinator)
+                             requests: AsyncIterator[broker_pb2.RouteRequest], peer: str = "a peer",
+                             ) -> AsyncIterator[Any]:
+    stream = RouteStream(manager, coordinator, peer)
 
     async def read() -> None:
         try:
@@ -177,12 +196,13 @@ async def serve_route_stream(manager: QueueManager, coordinator: Coordinator,
 class RemoteMessage:
     """A message held from another node's partition (what ``Delivery`` needs of a stored ``Message``)."""
 
-    __slots__ = ("deliveries", "last_holder", "offset", "payload")
+    __slots__ = ("deliveries", "last_holder", "offset", "payload", "returned")
 
-    def __init__(self, offset: int, payload: bytes, deliveries: int) -> None:
+    def __init__(self, offset: int, payload: bytes, deliveries: int, returned: bool) -> None:
         self.offset = offset
         self.payload = payload
         self.deliveries = deliveries
+        self.returned = returned
         self.last_holder: object = None
 
 
@@ -208,14 +228,15 @@ class RemotePartition:
     def depth(self) -> int:
         return len(self._ready) + len(self._inflight)
 
-    def add(self, records: list[bytes], offsets: Any, deliveries: bytes) -> None:
+    def add(self, records: list[bytes], offsets: Any, deliveries: bytes, returned: bytes = b"") -> None:
         ready = self._ready
         held = self._held
-        for record, offset, count in zip(records, offsets, deliveries, strict=True):
+        flags = returned or bytes(len(records))
+        for record, offset, count, back in zip(records, offsets, deliveries, flags, strict=True):
             if offset in held:
                 continue  # sent again by the owner (it took it back meanwhile): keep one copy
             held.add(offset)
-            ready.append(RemoteMessage(offset, record, count))
+            ready.append(RemoteMessage(offset, record, count, bool(back)))
 
     def take(self, max_count: int) -> list[RemoteMessage]:
         out = []
@@ -230,24 +251,27 @@ class RemotePartition:
         done = [o for o in offsets if self._inflight.pop(o, None) is not None]
         self._held.difference_update(done)
         if done:
-            self.client.settle(self.queue, self.index, self.epoch, done, ack=True)
+            self.client.settle(self.queue, self.index, self.epoch, done, "ack")
         return len(done)
 
-    def nack(self, offsets: Any) -> int:
-        """A local consumer handed these back: the next local consumer gets them (the owner is not told)."""
-        back = [m for o in sorted(offsets, reverse=True) if (m := self._inflight.pop(o, None)) is not None]
-        for message in back:
-            message.deliveries += 1
-            self._ready.appendleft(message)
+    def nack(self, offsets: Any, counted: bool = True) -> int:
+        """Local consumers handed these back: they go back to the owner, which counts the attempt (``counted``),
+        dead-letters what was delivered too often and delivers the rest again. The owner alone keeps the count."""
+        back = [o for o in offsets if self._inflight.pop(o, None) is not None]
+        self._held.difference_update(back)
+        if back:
+            self.client.settle(self.queue, self.index, self.epoch, back, "nack" if counted else "return")
         return len(back)
 
-    def drop(self) -> list[int]:
-        """Forget everything held (the owner takes it back); returns the offsets that were held."""
-        offsets = [m.offset for m in self._ready] + list(self._inflight)
+    def drop(self, tell_owner: bool) -> None:
+        """Stop dispatching from this proxy. The ready messages go back to the owner uncounted (``tell_owner``;
+        not when the stream is gone: the owner took them back when it ended). Those in flight here stay, so that
+        their consumers' acks still reach the owner, which applies them if it still holds the deliveries."""
+        if tell_owner and self._ready:
+            self.client.settle(self.queue, self.index, self.epoch, [m.offset for m in self._ready], "return")
+        for message in self._ready:
+            self._held.discard(message.offset)
         self._ready.clear()
-        self._inflight.clear()
-        self._held.clear()
-        return offsets
 
 
 class RouteClient:
@@ -257,10 +281,10 @@ class RouteClient:
         self.router = router
         self.node = node
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+        self._channel = open_channel(target)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         self._outgoing: asyncio.Queue[broker_pb2.RouteRequest | None] = asyncio.Queue()
-        self._settles: dict[tuple[str, bool], dict[tuple[int, int], list[int]]] = {}
+        self._settles: dict[tuple[str, str], dict[tuple[int, int], list[int]]] = {}
         self._settle_scheduled = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -272,9 +296,12 @@ class RouteClient:
     def credit(self, queue: str, credit: int) -> None:
         self._outgoing.put_nowait(broker_pb2.RouteRequest(queue=queue, credit=credit))
 
-    def settle(self, queue: str, partition: int, epoch: int, offsets: list[int], ack: bool) -> None:
-        """Acks (or hand-backs) are sent once per loop turn, per queue."""
-        entry = self._settles.setdefault((queue, ack), {})
+    def settle(self, queue: str, partition: int, epoch: int, offsets: list[int], how: str) -> None:
+        """Acks (``how`` "ack") and hand-backs ("nack", "return": see ``RouteRequest``) are sent once per loop
+        turn, per queue."""
+        if not self.connected:
+            return  # the stream is gone: the owner took back everything it held for it
+        entry = self._settles.setdefault((queue, how), {})
         entry.setdefault((partition, epoch), []).extend(offsets)
         if not self._settle_scheduled:
             self._settle_scheduled = True
@@ -283,10 +310,10 @@ class RouteClient:
     def _send_settles(self) -> None:
         self._settle_scheduled = False
         settles, self._settles = self._settles, {}
-        for (queue, ack), parts in settles.items():
+        for (queue, how), parts in settles.items():
             entries = [broker_pb2.PartitionOffsets(partition=p, epoch=e, offsets=o) for (p, e), o in parts.items()]
             request = broker_pb2.RouteRequest(queue=queue, credit=-1)
-            (request.acks if ack else request.nacks).extend(entries)
+            {"ack": request.acks, "nack": request.nacks, "return": request.returns}[how].extend(entries)
             self._outgoing.put_nowait(request)
 
     async def _requests(self, outgoing: asyncio.Queue[broker_pb2.RouteRequest | None],
@@ -381,21 +408,21 @@ class Router:
         key = (client.node, message.queue, message.partition)
         records = segment.unpack(message.records)
         if message.queue not in self._credits:
-            # No consumer here any more (credit 0 is on its way): hand them straight back.
-            client.settle(message.queue, message.partition, message.epoch, list(message.offsets), ack=False)
+            # No consumer here any more (credit 0 is on its way): hand them straight back, uncounted.
+            client.settle(message.queue, message.partition, message.epoch, list(message.offsets), "return")
             return
         proxy = self.proxies.get(key)
-        if proxy is not None and proxy.epoch != message.epoch:
+        if proxy is not None and (proxy.epoch != message.epoch or proxy.client is not client):
             self._drop(lambda k: k == key)
             proxy = None
         new = proxy is None
         if proxy is None:
             proxy = self.proxies[key] = RemotePartition(client, message.queue, message.partition, message.epoch)
-        proxy.add(records, message.offsets, message.deliveries)
+        proxy.add(records, message.offsets, message.deliveries, message.returned)
         self.manager.source_readable(message.queue, refresh=new)
 
     def stream_lost(self, client: RouteClient) -> None:
-        self._drop(lambda key: key[0] == client.node)
+        self._drop(lambda key: self.proxies[key].client is client)
 
     def prune(self) -> None:
         """Drop proxies of partitions whose owner or epoch changed (their messages are the new owner's now)."""
@@ -417,7 +444,8 @@ class Router:
         dropped = [key for key in self.proxies if which(key)]
         queues = set()
         for key in dropped:
-            self.proxies.pop(key).drop()
+            proxy = self.proxies.pop(key)
+            proxy.drop(tell_owner=proxy.client.connected)
             queues.add(key[1])
         for queue in queues:
             self.manager.source_readable(queue, refresh=True)

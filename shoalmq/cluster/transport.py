@@ -40,6 +40,38 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+#: Options of the channels to peers only (a server ignores them), each with its reason.
+CHANNEL_OPTIONS = [
+    *GRPC_OPTIONS,
+    # A peer that restarts comes back on the same address within seconds. gRPC's default backoff (1 s growing to
+    # 120 s) kept channels failing with "connection refused" for ~10 s after the peer listened again, and a
+    # channel shares its connection attempts (and their backoff) with every channel to the same target through
+    # the process-wide subchannel pool: a fresh channel did not help. Retry fast, at most a second apart, and
+    # keep each channel's connection its own.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+def open_channel(target: str) -> grpc.aio.Channel:
+    """A channel to a peer node (the one place channels are made: TLS, when it comes, is a change here)."""
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+async def peer_ready(target: str, timeout: float) -> bool:
+    """Whether a peer's gRPC server accepts a connection within ``timeout`` seconds."""
+    channel = open_channel(target)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+        return True
+    except (TimeoutError, grpc.aio.AioRpcError):
+        return False
+    finally:
+        await channel.close()
+
+
 Status = broker_pb2.EnqueueAck.Status
 
 
@@ -151,7 +183,7 @@ class EnqueueClient:
         self.target = target
         #: Send with ``TransferPartition`` (a handoff to a partition's next owner) instead of ``EnqueueRemote``.
         self.transfer = transfer
-        self._channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+        self._channel = open_channel(target)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         self._outgoing: asyncio.Queue[broker_pb2.EnqueueBatch | None] = asyncio.Queue()
         self._waiting: dict[int, asyncio.Future[None]] = {}

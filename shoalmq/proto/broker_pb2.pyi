@@ -48,16 +48,18 @@ class EnqueueAck(_message.Message):
     def __init__(self, batch_id: _Optional[int] = ..., status: _Optional[_Union[EnqueueAck.Status, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("queue", "credit", "acks", "nacks")
+    __slots__ = ("queue", "credit", "acks", "nacks", "returns")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     ACKS_FIELD_NUMBER: _ClassVar[int]
     NACKS_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_FIELD_NUMBER: _ClassVar[int]
     queue: str
     credit: int
     acks: _containers.RepeatedCompositeFieldContainer[PartitionOffsets]
     nacks: _containers.RepeatedCompositeFieldContainer[PartitionOffsets]
-    def __init__(self, queue: _Optional[str] = ..., credit: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[PartitionOffsets, _Mapping]]] = ..., nacks: _Optional[_Iterable[_Union[PartitionOffsets, _Mapping]]] = ...) -> None: ...
+    returns: _containers.RepeatedCompositeFieldContainer[PartitionOffsets]
+    def __init__(self, queue: _Optional[str] = ..., credit: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[PartitionOffsets, _Mapping]]] = ..., nacks: _Optional[_Iterable[_Union[PartitionOffsets, _Mapping]]] = ..., returns: _Optional[_Iterable[_Union[PartitionOffsets, _Mapping]]] = ...) -> None: ...
 
 class PartitionOffsets(_message.Message):
     __slots__ = ("partition", "epoch", "offsets")
@@ -70,17 +72,19 @@ class PartitionOffsets(_message.Message):
     def __init__(self, partition: _Optional[int] = ..., epoch: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RouteDeliveries(_message.Message):
-    __slots__ = ("queue", "partition", "epoch", "records", "offsets", "deliveries")
+    __slots__ = ("queue", "partition", "epoch", "records", "offsets", "deliveries", "returned")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_FIELD_NUMBER: _ClassVar[int]
     queue: str
     partition: int
     epoch: int
     records: bytes
     offsets: _containers.RepeatedScalarFieldContainer[int]
     deliveries: bytes
-    def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., records: _Optional[bytes] = ..., offsets: _Optional[_Iterable[int]] = ..., deliveries: _Optional[bytes] = ...) -> None: ...
+    returned: bytes
+    def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., records: _Optional[bytes] = ..., offsets: _Optional[_Iterable[int]] = ..., deliveries: _Optional[bytes] = ..., returned: _Optional[bytes] = ...) -> None: ...

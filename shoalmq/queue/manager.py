@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -46,6 +47,7 @@ MAX_KEY = 0xFFFF
 #: Checked ``$queue/`` topics remembered (the cache starts over when full), if at most this long (characters).
 TOPIC_CACHE = 4096
 CACHED_TOPIC_MAX = 256
+DISPATCH_STRATEGIES = ("least_inflight", "round_robin", "random")
 
 
 class BadQueueName(QueueError):
@@ -62,13 +64,18 @@ class QueueConfig:
     #: Seconds a message may wait for delivery; None: forever.
     ttl: float | None = None
     #: Deliveries before a message moves to ``<name>.dlq``; 0: never.
-    max_deliveries: int = 5
+    max_deliveries: int = 20
     #: Seconds a consumer has to ack a delivery before it is given to another.
     ack_timeout: float = 60.0
     #: Largest payload accepted, in bytes.
     max_payload: int = 256 * 1024
+    #: How a message picks among the consumers with room: ``least_inflight`` (fewest unacknowledged, ties in
+    #: turn), ``round_robin`` (in turn), ``random``.
+    dispatch: str = "least_inflight"
 
     def __post_init__(self) -> None:
+        if self.dispatch not in DISPATCH_STRATEGIES:
+            raise ConfigError(f"dispatch must be one of {', '.join(DISPATCH_STRATEGIES)}, got {self.dispatch!r}")
         checks = [
             (self.partitions, 1, 4096, "partitions"),
             (self.max_deliveries, 0, 254, "max_deliveries"),
@@ -216,8 +223,8 @@ class Delivery:
 
     @property
     def dup(self) -> bool:
-        """Delivered before (to this or another consumer)."""
-        return self.message.deliveries > 1
+        """Delivered before (to this or another consumer), or maybe: it came back without a count."""
+        return self.message.deliveries > 1 or self.message.returned
 
 
 @dataclass(eq=False)
@@ -251,6 +258,7 @@ class Queue:
         self._next_partition = 0  # the partition the next unkeyed publish (or run of them) goes to
         self._next_take = 0  # round-robin start for dispatch
         self._remote_first = False  # dispatch alternates between other nodes' route streams and local consumers
+        self._next_consumer = 0  # where the next dispatch starts among the consumers (ties rotate)
         self.dead_lettered = 0
 
     @property
@@ -310,6 +318,13 @@ class QueueManager:
         self._dispatch_scheduled: set[Queue] = set()
         self._loop = asyncio.get_running_loop()
         self._by_pid: dict[int, Queue] = {}
+        rng = random.Random()
+        #: Dispatch strategy -> how one message picks among the consumers with room (listed in turn).
+        self._pickers: dict[str, Any] = {
+            "least_inflight": lambda states: min(states, key=_inflight_count),  # min keeps the first of ties
+            "round_robin": lambda states: states[0],
+            "random": rng.choice,
+        }
         #: Who owns which partition (set on a cluster; None in the embedded single node: every partition is ours).
         self.ownership: Ownership | None = None
         #: The cluster this node is part of (None: the embedded single node).
@@ -444,18 +459,27 @@ class QueueManager:
 
     def take_back(self, queue_name: str, index: int) -> int:
         """Requeue every delivery of one partition held by any consumer (the partition is moving to another node;
-        a late ack counts for nothing, the new owner delivers the message again). Returns how many."""
+        a late ack counts for nothing, the new owner delivers the message again). Not counted as delivery
+        attempts: the broker moved them, no consumer failed. Returns how many."""
         queue = self._queues.get(queue_name)
         if queue is None:
             return 0
         part = queue.partitions[index]
         held = [d for s in self._consumers.values() for d in s.inflight if d.partition is part]
-        self._requeue(held)
+        self._requeue(held, counted=False)
         return len(held)
 
-    def hand_back(self, deliveries: list[Delivery]) -> None:
-        """Put deliveries back in their partitions (to be delivered again), as when their consumer went away."""
-        self._requeue(deliveries)
+    def held(self, queue_name: str, index: int) -> int:
+        """Deliveries of one partition held by consumers (local ones and other nodes' route streams)."""
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return 0
+        return queue.partitions[index].inflight
+
+    def hand_back(self, deliveries: list[Delivery], counted: bool = True) -> None:
+        """Put deliveries back in their partitions (to be delivered again). ``counted``: a consumer ended holding
+        them (the attempt counts toward ``max_deliveries``); False: they never reached one."""
+        self._requeue(deliveries, counted)
 
     def _consumers_changed(self, names: Iterable[str]) -> None:
         if self.on_consumers_changed is None:
@@ -625,22 +649,24 @@ class QueueManager:
         state.at_most_once.discard(queue_name)
         queue = self._queues[queue_name]
         queue.consumers.remove(state)
-        self._requeue([d for d in state.inflight if d.queue is queue])
+        # Another node's route stream giving up a queue returns what its node held: no consumer failed.
+        self._requeue([d for d in state.inflight if d.queue is queue], counted=not getattr(consumer, "remote", False))
         if not state.queues:
             del self._consumers[id(consumer)]
         if not getattr(consumer, "remote", False):
             self._consumers_changed((queue_name,))
 
     def consumer_gone(self, consumer: Consumer) -> int:
-        """The consumer disconnected: its subscriptions end and its unacknowledged messages go back.
-        Returns how many were requeued."""
+        """The consumer disconnected: its subscriptions end and its unacknowledged messages go back, counted as
+        delivery attempts, except for another node's route stream (a stream that broke, or a node that went away,
+        is the broker's failure, not a consumer's). Returns how many were requeued."""
         state = self._consumers.pop(id(consumer), None)
         if state is None:
             return 0
         for name in state.queues:
             self._queues[name].consumers.remove(state)
         deliveries = list(state.inflight)
-        self._requeue(deliveries)
+        self._requeue(deliveries, counted=not getattr(consumer, "remote", False))
         if not getattr(consumer, "remote", False):
             self._consumers_changed(state.queues)
         return len(deliveries)
@@ -732,20 +758,25 @@ class QueueManager:
             batches = {id(state): (state, deliveries)}
         else:
             batches = {}
-            # Fewest in flight first: hand out one message at a time to whoever has the least.
-            consumers.sort(key=lambda s: len(s.inflight))
+            pick = self._pickers[queue.config.dispatch]
+            n = len(consumers)
+            # The consumers in turn from where the last message left off (ties and round robin rotate).
+            start = queue._next_consumer % n
+            consumers = consumers[start:] + consumers[:start]
             for part, message in taken:
                 # A message handed back (timeout, unsubscribe) goes to another consumer if one has room.
                 previous, message.last_holder = message.last_holder, None
-                candidates = consumers
-                if previous is not None:
-                    others = [s for s in consumers
-                              if id(s.consumer) != previous and len(s.inflight) < s.consumer.window]
-                    candidates = others or consumers
-                state = min(candidates, key=lambda s: len(s.inflight))
+                candidates = [s for s in consumers if len(s.inflight) < s.consumer.window]
+                if previous is not None and len(candidates) > 1:
+                    candidates = [s for s in candidates if id(s.consumer) != previous] or candidates
+                state = pick(candidates) if candidates else consumers[0]
+                # The next message starts after this one's consumer.
+                index = consumers.index(state) + 1
+                consumers = consumers[index:] + consumers[:index]
+                queue._next_consumer += index
                 if len(state.inflight) >= state.consumer.window:
                     # Cannot happen (capacity was counted), but never overfill a window.
-                    part.nack((message.offset,))
+                    part.nack((message.offset,), counted=False)
                     continue
                 delivery = Delivery(queue, part, message, state.consumer, deadline)
                 state.inflight[delivery] = None
@@ -771,7 +802,7 @@ class QueueManager:
             return taken
         start = queue._next_take % n
         ready = [i % n for i in range(start, start + n) if parts[i % n].ready]
-        max_deliveries = queue.config.max_deliveries
+        max_deliveries = 0 if queue.is_dlq else queue.config.max_deliveries
         last = start - 1
         while ready and len(taken) < count:
             share = -(-(count - len(taken)) // len(ready))  # ceil: one pass when every part has enough
@@ -785,10 +816,12 @@ class QueueManager:
                 last = i
                 if len(got) == want and part.ready:
                     more.append(i)
+                # (A proxy's messages are judged by their owner, which dead-letters them when they come back.)
+                limit = max_deliveries if part.pid > 0 else 0
                 for message in got:
-                    if max_deliveries and message.deliveries > max_deliveries and not queue.is_dlq:
+                    if limit and message.deliveries > limit:
                         try:
-                            self._dead_letter(queue, part, message)
+                            self._dead_letter(queue, part, message, None)
                             continue
                         except ShoalError as exc:  # the DLQ is full or the disk is: deliver it once more instead
                             log.warning("cannot dead-letter message %d of %s/%d: %s", message.offset, queue.name,
@@ -798,31 +831,37 @@ class QueueManager:
         queue._next_take = last + 1
         return taken
 
-    def _dead_letter(self, queue: Queue, part: PartitionLog, message: Message) -> None:
-        """Move a message to ``<name>.dlq``; the original is acked once the copy is durable.
+    def _dead_letter(self, queue: Queue, part: PartitionLog, message: Message, holder: Consumer | None) -> None:
+        """Move a message to ``<name>.dlq``; the original is acked once the copy is durable. ``holder``: the
+        consumer that last held it (None: found over the limit when taken, after a restart).
         QueueError (the message stays where it is, in flight) if the dead-letter queue refuses it."""
         key, payload = split_record(message.payload)
         # Through ``publish``: on a cluster the dead-letter queue's partition may be owned by another node.
         topic = QUEUE_PREFIX + queue.name + DLQ_SUFFIX + ("/" + key.decode() if key else "")
         flush = self.publish(topic, payload)
+        last = consumer_name(holder) if holder is not None else "none since the node started"
 
         def settle(future: asyncio.Future[None]) -> None:
             if future.exception() is None:
                 part.ack((message.offset,))
                 queue.dead_lettered += 1
+                log.warning("message %d of %s/%d moved to %s%s after %d delivery attempt(s) without an ack "
+                            "(max_deliveries %d; last consumer: %s)", message.offset, queue.name, part.index,
+                            queue.name, DLQ_SUFFIX, message.deliveries, queue.config.max_deliveries, last)
             else:  # the copy was not stored (a full disk): the message stays in flight here; try again later
-                self._loop.call_later(DEAD_LETTER_RETRY, self._retry_dead_letter, queue, part, message)
+                self._loop.call_later(DEAD_LETTER_RETRY, self._retry_dead_letter, queue, part, message, holder)
 
         flush.add_done_callback(settle)
 
-    def _retry_dead_letter(self, queue: Queue, part: PartitionLog, message: Message) -> None:
+    def _retry_dead_letter(self, queue: Queue, part: PartitionLog, message: Message, holder: Consumer | None) -> None:
         try:
-            self._dead_letter(queue, part, message)
+            self._dead_letter(queue, part, message, holder)
         except ShoalError:
-            self._loop.call_later(DEAD_LETTER_RETRY, self._retry_dead_letter, queue, part, message)
+            self._loop.call_later(DEAD_LETTER_RETRY, self._retry_dead_letter, queue, part, message, holder)
 
-    def _requeue(self, deliveries: list[Delivery]) -> None:
-        """Hand deliveries back to their partitions, or to the dead-letter queue once delivered too often."""
+    def _requeue(self, deliveries: list[Delivery], counted: bool = True) -> None:
+        """Hand deliveries back to their partitions, or to the dead-letter queue once delivered too often.
+        ``counted``: see ``hand_back``; an uncounted return never dead-letters."""
         by_part: dict[int, tuple[PartitionLog, Queue, list[int]]] = {}
         by_consumer: dict[int, tuple[Consumer, list[Delivery]]] = {}
         for d in deliveries:
@@ -835,9 +874,9 @@ class QueueManager:
             if state is not None:
                 state.inflight.pop(d, None)
             limit = d.queue.config.max_deliveries
-            if limit and d.message.deliveries >= limit and not d.queue.is_dlq:
+            if counted and limit and d.message.deliveries >= limit and not d.queue.is_dlq and d.partition.pid > 0:
                 try:
-                    self._dead_letter(d.queue, d.partition, d.message)
+                    self._dead_letter(d.queue, d.partition, d.message, d.consumer)
                     continue
                 except ShoalError as exc:  # the DLQ is full or the disk is: back to its queue instead
                     log.warning("cannot dead-letter message %d of %s/%d: %s", d.message.offset, d.queue.name,
@@ -847,7 +886,7 @@ class QueueManager:
             by_part.setdefault(d.partition.pid, (d.partition, d.queue, []))[2].append(d.message.offset)
         queues = set()
         for part, queue, offsets in by_part.values():
-            part.nack(offsets)
+            part.nack(offsets, counted)
             queues.add(queue)
         for queue in queues:
             self._schedule_dispatch(queue)
@@ -875,6 +914,15 @@ class QueueManager:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
         self.store.on_readable = None
+
+
+def _inflight_count(state: _ConsumerState) -> int:
+    return len(state.inflight)
+
+
+def consumer_name(consumer: Consumer) -> str:
+    """How logs name a consumer (its MQTT client id, or the node a route stream comes from)."""
+    return str(getattr(consumer, "name", None) or type(consumer).__name__)
 
 
 def _all_of(loop: asyncio.AbstractEventLoop, futures: list[asyncio.Future[None]]) -> asyncio.Future[None]:

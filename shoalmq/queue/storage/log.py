@@ -75,14 +75,17 @@ def now_ms() -> int:
 class Message:
     """A message taken for delivery; it stays in flight until acked or nacked."""
 
-    __slots__ = ("deliveries", "enqueued_at", "last_holder", "offset", "payload", "_index", "_segment")
+    __slots__ = ("deliveries", "enqueued_at", "last_holder", "offset", "payload", "returned", "_index", "_segment")
 
     def __init__(self, offset: int, payload: bytes, enqueued_at: int, deliveries: int,
                  segment: _Segment, index: int) -> None:
         self.offset = offset
         self.payload = payload
         self.enqueued_at = enqueued_at
+        #: Delivery attempts: takes, less those handed back uncounted (``nack(..., counted=False)``).
         self.deliveries = deliveries
+        #: Handed back uncounted at least once (it may have reached a consumer: its next delivery is a DUP).
+        self.returned = False
         #: For the layer above: who last held it when it was handed back (it lives and dies with the message).
         self.last_holder: object = None
         self._segment = segment
@@ -307,16 +310,33 @@ class PartitionLog:
             self.store._mark_dirty(self)
         return done
 
-    def nack(self, offsets: Iterable[int]) -> int:
-        """Hand in-flight messages back: they go to the head of the partition (in offset order, delivery counts
-        kept) and are the next to be taken. Returns how many were in flight."""
+    def nack(self, offsets: Iterable[int], counted: bool = True) -> int:
+        """Hand in-flight messages back: they go to the head of the partition (in offset order) and are the next
+        to be taken. Returns how many were in flight.
+
+        ``counted``: the delivery attempt stands (a consumer ended, or timed out, holding the message). False: the
+        message never reached a consumer as far as the caller knows (a handoff took it back, a route stream broke,
+        a prefetch nobody took), so the take is not counted: its delivery count goes back by one, and it is
+        marked ``returned`` (its next delivery carries DUP, since it may have been seen)."""
         done = 0
+        requeued = self._requeued
         for offset in offsets:
             message = self._inflight.pop(offset, None)
             if message is not None:
-                heapq.heappush(self._requeued, (offset, message))
+                if not counted:
+                    self._uncount(message)
+                heapq.heappush(requeued, (offset, message))
                 done += 1
         return done
+
+    def _uncount(self, message: Message) -> None:
+        message.returned = True
+        if message.deliveries > 0:
+            message.deliveries -= 1
+            segment = message._segment
+            segment.state[message._index] = min(message.deliveries, K.MAX_DELIVERIES_COUNTED)
+            self._dirty_segments.add(segment)
+            self.store._mark_dirty(self)
 
     def inflight_messages(self) -> list[Message]:
         return list(self._inflight.values())
