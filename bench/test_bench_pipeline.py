@@ -15,7 +15,8 @@ import asyncio
 import uvloop
 
 from shoalmq._native import mqtt_codec
-from shoalmq.queue.manager import Delivery, QueueConfig, QueueManager
+from shoalmq.queue.config import QueueConfig
+from shoalmq.queue.manager import Delivery, QueueManager
 from shoalmq.queue.storage import MemoryBackend, Store
 
 WINDOW = 64

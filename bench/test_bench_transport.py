@@ -15,7 +15,8 @@ import pytest
 import uvloop
 
 from shoalmq.cluster.transport import EnqueueClient, RemoteMessage, start_server
-from shoalmq.queue.manager import QueueConfig, QueueManager
+from shoalmq.queue.config import QueueConfig
+from shoalmq.queue.manager import QueueManager
 from shoalmq.queue.storage import LmdbBackend, Store
 
 COUNT = 100_000

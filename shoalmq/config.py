@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from shoalmq.errors import ConfigError, os_error_text
-from shoalmq.queue.manager import QueueConfig, queue_config_from_mapping, queue_configs_from_mapping
+from shoalmq.queue.config import QueueConfig, queue_config_from_mapping, queue_configs_from_mapping
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SYNC_MODES = ("fsync", "async")

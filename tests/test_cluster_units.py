@@ -11,7 +11,8 @@ import pytest
 
 from shoalmq.cluster.routing import RemotePartition, Router, RouteStream
 from shoalmq.proto import broker_pb2
-from shoalmq.queue.manager import QueueConfig, QueueManager
+from shoalmq.queue.config import QueueConfig
+from shoalmq.queue.manager import QueueManager
 from shoalmq.queue.record import encode_record
 from shoalmq.queue.storage import MemoryBackend, Store
 from tests.test_queue_manager import FakeConsumer, settle

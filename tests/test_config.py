@@ -7,7 +7,7 @@ import pytest
 
 from shoalmq.cmd.broker import load_config
 from shoalmq.config import FILE_SECTIONS, OPTIONS, Config, HostPort, build_config, read_config_file
-from shoalmq.queue.manager import QueueConfig
+from shoalmq.queue.config import QueueConfig
 from shoalmq.errors import ConfigError
 
 

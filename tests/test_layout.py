@@ -42,3 +42,13 @@ def test_no_top_level_package_shadows_the_standard_library() -> None:
     top_level = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
     top_level |= {p.stem for p in ROOT.glob("*.py")}
     assert not top_level & stdlib_names, top_level & stdlib_names
+
+
+def test_reading_the_configuration_loads_no_storage_engine_nor_grpc() -> None:
+    """``broker --help`` and ``broker cluster status`` read the configuration: they must not pay for LMDB,
+    numpy, gRPC or amqtt."""
+    code = ("import sys, shoalmq.config, shoalmq.cmd.broker; "
+            "print(sorted(m for m in ('lmdb', 'numpy', 'grpc', 'amqtt') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

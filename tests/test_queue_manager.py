@@ -10,15 +10,8 @@ from typing import Any
 import pytest
 
 from shoalmq.errors import ConfigError, PayloadTooLarge, QueueFull
-from shoalmq.queue.manager import (
-    BadQueueName,
-    Delivery,
-    QueueConfig,
-    QueueManager,
-    parse_queue_topic,
-    queue_configs_from_mapping,
-    queue_of_filter,
-)
+from shoalmq.queue.config import QueueConfig, queue_configs_from_mapping
+from shoalmq.queue.manager import BadQueueName, Delivery, QueueManager, parse_queue_topic, queue_of_filter
 from shoalmq.queue.record import split_record
 from shoalmq.queue.storage import MemoryBackend, Store
 

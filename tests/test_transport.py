@@ -14,7 +14,8 @@ import pytest
 
 from shoalmq.cluster.transport import EnqueueClient, ForwardError, RemoteMessage, Status, start_server
 from shoalmq.errors import NotOwner, StaleEpoch
-from shoalmq.queue.manager import QueueConfig, QueueManager
+from shoalmq.queue.config import QueueConfig
+from shoalmq.queue.manager import QueueManager
 from shoalmq.queue.storage import LmdbBackend, MemoryBackend, Store
 
 ROOT = Path(__file__).resolve().parent.parent

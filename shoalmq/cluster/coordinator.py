@@ -41,7 +41,7 @@ from shoalmq.cluster.membership import Membership
 from shoalmq.cluster.routing import Router
 from shoalmq.cluster.transport import EnqueueClient, ForwardError, Status, peer_ready
 from shoalmq.errors import ConfigError, NotOwner, ShoalError, StaleEpoch
-from shoalmq.queue.manager import QueueConfig
+from shoalmq.queue.config import QueueConfig
 
 if TYPE_CHECKING:
     from shoalmq.queue.manager import QueueManager

@@ -1,0 +1,91 @@
+"""A queue's settings, and how the configuration file gives them.
+
+Kept apart from the queue manager so that reading a configuration (``broker --help``, ``broker cluster status``)
+loads no storage engine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from shoalmq.errors import ConfigError
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+DLQ_SUFFIX = ".dlq"
+DISPATCH_STRATEGIES = ("least_inflight", "round_robin", "random")
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """A queue's settings; ``partitions`` is fixed once the queue exists."""
+
+    partitions: int = 8
+    #: Most unacked messages per partition; None: unbounded.
+    max_depth: int | None = None
+    #: Seconds a message may wait for delivery; None: forever.
+    ttl: float | None = None
+    #: Deliveries before a message moves to ``<name>.dlq``; 0: never.
+    max_deliveries: int = 20
+    #: Seconds a consumer has to ack a delivery before it is given to another.
+    ack_timeout: float = 60.0
+    #: Largest payload accepted, in bytes.
+    max_payload: int = 256 * 1024
+    #: How a message picks among the consumers with room: ``least_inflight`` (fewest unacknowledged, ties in
+    #: turn), ``round_robin`` (in turn), ``random``.
+    dispatch: str = "least_inflight"
+
+    def __post_init__(self) -> None:
+        if self.dispatch not in DISPATCH_STRATEGIES:
+            raise ConfigError(f"dispatch must be one of {', '.join(DISPATCH_STRATEGIES)}, got {self.dispatch!r}")
+        checks = [
+            (self.partitions, 1, 4096, "partitions"),
+            (self.max_deliveries, 0, 254, "max_deliveries"),
+            (self.max_payload, 0, 256 << 20, "max_payload"),
+        ]
+        for value, low, high, name in checks:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+        if self.max_depth is not None and (isinstance(self.max_depth, bool) or not isinstance(self.max_depth, int)
+                                           or self.max_depth < 1):
+            raise ConfigError(f"max_depth must be a positive whole number, got {self.max_depth!r}")
+        for name in ("ttl", "ack_timeout"):
+            value = getattr(self, name)
+            if value is None and name == "ttl":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    @classmethod
+    def from_mapping(cls, values: dict, base: QueueConfig | None = None) -> QueueConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown queue setting {sorted(unknown)[0]!r} (known: {', '.join(sorted(known))})")
+        return replace(base or cls(), **values)
+
+
+def queue_configs_from_mapping(values: object) -> dict[str, QueueConfig]:
+    """Parse the ``queues:`` section of the configuration file (queue name -> settings)."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError("expected a mapping of queue names to settings")
+    out = {}
+    for name, settings in values.items():
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"bad queue name {name!r}: 1-128 letters, digits, '.', '_' or '-'")
+        try:
+            out[name] = queue_config_from_mapping(settings)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    return out
+
+
+def queue_config_from_mapping(settings: object) -> QueueConfig:
+    """Parse one queue's settings (the ``queue_defaults:`` section, or an entry of ``queues:``)."""
+    if settings is None:
+        return QueueConfig()
+    if not isinstance(settings, dict):
+        raise ConfigError("expected a mapping of queue settings")
+    return QueueConfig.from_mapping(settings)
