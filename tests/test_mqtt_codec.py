@@ -518,3 +518,16 @@ def test_native_and_pure_encode_records_alike_on_random_input() -> None:
         data = native.mqtt_codec.encode_records(prefix, records, ids, dups)
         assert data == mqtt_codec_py.encode_records(prefix, records, ids, dups)
         assert native.mqtt_codec.decode(data, MAX) == mqtt_codec_py.decode(data, MAX)
+
+
+@pytest.mark.parametrize("codec", IMPLEMENTATIONS)
+def test_packet_types_have_one_home_and_the_codecs_agree_with_it(codec) -> None:
+    """``mqtt_packets`` holds the packet types [MQTT-2.2.1]; the compiled codec repeats a few as C constants."""
+    from shoalmq._native import mqtt_packets as P
+
+    assert (P.CONNECT, P.PUBLISH, P.PUBACK, P.PUBREC, P.PUBREL, P.PUBCOMP, P.SUBSCRIBE, P.DISCONNECT) == (
+        1, 3, 4, 5, 6, 7, 8, 14)
+    packets, _ = codec.decode(b"\x32\x05\x00\x01x\x00\x01" + codec.encode_acks(P.PUBACK, [1])
+                              + codec.encode_acks(P.PUBREC, [2]) + codec.encode_acks(P.PUBREL, [3])
+                              + codec.encode_acks(P.PUBCOMP, [4]), MAX)
+    assert [p[0] for p in packets] == [P.PUBLISH, P.PUBACK, P.PUBREC, P.PUBREL, P.PUBCOMP]

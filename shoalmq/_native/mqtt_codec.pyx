@@ -28,13 +28,15 @@ __all__ = ["MAX_REMAINING_LENGTH", "MalformedPacket", "decode", "encode_acks", "
 MAX_REMAINING_LENGTH = 268_435_455
 cdef Py_ssize_t _MAX_REMAINING = 268_435_455
 
+# The packet types the hot loops compare against, as C constants (shoalmq/_native/mqtt_packets.py is their home;
+# tests/test_mqtt_codec.py checks these agree with it).
 cdef enum:
     _PUBLISH = 3
     _PUBACK = 4
     _PUBREL = 6
     _PUBCOMP = 7
 
-_ACK_NAMES = {4: "PUBACK", 5: "PUBREC", 6: "PUBREL", 7: "PUBCOMP"}
+from .mqtt_packets import ACK_NAMES as _ACK_NAMES
 
 
 cdef struct _Delivery:

@@ -8,13 +8,13 @@ messages, for the same input (tests/test_mqtt_codec.py); the PUBLISH checks are 
 from operator import index
 
 from ._errors import MalformedPacket
+from .mqtt_packets import ACK_NAMES as _ACK_NAMES
+from .mqtt_packets import PUBACK, PUBCOMP, PUBLISH, PUBREL
 
 __all__ = ["MAX_REMAINING_LENGTH", "MalformedPacket", "decode", "encode_acks", "encode_publishes", "encode_records"]
 
 MAX_REMAINING_LENGTH = 268_435_455
 _SSIZE_MAX = (1 << 63) - 1
-PUBLISH, PUBACK, PUBREL, PUBCOMP = 3, 4, 6, 7
-_ACK_NAMES = {4: "PUBACK", 5: "PUBREC", 6: "PUBREL", 7: "PUBCOMP"}
 
 
 def _int_arg(value: object, name: str, low: int, high: int) -> int:

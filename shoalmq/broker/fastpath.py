@@ -30,11 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 from shoalmq._native import mqtt_codec
+from shoalmq._native.mqtt_packets import PUBACK, PUBLISH, PUBREL
 from shoalmq.broker.frames import MalformedPacket, check_frame
 
 log = logging.getLogger(__name__)
 
-PUBLISH, PUBACK, PUBREL = 3, 4, 6
 #: Publishes of one connection waiting for their commit before its socket stops being read.
 MAX_UNACKED = 4096
 

@@ -19,11 +19,25 @@ from amqtt.adapters import ReaderAdapter
 # amqtt ``MQTTError``: amqtt's reader discards those and reads on (mid-packet); any other exception ends its reader
 # loop, which closes the connection.
 from shoalmq._native._errors import MalformedPacket
+from shoalmq._native.mqtt_packets import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+)
 
 log = logging.getLogger(__name__)
 
-CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
-SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
 _SERVER_TO_CLIENT = {CONNACK: "CONNACK", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK", PINGRESP: "PINGRESP"}
 _FLAGS_0010 = {PUBREL, SUBSCRIBE, UNSUBSCRIBE}
 _ID_ONLY = {PUBACK, PUBREC, PUBREL, PUBCOMP}

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import struct
 from typing import Any
 
 from amqtt.broker import Broker
@@ -43,16 +42,12 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
 from shoalmq._native import mqtt_codec
+from shoalmq._native.mqtt_packets import PUBACK, PUBCOMP, PUBREC, SUBACK_FAILURE
 from shoalmq.errors import ShoalError
 from shoalmq.queue.manager import BadQueueName, Delivery, QueueManager, is_queue_topic, queue_of_filter
 
 log = logging.getLogger(__name__)
 
-SUBACK_FAILURE = 0x80
-_PUBACK = b"\x40\x02"
-_PUBREC = b"\x50\x02"
-_PUBCOMP = b"\x70\x02"
-_U16 = struct.Struct(">H")
 
 
 class QueueSession(Session):
@@ -162,7 +157,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             entry = by_flush.get(id(flush))
             if entry is None:
                 entry = by_flush[id(flush)] = (flush, [])
-            entry[1].append(mqtt_codec.encode_acks(4, packet_ids))
+            entry[1].append(mqtt_codec.encode_acks(PUBACK, packet_ids))
             last = flush
         for flush, acks in by_flush.values():
             data = b"".join(acks)
@@ -188,7 +183,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             entry = by_flush.get(id(flush))
             if entry is None:
                 entry = by_flush[id(flush)] = (flush, [])
-            entry[1].append(_PUBREC + _U16.pack(packet_id))
+            entry[1].append(mqtt_codec.encode_acks(PUBREC, [packet_id]))
             last = flush
         return last
 
@@ -208,7 +203,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         if packet_id not in qos2:
             return False
         del qos2[packet_id]
-        self._write(_PUBCOMP + _U16.pack(packet_id))
+        self._write(mqtt_codec.encode_acks(PUBCOMP, [packet_id]))
         return True
 
     # -- consuming --------------------------------------------------------------------------------------
