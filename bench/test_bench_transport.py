@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from shoalmq.cluster.transport import EnqueueClient, RemoteMessage, start_server
+from shoalmq.cluster.transport import EnqueueClient, start_server
 from shoalmq.queue.config import QueueConfig
 from shoalmq.queue.manager import QueueManager
+from shoalmq.queue.record import encode_record
 from shoalmq.queue.storage import LmdbBackend, Store
 
 COUNT = 100_000
@@ -38,9 +39,10 @@ def test_enqueue_local_vs_forwarded(benchmark, path: str) -> None:
             client = EnqueueClient(f"127.0.0.1:{port}") if path == "forwarded" else None
             queue = owner.queue("bench")
             last = None
+            record = encode_record(b"", b"x" * 100)
             for n in range(COUNT):
                 if client is not None:
-                    last = client.enqueue(RemoteMessage("bench", n % 8, 0, "", b"x" * 100))
+                    last = client.enqueue_records("bench", n % 8, 0, [record])
                 else:
                     last = queue.publish("", b"x" * 100, n % 8)
                 if n % PER_TURN == PER_TURN - 1:

@@ -16,9 +16,14 @@ class ExitCode(enum.IntEnum):
 
 
 class ShoalError(Exception):
-    """Root of every error ShoalMQ raises on purpose; ``exit_code`` is what ``broker`` exits with on it."""
+    """Root of every error ShoalMQ raises on purpose; ``exit_code`` is what ``broker`` exits with on it.
+
+    ``retriable``: the same request may succeed later or elsewhere unchanged (the caller refreshes its view of the
+    cluster and tries again); false: retrying as is would fail the same way. Callers decide by this attribute,
+    never by the error's text."""
 
     exit_code = ExitCode.RUNTIME_ERROR
+    retriable = False
 
 
 class ConfigError(ShoalError):
@@ -64,6 +69,17 @@ class StorageFull(StorageError):
 class NotOwner(ShoalError):
     """This node does not own the partition (the caller refreshes its view of the cluster and retries)."""
 
+    retriable = True
+
 
 class StaleEpoch(ShoalError):
     """The partition's current epoch differs from the one the caller named."""
+
+    retriable = True
+
+
+class PeerUnavailable(ShoalError):
+    """Another node could not be reached, or its stream broke before it answered (what was sent may have been
+    stored there: a retry may duplicate, never lose)."""
+
+    retriable = True

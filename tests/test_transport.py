@@ -12,13 +12,20 @@ from typing import Any
 
 import pytest
 
-from shoalmq.cluster.transport import EnqueueClient, ForwardError, RemoteMessage, Status, start_server
+from shoalmq.cluster.transport import EnqueueClient, ForwardError, Status, start_server
 from shoalmq.errors import NotOwner, StaleEpoch
 from shoalmq.queue.config import QueueConfig
 from shoalmq.queue.manager import QueueManager
+from shoalmq.queue.record import encode_record
 from shoalmq.queue.storage import LmdbBackend, MemoryBackend, Store
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def send(client: EnqueueClient, queue: str, partition: int, epoch: int, key: str,
+         payload: bytes) -> asyncio.Future[None]:
+    """Forward one message (it joins the loop turn's batch and shares its future)."""
+    return client.enqueue_records(queue, partition, epoch, [encode_record(key.encode(), payload)])
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -49,7 +56,7 @@ def test_forwarded_batches_are_stored_and_acknowledged_once_durable(tmp_path: Pa
             batch_future = None
             for i in range(500):
                 n = turn * 500 + i
-                batch_future = client.enqueue(RemoteMessage("orders", n % 4, 0, f"k{n % 7}", b"%d" % n))
+                batch_future = send(client, "orders", n % 4, 0, f"k{n % 7}", b"%d" % n)
             futures.append(batch_future)
             await asyncio.sleep(0)
         assert len({id(f) for f in futures}) == 20, "one future per batch, not per message"
@@ -75,14 +82,14 @@ def test_a_node_that_does_not_own_the_partition_or_sees_a_stale_epoch_refuses(tm
         owner.ownership = TableOwnership({("q", 0): 7})
         server, port = await start_server(owner, "127.0.0.1:0")
         client = EnqueueClient(f"127.0.0.1:{port}")
-        await client.enqueue(RemoteMessage("q", 0, 7, "", b"ok"))
-        for message, status in [(RemoteMessage("q", 1, 7, "", b"x"), Status.NOT_OWNER),
-                                (RemoteMessage("q", 0, 6, "", b"x"), Status.STALE_EPOCH),
-                                (RemoteMessage("q", 0, 7, "", b"x" * (300 * 1024)), Status.REFUSED)]:
+        await send(client, "q", 0, 7, "", b"ok")
+        for message, status in [(("q", 1, 7, "", b"x"), Status.NOT_OWNER),
+                                (("q", 0, 6, "", b"x"), Status.STALE_EPOCH),
+                                (("q", 0, 7, "", b"x" * (300 * 1024)), Status.REFUSED)]:
             with pytest.raises(ForwardError) as info:
-                await client.enqueue(message)
+                await send(client, *message)
             assert info.value.status == status, info.value
-        await client.enqueue(RemoteMessage("q", 0, 7, "", b"still ok"))  # the stream survives refusals
+        await send(client, "q", 0, 7, "", b"still ok")  # the stream survives refusals
         assert owner.queue("q").depth == 2
         await client.close()
         await server.stop(0)
@@ -117,11 +124,11 @@ def test_a_peer_that_dies_mid_transfer_fails_the_unanswered_batches(tmp_path: Pa
 
     async def body() -> None:
         client = EnqueueClient(f"127.0.0.1:{port}")
-        await client.enqueue(RemoteMessage("q", 0, 0, "", b"before"))
+        await send(client, "q", 0, 0, "", b"before")
         futures = []
         for _ in range(200):
             for _ in range(100):
-                futures.append(client.enqueue(RemoteMessage("q", 0, 0, "", b"x" * 1000)))
+                futures.append(send(client, "q", 0, 0, "", b"x" * 1000))
             await asyncio.sleep(0)
         peer.kill()
         results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)

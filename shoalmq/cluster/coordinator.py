@@ -39,7 +39,7 @@ from shoalmq.cluster.assignment import PartitionAssigner
 from shoalmq.cluster.etcd import Etcd, KeyValue, PrefixWatch, WatchEvent
 from shoalmq.cluster.membership import Membership
 from shoalmq.cluster.routing import Router
-from shoalmq.cluster.transport import EnqueueClient, ForwardError, Status, peer_ready
+from shoalmq.cluster.transport import EnqueueClient, peer_ready
 from shoalmq.errors import ConfigError, NotOwner, ShoalError, StaleEpoch
 from shoalmq.queue.config import QueueConfig
 
@@ -691,7 +691,7 @@ class Coordinator:
                 if self._held:
                     self._schedule_retry(0)  # the partition's next groups may go now
             error = f.exception() if f is not None else None
-            retry = isinstance(error, ForwardError) and getattr(error, "status", None) != Status.REFUSED
+            retry = getattr(error, "retriable", False)
             if retry and not forward.future.done():
                 log.debug("forward to %s/%d failed (%s); retrying", part[0], part[1], error)
                 forward.groups[part] = records

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from shoalmq._native import segment
-from shoalmq.cluster.transport import open_channel
-from shoalmq.proto import broker_pb2, broker_pb2_grpc
+from shoalmq.cluster.transport import PeerStream
+from shoalmq.proto import broker_pb2
 
 if TYPE_CHECKING:
     from shoalmq.cluster.coordinator import Coordinator
@@ -275,26 +275,37 @@ class RemotePartition:
 
 
 class RouteClient:
-    """The consumer node's end of the route stream to one peer."""
+    """The consumer node's end of the route stream to one peer (reopened after ``RECONNECT_DELAY`` when it
+    breaks, starting from the current credits)."""
 
     def __init__(self, router: Router, node: str, target: str) -> None:
         self.router = router
         self.node = node
         self.target = target
-        self._channel = open_channel(target)
-        self._stub = broker_pb2_grpc.BrokerStub(self._channel)
-        self._outgoing: asyncio.Queue[broker_pb2.RouteRequest | None] = asyncio.Queue()
+        self._stream = PeerStream(target, "RouteQueueMessage", self._received, self._lost,
+                                  reconnect_delay=RECONNECT_DELAY, first=self._credits)
         self._settles: dict[tuple[str, str], dict[tuple[int, int], list[int]]] = {}
         self._settle_scheduled = False
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-        self.connected = False
+
+    @property
+    def connected(self) -> bool:
+        return self._stream.connected
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"shoalmq-route-{self.node}")
+        self._stream.start()
+
+    def _credits(self) -> list[broker_pb2.RouteRequest]:
+        return [broker_pb2.RouteRequest(queue=queue, credit=credit) for queue, credit in self.router.credits().items()]
+
+    def _received(self, message: broker_pb2.RouteDeliveries) -> None:
+        self.router.received(self, message)
+
+    def _lost(self, error: Exception) -> None:
+        log.debug("route stream to %s broke: %s", self.node, error)
+        self.router.stream_lost(self)
 
     def credit(self, queue: str, credit: int) -> None:
-        self._outgoing.put_nowait(broker_pb2.RouteRequest(queue=queue, credit=credit))
+        self._stream.send(broker_pb2.RouteRequest(queue=queue, credit=credit))
 
     def settle(self, queue: str, partition: int, epoch: int, offsets: list[int], how: str) -> None:
         """Acks (``how`` "ack") and hand-backs ("nack", "return": see ``RouteRequest``) are sent once per loop
@@ -314,47 +325,10 @@ class RouteClient:
             entries = [broker_pb2.PartitionOffsets(partition=p, epoch=e, offsets=o) for (p, e), o in parts.items()]
             request = broker_pb2.RouteRequest(queue=queue, credit=-1)
             {"ack": request.acks, "nack": request.nacks, "return": request.returns}[how].extend(entries)
-            self._outgoing.put_nowait(request)
-
-    async def _requests(self, outgoing: asyncio.Queue[broker_pb2.RouteRequest | None],
-                        ) -> AsyncIterator[broker_pb2.RouteRequest]:
-        for queue, credit in self.router.credits().items():
-            yield broker_pb2.RouteRequest(queue=queue, credit=credit)
-        while True:
-            request = await outgoing.get()
-            if request is None:
-                return
-            yield request
-
-    async def _run(self) -> None:
-        while not self._closed:
-            # Each stream reads a queue of its own (the generator of a broken stream may still wait on the old one);
-            # requests queued for an earlier stream are stale: the new one starts from the current credits.
-            self._outgoing = asyncio.Queue()
-            try:
-                call = self._stub.RouteQueueMessage(self._requests(self._outgoing))
-                self.connected = True
-                async for message in call:
-                    self.router.received(self, message)
-            except grpc.aio.AioRpcError as exc:
-                log.debug("route stream to %s broke: %s", self.node, exc.code().name)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a malformed batch or a bug: start over with a new stream
-                log.exception("route stream to %s failed; reconnecting", self.node)
-            finally:
-                self.connected = False
-                self.router.stream_lost(self)
-            if not self._closed:
-                await asyncio.sleep(RECONNECT_DELAY)
+            self._stream.send(request)
 
     async def close(self) -> None:
-        self._closed = True
-        self._outgoing.put_nowait(None)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._channel.close()
+        await self._stream.close()
 
 
 class Router:

@@ -1,9 +1,10 @@
 """The gRPC transport between nodes: forwarding publishes to the owner of their partitions, in batches.
 
 A unary gRPC call costs ~0.5 ms here whatever its size, so one message per call would cap forwarding at ~2,000
-msgs/s. Instead each peer gets one long-lived bidirectional stream: ``EnqueueClient.enqueue`` adds messages to the
-batch of the current event-loop turn, the batch goes out as one stream message, and the owner answers each batch,
-in order, once all of it is durable. One future per batch, none per message.
+msgs/s. Instead each peer gets one long-lived bidirectional stream (``PeerStream``, which route streams use too):
+``EnqueueClient.enqueue_records`` adds records to the batch of the current event-loop turn, the batch goes out as
+one stream message, and the owner answers each batch, in order, once all of it is durable. One future per batch,
+none per message. Channels are made in one place (``open_channel``), with the options in ``CHANNEL_OPTIONS``.
 
 The owner's side (``EnqueueServicer``) hands each batch to a ``RemoteEnqueueHandler`` (the queue side of the node),
 which checks ownership and epochs and returns the commit future the batch rides on.
@@ -17,14 +18,13 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
 from shoalmq._native import segment
-from shoalmq.errors import NotOwner, ShoalError, StaleEpoch
+from shoalmq.errors import NotOwner, PeerUnavailable, ShoalError, StaleEpoch
 from shoalmq.proto import broker_pb2, broker_pb2_grpc
-from shoalmq.queue.record import encode_record
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+Status = broker_pb2.EnqueueAck.Status
 
 #: Options of the channels to peers only (a server ignores them), each with its reason.
 CHANNEL_OPTIONS = [
@@ -72,25 +74,21 @@ async def peer_ready(target: str, timeout: float) -> bool:
         await channel.close()
 
 
-Status = broker_pb2.EnqueueAck.Status
 
 
 class ForwardError(ShoalError):
     """A forwarded batch was not stored by the owner; ``status`` says why (NOT_OWNER, STALE_EPOCH, REFUSED), or
-    the peer is unreachable or died mid-transfer (``status`` None): the caller refreshes its view and retries."""
+    the peer is unreachable or died mid-transfer (``status`` None; then it is also a ``PeerUnavailable``).
+    Retriable unless the owner refused the messages themselves (REFUSED)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retriable = status != Status.REFUSED
 
 
-@dataclass(frozen=True)
-class RemoteMessage:
-    queue: str
-    partition: int
-    epoch: int
-    key: str
-    payload: bytes
+class PeerGone(ForwardError, PeerUnavailable):
+    """The peer is unreachable, or its stream ended before it answered."""
 
 
 @dataclass(frozen=True)
@@ -176,35 +174,110 @@ async def answer_batches(request_iterator: AsyncIterator[broker_pb2.EnqueueBatch
         reader.cancel()
 
 
+class PeerStream:
+    """One bidirectional stream to a peer node: the one place streams are opened, fed and reopened.
+
+    ``send`` queues a request (opening the stream if none runs); each response goes to ``on_response``; when the
+    stream ends, for any reason, ``on_lost`` runs with a ``PeerGone`` saying why, and the stream opens again after
+    ``reconnect_delay`` seconds (None: at the next ``send``). Each attempt reads a request queue of its own: the
+    request generator of a broken stream may still be waiting on the old one, and would swallow what is meant for
+    the new stream; requests queued for a stream that broke are dropped with it. ``first`` gives the requests every
+    attempt starts with (a route stream's current credits).
+    """
+
+    def __init__(self, target: str, method: str, on_response: Callable[[Any], None],
+                 on_lost: Callable[[PeerGone], None], *, reconnect_delay: float | None = None,
+                 first: Callable[[], list[Any]] | None = None) -> None:
+        self.target = target
+        self._channel = open_channel(target)
+        self._call = getattr(broker_pb2_grpc.BrokerStub(self._channel), method)
+        self._on_response = on_response
+        self._on_lost = on_lost
+        self._reconnect_delay = reconnect_delay
+        self._first = first
+        self._outgoing: asyncio.Queue[Any] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        #: True while an attempt runs (from its start: gRPC connects lazily).
+        self.connected = False
+
+    def start(self) -> None:
+        if not self._closed and (self._task is None or self._task.done()):
+            self._outgoing = asyncio.Queue()
+            self._task = asyncio.ensure_future(self._run())
+
+    def send(self, request: Any) -> None:
+        self.start()
+        self._outgoing.put_nowait(request)
+
+    async def _requests(self, outgoing: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+        for request in self._first() if self._first is not None else ():
+            yield request
+        while True:
+            request = await outgoing.get()
+            if request is None:
+                return
+            yield request
+
+    async def _run(self) -> None:
+        while True:
+            error: PeerGone
+            self.connected = True
+            try:
+                async for response in self._call(self._requests(self._outgoing)):
+                    self._on_response(response)
+            except grpc.aio.AioRpcError as exc:
+                error = PeerGone(f"peer {self.target} unavailable: {exc.code().name}: {exc.details()}")
+            except asyncio.CancelledError:
+                self._lost(PeerGone(f"stream to {self.target} closed"))
+                raise
+            except Exception:  # a malformed response or a bug: start over with a new stream
+                log.exception("stream to %s failed; starting a new one", self.target)
+                error = PeerGone(f"stream to {self.target} failed")
+            else:
+                error = PeerGone(f"stream to {self.target} ended")
+            self._lost(error)
+            if self._closed or self._reconnect_delay is None:
+                return
+            await asyncio.sleep(self._reconnect_delay)
+            if self._closed:
+                return
+            self._outgoing = asyncio.Queue()
+
+    def _lost(self, error: PeerGone) -> None:
+        self.connected = False
+        while not self._outgoing.empty():
+            self._outgoing.get_nowait()
+        self._on_lost(error)
+
+    async def close(self) -> None:
+        """End the stream (its requests queued so far are sent first, for up to 2 s), then the channel."""
+        self._closed = True
+        self._outgoing.put_nowait(None)
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 2)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        await self._channel.close()
+
+
 class EnqueueClient:
-    """The sending end: one stream to one peer, batching every ``enqueue`` of a loop turn into one message."""
+    """The sending end: one stream to one peer, batching every ``enqueue_records`` of a loop turn into one
+    message; the owner answers each, in order, once it is durable."""
 
     def __init__(self, target: str, transfer: bool = False) -> None:
         self.target = target
         #: Send with ``TransferPartition`` (a handoff to a partition's next owner) instead of ``EnqueueRemote``.
         self.transfer = transfer
-        self._channel = open_channel(target)
-        self._stub = broker_pb2_grpc.BrokerStub(self._channel)
-        self._outgoing: asyncio.Queue[broker_pb2.EnqueueBatch | None] = asyncio.Queue()
+        self._stream = PeerStream(target, "TransferPartition" if transfer else "EnqueueRemote", self._answered,
+                                  self._fail_all)
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._batch: dict[tuple[str, int, int], list[bytes]] = {}
         self._batch_future: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
-        self._stream_task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
-
-    def enqueue(self, message: RemoteMessage) -> asyncio.Future[None]:
-        """Forward one message; every message forwarded in this loop turn shares the returned future."""
-        if self._batch_future is None:
-            self._batch_future = self._loop.create_future()
-            self._loop.call_soon(self._send_batch)
-        key = message.key.encode()
-        target = (message.queue, message.partition, message.epoch)
-        records = self._batch.get(target)
-        if records is None:
-            records = self._batch[target] = []
-        records.append(encode_record(key, message.payload))
-        return self._batch_future
 
     @property
     def open_batch(self) -> asyncio.Future[None] | None:
@@ -212,7 +285,8 @@ class EnqueueClient:
         return self._batch_future
 
     def enqueue_records(self, queue: str, partition: int, epoch: int, records: list[bytes]) -> asyncio.Future[None]:
-        """Forward records already in the stored form; they join this loop turn's batch and share its future."""
+        """Forward records in the stored form (key length u16 | key | payload); they join this loop turn's batch
+        and share its future."""
         if self._batch_future is None:
             self._batch_future = self._loop.create_future()
             self._loop.call_soon(self._send_batch)
@@ -232,42 +306,19 @@ class EnqueueClient:
         self._waiting[batch_id] = future
         partitions = [broker_pb2.PartitionRecords(queue=q, partition=p, epoch=e, records=segment.pack(records))
                       for (q, p, e), records in groups.items()]
-        if self._stream_task is None or self._stream_task.done():
-            # A new stream reads a queue of its own: a request generator of a broken stream may still be waiting
-            # on the old one, and would swallow what is meant for the new stream.
-            self._outgoing = asyncio.Queue()
-            self._stream_task = asyncio.ensure_future(self._run_stream(self._outgoing))
-        self._outgoing.put_nowait(broker_pb2.EnqueueBatch(batch_id=batch_id, partitions=partitions))
+        self._stream.send(broker_pb2.EnqueueBatch(batch_id=batch_id, partitions=partitions))
 
-    async def _requests(self, outgoing: asyncio.Queue[broker_pb2.EnqueueBatch | None],
-                        ) -> AsyncIterator[broker_pb2.EnqueueBatch]:
-        while True:
-            batch = await outgoing.get()
-            if batch is None:
-                return
-            yield batch
-
-    async def _run_stream(self, outgoing: asyncio.Queue[broker_pb2.EnqueueBatch | None]) -> None:
-        try:
-            call = self._stub.TransferPartition if self.transfer else self._stub.EnqueueRemote
-            async for ack in call(self._requests(outgoing)):
-                future = self._waiting.pop(ack.batch_id, None)
-                if future is None or future.done():
-                    continue
-                if ack.status == Status.OK:
-                    future.set_result(None)
-                else:
-                    future.set_exception(ForwardError(f"{self.target} refused a batch: "
-                                                      f"{Status.Name(ack.status)}: {ack.detail}", ack.status))
-        except grpc.aio.AioRpcError as exc:
-            self._fail_all(ForwardError(f"peer {self.target} unavailable: {exc.code().name}: {exc.details()}"))
-        except asyncio.CancelledError:
-            self._fail_all(ForwardError(f"stream to {self.target} closed"))
-            raise
+    def _answered(self, ack: broker_pb2.EnqueueAck) -> None:
+        future = self._waiting.pop(ack.batch_id, None)
+        if future is None or future.done():
+            return
+        if ack.status == Status.OK:
+            future.set_result(None)
         else:
-            self._fail_all(ForwardError(f"stream to {self.target} ended"))
+            future.set_exception(ForwardError(f"{self.target} refused a batch: {Status.Name(ack.status)}: "
+                                              f"{ack.detail}", ack.status))
 
-    def _fail_all(self, error: ForwardError) -> None:
+    def _fail_all(self, error: PeerGone) -> None:
         """The stream broke: every batch not yet answered fails (the caller retries; the owner may have stored
         some of them, so a retry can duplicate: at least once)."""
         waiting, self._waiting = self._waiting, {}
@@ -275,17 +326,9 @@ class EnqueueClient:
             if not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved: callers that dropped the future must not log it
-        while not self._outgoing.empty():
-            self._outgoing.get_nowait()
 
     async def close(self) -> None:
-        self._outgoing.put_nowait(None)
-        if self._stream_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._stream_task), 2)
-            except (TimeoutError, asyncio.CancelledError):
-                self._stream_task.cancel()
-        await self._channel.close()
+        await self._stream.close()
 
 
 async def start_server(handler: RemoteEnqueueHandler, listen: str,
