@@ -202,10 +202,10 @@ def test_deliveries_for_a_queue_without_consumers_here_go_straight_back() -> Non
     async def body() -> None:
         manager = clustered(FakeCluster())
 
-        class Coordinator:
-            node_id, membership, owners = "n1", None, {}
+        class View:
+            node_id, nodes, owners = "n1", {}, {}
 
-        router = Router(manager, Coordinator())  # type: ignore[arg-type]
+        router = Router(manager, View())  # type: ignore[arg-type]
 
         class Client:
             node = "n2"
@@ -254,7 +254,8 @@ class FakeClient:
 def test_a_forward_refused_by_the_old_owner_is_stored_before_later_ones() -> None:
     """A batch sent to the old owner and refused after this node took the partition over goes first."""
     from shoalmq.cluster.assignment import HashPartitionAssigner
-    from shoalmq.cluster.coordinator import Coordinator, Owner
+    from shoalmq.cluster.coordinator import Coordinator
+    from shoalmq.cluster.view import Owner
     from shoalmq.cluster.transport import ForwardError, Status
 
     async def body() -> None:
@@ -262,13 +263,14 @@ def test_a_forward_refused_by_the_old_owner_is_stored_before_later_ones() -> Non
         coordinator = Coordinator(None, FakeMembership(), manager, HashPartitionAssigner(),  # type: ignore[arg-type]
                                   routing="direct")
         manager.cluster = coordinator
-        coordinator.definitions["q"] = QueueConfig(partitions=1)
-        coordinator.owners[("q", 0)] = Owner("b", 5, 2)
-        client = coordinator._clients["b"] = FakeClient()  # type: ignore[assignment]
+        view = coordinator.view
+        view.definitions["q"] = QueueConfig(partitions=1)
+        view.owners[("q", 0)] = Owner("b", 5, 2)
+        client = coordinator.forwarder._clients["b"] = FakeClient()  # type: ignore[assignment]
         first = manager.publish("$queue/q", b"m0")
         await settle(lambda: len(client.calls) == 1)
-        coordinator.mine[("q", 0)] = 9  # this node took the partition over meanwhile
-        coordinator.owners[("q", 0)] = Owner("a", 9, 1)
+        view.mine[("q", 0)] = 9  # this node took the partition over meanwhile
+        view.owners[("q", 0)] = Owner("a", 9, 1)
         second = manager.publish("$queue/q", b"m1")  # must not overtake m0
         await settle()
         client.calls[0][1].set_exception(ForwardError("not the owner", Status.NOT_OWNER))
@@ -290,14 +292,14 @@ def test_a_route_stream_s_acks_count_while_the_partition_is_not_owned_for_a_mome
         for i in range(3):
             await manager.queue("jobs").publish("", b"%d" % i, partition=0)
 
-        class Coordinator:
+        class View:
             mine = {("jobs", 0): 7}
 
-        stream = RouteStream(manager, Coordinator(), "n2")  # type: ignore[arg-type]
+        stream = RouteStream(manager, View(), "n2")  # type: ignore[arg-type]
         stream.handle(broker_pb2.RouteRequest(queue="jobs", credit=10))
         sent = await asyncio.wait_for(stream.outgoing.get(), 5)
         assert sent is not None and list(sent.offsets) == [0, 1, 2] and sent.epoch == 7
-        Coordinator.mine = {}  # the lease lapsed
+        View.mine = {}  # the lease lapsed
         acks = broker_pb2.PartitionOffsets(partition=0, epoch=7, offsets=[0, 1])
         stale = broker_pb2.PartitionOffsets(partition=0, epoch=6, offsets=[2])
         stream.handle(broker_pb2.RouteRequest(queue="jobs", credit=-1, acks=[acks, stale]))

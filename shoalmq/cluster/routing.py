@@ -34,7 +34,7 @@ from shoalmq.cluster.transport import PeerStream
 from shoalmq.proto import broker_pb2
 
 if TYPE_CHECKING:
-    from shoalmq.cluster.coordinator import Coordinator
+    from shoalmq.cluster.view import ClusterView
     from shoalmq.queue.manager import Delivery, QueueManager
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class RemoteConsumer:
             by_partition.setdefault(d.partition.index, []).append(d)
         inflight = self.inflight
         for index, batch in by_partition.items():
-            epoch = self.stream.coordinator.mine.get((self.queue, index), 0)
+            epoch = self.stream.view.mine.get((self.queue, index), 0)
             for d in batch:
                 inflight[(index, d.message.offset)] = (d, epoch)
             returned = [d.message.returned for d in batch]
@@ -122,9 +122,9 @@ class RemoteConsumer:
 class RouteStream:
     """The owner's end of one ``RouteQueueMessage`` stream."""
 
-    def __init__(self, manager: QueueManager, coordinator: Coordinator, peer: str = "a peer") -> None:
+    def __init__(self, manager: QueueManager, view: ClusterView, peer: str = "a peer") -> None:
         self.manager = manager
-        self.coordinator = coordinator
+        self.view = view
         self.peer = peer
         self.consumers: dict[str, RemoteConsumer] = {}
         self.outgoing: asyncio.Queue[broker_pb2.RouteDeliveries | None] = asyncio.Queue()
@@ -162,10 +162,10 @@ class RouteStream:
         self.outgoing.put_nowait(None)
 
 
-async def serve_route_stream(manager: QueueManager, coordinator: Coordinator,
+async def serve_route_stream(manager: QueueManager, view: ClusterView,
                              requests: AsyncIterator[broker_pb2.RouteRequest], peer: str = "a peer",
                              ) -> AsyncIterator[Any]:
-    stream = RouteStream(manager, coordinator, peer)
+    stream = RouteStream(manager, view, peer)
 
     async def read() -> None:
         try:
@@ -334,9 +334,9 @@ class RouteClient:
 class Router:
     """The consumer node's side of proxy routing: route streams to every peer, and the proxies they fill."""
 
-    def __init__(self, manager: QueueManager, coordinator: Coordinator) -> None:
+    def __init__(self, manager: QueueManager, view: ClusterView) -> None:
         self.manager = manager
-        self.coordinator = coordinator
+        self.view = view
         self.clients: dict[str, RouteClient] = {}
         #: (owner node, queue, partition) -> proxy (its epoch is the owner's).
         self.proxies: dict[tuple[str, str, int], RemotePartition] = {}
@@ -363,8 +363,8 @@ class Router:
     def sync_peers(self) -> None:
         """Open a route stream to every live peer while this node has consumers; close the others."""
         wanted = {} if not self._credits else {
-            node: info.get("grpc") for node, info in self.coordinator.membership.nodes.items()
-            if node != self.coordinator.node_id and info.get("grpc")}
+            node: info.get("grpc") for node, info in self.view.nodes.items()
+            if node != self.view.node_id and info.get("grpc")}
         for node, client in list(self.clients.items()):
             if wanted.get(node) != client.target:
                 del self.clients[node]
@@ -400,8 +400,8 @@ class Router:
 
     def prune(self) -> None:
         """Drop proxies of partitions whose owner or epoch changed (their messages are the new owner's now)."""
-        owners = self.coordinator.owners
-        seen = self.coordinator.max_epoch
+        owners = self.view.owners
+        seen = self.view.max_epoch
 
         def stale(key: tuple[str, str, int]) -> bool:
             # Only what the view shows to be superseded: a newer epoch, or the key gone at the proxy's epoch or later

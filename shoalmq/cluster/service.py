@@ -33,5 +33,6 @@ class NodeServicer(broker_pb2_grpc.BrokerServicer):
 
     async def RouteQueueMessage(self, request_iterator: AsyncIterator[broker_pb2.RouteRequest],  # noqa: N802
                                 context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.RouteDeliveries]:
-        async for message in serve_route_stream(self.manager, self.coordinator, request_iterator, context.peer()):
+        async for message in serve_route_stream(self.manager, self.coordinator.view, request_iterator,
+                                                context.peer()):
             yield message

@@ -246,8 +246,12 @@ class PeerStream:
 
     def _lost(self, error: PeerGone) -> None:
         self.connected = False
-        while not self._outgoing.empty():
-            self._outgoing.get_nowait()
+        outgoing = self._outgoing
+        while not outgoing.empty():
+            outgoing.get_nowait()
+        # End the broken attempt's request generator: gRPC's task that consumes it would otherwise wait on this
+        # queue for good (and be destroyed pending, with an error in the log).
+        outgoing.put_nowait(None)
         self._on_lost(error)
 
     async def close(self) -> None:

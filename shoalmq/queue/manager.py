@@ -431,6 +431,40 @@ class QueueManager:
         them (the attempt counts toward ``max_deliveries``); False: they never reached one."""
         self._requeue(deliveries, counted)
 
+    # -- what the cluster drives (forwarding, handoff, load) -------------------------------------------------
+
+    def append(self, queue_name: str, index: int, records: list[bytes]) -> asyncio.Future[None]:
+        """Append records in the stored form to one partition of this node, in order, all or none; the future
+        resolves once they are durable. For forwarded publishes that found this node their partition's owner."""
+        return self.queue(queue_name).partition(index).enqueue_many(records)
+
+    def export(self, queue_name: str, index: int, max_count: int) -> list[Message]:
+        """Take up to ``max_count`` ready messages of a partition out to move them to another node (a handoff, or
+        messages left here for a partition another node owns). Each must be settled with ``exported``."""
+        return self.queue(queue_name).partition(index).take(max_count)
+
+    def exported(self, queue_name: str, index: int, offsets: list[int], moved: bool) -> None:
+        """The messages ``export`` gave out are on the other node's disk (``moved``: deleted here), or are not
+        (they are ready here again, their delivery count as it was)."""
+        part = self.queue(queue_name).partition(index)
+        if moved:
+            part.ack(offsets)
+        else:
+            part.nack(offsets, counted=False)
+
+    def ready(self, queue_name: str, index: int) -> int:
+        """Messages of a partition stored here and ready (not in flight)."""
+        queue = self._queues.get(queue_name)
+        return queue.partitions[index].ready if queue is not None else 0
+
+    def depths(self) -> dict[str, list[int]]:
+        """Queue name -> the number of messages stored here for each of its partitions (ready or in flight)."""
+        return {name: [p.depth for p in q.partitions] for name, q in self._queues.items()}
+
+    async def flush(self) -> None:
+        """Wait until everything stored or changed so far is committed (StorageError if a commit fails)."""
+        await self.store.flush()
+
     def _consumers_changed(self, names: Iterable[str]) -> None:
         if self.on_consumers_changed is None:
             return

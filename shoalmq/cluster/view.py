@@ -1,0 +1,147 @@
+"""What one node knows of the cluster: live nodes, queue definitions, partition owners and their epochs.
+
+One ``ClusterView`` per node. The watches here fill it (each a ``PrefixWatch``, so they survive etcd restarts and
+compactions), ``Ownership`` records in it the partitions this node holds, and everyone else only reads it: the
+forwarder (where does a publish go), the router (which proxies are stale), the load report and the servicer.
+
+- ``/<cluster>/queues/<name>``: a queue's settings, written once by whichever node first sees the queue
+  (create-if-absent), so every node agrees on its partition count and limits;
+- ``/<cluster>/partitions/<queue>/<p>``: the owner of a partition, on the owner's lease. The key's create revision
+  is the partition's **epoch**: every ownership is a new key, so a new owner always has a higher epoch;
+- ``/<cluster>/nodes/<id>``: the live nodes (``Membership`` watches those).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from shoalmq.cluster.etcd import Etcd, KeyValue, PrefixWatch, WatchEvent
+from shoalmq.cluster.membership import Membership
+from shoalmq.errors import ShoalError
+from shoalmq.queue.config import QueueConfig
+
+log = logging.getLogger(__name__)
+
+Partition = tuple[str, int]
+
+
+class Owner:
+    """A partition's owner as etcd records it."""
+
+    __slots__ = ("epoch", "lease", "node")
+
+    def __init__(self, node: str, epoch: int, lease: int) -> None:
+        self.node = node
+        self.epoch = epoch
+        self.lease = lease
+
+
+class ClusterView:
+    """The cluster as this node sees it (see the module docstring)."""
+
+    def __init__(self, etcd: Etcd, membership: Membership) -> None:
+        self.etcd = etcd
+        self.membership = membership
+        self.node_id = membership.node_id
+        self.cluster = membership.cluster
+        self.queues_prefix = f"/{self.cluster}/queues/".encode()
+        self.partitions_prefix = f"/{self.cluster}/partitions/".encode()
+        #: Queue name -> its settings as stored in etcd.
+        self.definitions: dict[str, QueueConfig] = {}
+        #: (queue, partition) -> its owner as recorded in etcd.
+        self.owners: dict[Partition, Owner] = {}
+        #: (queue, partition) -> the highest epoch the view has shown (kept when the key goes).
+        self.max_epoch: dict[Partition, int] = {}
+        #: (queue, partition) -> epoch, for the partitions this node holds the key of and writes to (kept by
+        #: ``Ownership``: a partition is here only while this node may write it, lease permitting).
+        self.mine: dict[Partition, int] = {}
+        #: Called after the definitions change.
+        self.on_definitions: list[Callable[[], None]] = []
+        #: Called after the owners change.
+        self.on_owners: list[Callable[[], None]] = []
+        self._watches: list[PrefixWatch] = []
+
+    @property
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """Live nodes: node id -> what they registered (addresses, version, start time)."""
+        return self.membership.nodes
+
+    def partition_key(self, part: Partition) -> bytes:
+        return self.partitions_prefix + f"{part[0]}/{part[1]}".encode()
+
+    async def start(self) -> None:
+        for prefix, snapshot, events in ((self.queues_prefix, self._queues_snapshot, self._queues_events),
+                                         (self.partitions_prefix, self._owners_snapshot, self._owners_events)):
+            watch = PrefixWatch(self.etcd, prefix, snapshot, events)
+            await watch.start()
+            self._watches.append(watch)
+
+    def stop(self) -> None:
+        for watch in self._watches:
+            watch.stop()
+
+    # -- queue definitions ----------------------------------------------------------------------------------
+
+    def _queues_snapshot(self, kvs: list[KeyValue]) -> None:
+        self.definitions = {}
+        self._queues_apply(kvs)
+
+    def _queues_events(self, events: list[WatchEvent]) -> None:
+        self._queues_apply([e.kv for e in events if e.kind == "put"])
+
+    def _queues_apply(self, kvs: list[KeyValue]) -> None:
+        for kv in kvs:
+            name = kv.key[len(self.queues_prefix):].decode(errors="replace")
+            try:
+                self.definitions[name] = parse_definition(kv.value)
+            except (ValueError, TypeError, ShoalError) as exc:
+                log.error("queue %s has unusable settings in etcd (%s); ignoring it", name, exc)
+        for callback in self.on_definitions:
+            callback()
+
+    # -- owners ---------------------------------------------------------------------------------------------
+
+    def _owners_snapshot(self, kvs: list[KeyValue]) -> None:
+        self.owners = {}
+        for kv in kvs:
+            self._owner_put(kv)
+        self._owners_changed()
+
+    def _owners_events(self, events: list[WatchEvent]) -> None:
+        for event in events:
+            if event.kind == "put":
+                self._owner_put(event.kv)
+            else:
+                self.owners.pop(self._partition_of(event.kv.key), None)
+        self._owners_changed()
+
+    def _partition_of(self, key: bytes) -> Partition:
+        queue, _, index = key[len(self.partitions_prefix):].decode(errors="replace").rpartition("/")
+        return queue, int(index) if index.isdigit() else -1
+
+    def _owner_put(self, kv: KeyValue) -> None:
+        try:
+            owner = json.loads(kv.value)["owner"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable ownership record %r", kv.key)
+            return
+        self.record_owner(self._partition_of(kv.key), Owner(owner, kv.create_revision, kv.lease))
+
+    def record_owner(self, part: Partition, owner: Owner) -> None:
+        """An owner this node learned of (from the watch, or its own claim before the watch shows it)."""
+        self.owners[part] = owner
+        self.max_epoch[part] = max(self.max_epoch.get(part, 0), owner.epoch)
+
+    def _owners_changed(self) -> None:
+        for callback in self.on_owners:
+            callback()
+
+
+def parse_definition(value: bytes) -> QueueConfig:
+    """A queue's settings as stored in ``/<cluster>/queues/<name>`` (JSON; ``created`` is informational)."""
+    values = json.loads(value)
+    values.pop("created", None)
+    return QueueConfig.from_mapping(values)
