@@ -173,6 +173,9 @@ def test_remote_partition_holds_hands_back_and_acks_through_its_client() -> None
         def settle(self, queue: str, partition: int, epoch: int, offsets: list[int], how: str) -> None:
             self.settled.append((queue, partition, epoch, list(offsets), how))
 
+        def taken(self, queue: str, count: int) -> None:
+            pass
+
     client = Client()
     proxy = RemotePartition(client, "orders", 3, 42)  # type: ignore[arg-type]
     proxy.add([b"a", b"b", b"c", b"d"], [10, 11, 12, 13], bytes([1, 1, 2, 1]), bytes([0, 0, 0, 1]))
@@ -310,5 +313,42 @@ def test_a_route_stream_s_acks_count_while_the_partition_is_not_owned_for_a_mome
         assert part.ready == 1
         assert part.take(1)[0].deliveries == 1
         manager.close()
+
+    run(body())
+
+
+def test_a_consumer_node_asks_each_owner_for_what_its_consumers_hold_and_take() -> None:
+    """The credit is what the consumers hold of the owner's messages plus a prefetch sized by the rate they take
+    them at (a slow consumer's node parks a few messages, not a window's worth, while consumers elsewhere wait)."""
+    from shoalmq.cluster import routing
+
+    async def body() -> None:
+        manager = clustered(FakeCluster())
+
+        class View:
+            node_id, nodes, owners = "n1", {}, {}
+
+        router = Router(manager, View())  # type: ignore[arg-type]
+        router._credits["q"] = 128  # consumers of q here, windows of 128 together
+        client = routing.RouteClient(router, "n2", "127.0.0.1:1")
+        assert client.credit_for("q") == routing.PREFETCH_START, "before any rate is known"
+        assert client.credit_for("other") == 0, "no consumer of it here"
+        proxy = router.proxies[("n2", "q", 0)] = RemotePartition(client, "q", 0, 3)
+        proxy.add([b"\x00\x00m"] * 40, list(range(40)), bytes([1] * 40))
+        assert len(proxy.take(30)) == 30
+        client.tick(1.0)  # 30 messages/s: a prefetch of 0.6, so the minimum
+        assert client.credit_for("q") == 30 + routing.PREFETCH_MIN
+        proxy.ack(range(30))
+        assert client.credit_for("q") == routing.PREFETCH_MIN
+        offset = 100
+        for _ in range(10):  # a fast consumer: 2,000 messages per tick of 0.1 s, 20,000/s
+            proxy.add([b"\x00\x00m"] * 2000, list(range(offset, offset + 2000)), bytes([1] * 2000))
+            offset += 2000
+            proxy.ack([m.offset for m in proxy.take(2000)])
+            client.tick(0.1)
+        # About 20 ms of its rate: 400 (the rate is smoothed: it is still rising).
+        assert 300 < client.credit_for("q") <= 400, "a fast consumer's node covers the round trip"
+        assert client.credit_for("q") <= routing.MAX_CREDIT
+        await client.close()
 
     run(body())
