@@ -78,6 +78,31 @@ def _int_parser(low: int, high: int, power_of_two: bool = False) -> Callable[[An
     return parse
 
 
+#: Units a size may be written with (binary multiples only: "MB" would leave 10**6 or 2**20 to guess).
+SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+SIZE_PATTERN = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*")
+
+
+def _size_parser(low: int, high: int) -> Callable[[Any], int]:
+    """A number of bytes: a whole number, or one with a unit (``8MiB``, ``256 MiB``, ``1GiB``; any case)."""
+    def parse(value: Any) -> int:
+        number = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and (match := SIZE_PATTERN.fullmatch(value)):
+            unit = SIZE_UNITS.get(match[2].lower())
+            if unit is None:
+                raise ValueError(f"expected a number of bytes, optionally with a unit (KiB, MiB, GiB, TiB), "
+                                 f"got {value!r}")
+            number = int(match[1]) * unit
+        if number is None or not low <= number <= high:
+            raise ValueError(f"expected a number of bytes from {low} to {high} (KiB, MiB, GiB, TiB allowed), "
+                             f"got {value!r}")
+        return number
+
+    return parse
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """A parser for a setting whose absence (None, or an empty string) means "not set"."""
     def parse_optional(value: Any) -> Any:
@@ -139,6 +164,11 @@ OPTIONS: tuple[Option, ...] = (
            "with --sync async, the longest a message waits before its commit starts"),
     Option("ring_capacity", "--ring-capacity", 16384, _int_parser(2, 1 << 24, power_of_two=True), "N",
            "ready messages each partition keeps in memory (a power of two); the rest wait on disk"),
+    Option("ring_bytes", "--ring-bytes", "8MiB", _size_parser(1, 1 << 40), "BYTES",
+           "most bytes of ready messages each partition keeps in memory (a number, or with KiB, MiB, GiB); "
+           "the rest wait on disk"),
+    Option("memory_budget", "--memory-budget", "256MiB", _size_parser(1, 1 << 50), "BYTES",
+           "most bytes of ready messages all partitions of the node keep in memory together; the rest wait on disk"),
     Option("consumer_window", "--consumer-window", 128, _int_parser(1, 65535), "N",
            "most unacknowledged $queue/ messages a consumer holds"),
     Option("connect_timeout", "--connect-timeout", 10, _int_parser(1, 3600), "SECONDS",
@@ -181,6 +211,8 @@ class Config:
     batch_size: int = 500
     flush_interval_ms: int = 10
     ring_capacity: int = 16384
+    ring_bytes: int = 8 << 20
+    memory_budget: int = 256 << 20
     consumer_window: int = 128
     connect_timeout: int = 10
     max_packet_size: int = 1 << 20

@@ -38,7 +38,8 @@ class Node:
         with DataDir.open(config.data_dir) as data_dir:
             store = open_lmdb_store(data_dir.path, sync=config.sync, batch_size=config.batch_size,
                                     flush_interval=config.flush_interval_ms / 1000,
-                                    ring_capacity=config.ring_capacity)
+                                    ring_capacity=config.ring_capacity, ring_bytes=config.ring_bytes,
+                                    memory_budget=config.memory_budget)
             log.info("partition log: %d partition(s), %d message(s) recovered in %.0f ms (sync: %s)",
                      len(store.known_partitions()), store.recovered_messages, store.recovery_seconds * 1000,
                      config.sync)

@@ -56,6 +56,54 @@ def test_bad_storage_settings(args: list[str], message: str) -> None:
         load_config(args)
 
 
+def test_memory_budget_settings(tmp_path: Path) -> None:
+    assert (Config().ring_bytes, Config().memory_budget) == (8 << 20, 256 << 20)
+    assert (load_config([]).ring_bytes, load_config([]).memory_budget) == (8 << 20, 256 << 20)
+    path = tmp_path / "shoal.yaml"
+    path.write_text("ring_bytes: 1048576\nmemory_budget: 2GiB\n")
+    config = load_config(["--config", str(path)])
+    assert (config.ring_bytes, config.memory_budget) == (1 << 20, 2 << 30)
+    config = load_config(["--config", str(path), "--ring-bytes", "512KiB", "--memory-budget", "64 MiB"])
+    assert (config.ring_bytes, config.memory_budget) == (512 << 10, 64 << 20), "flags override the file"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1", 1), ("4096", 4096), ("  8388608 ", 8 << 20), ("100B", 100), ("4KiB", 4 << 10), ("8MiB", 8 << 20),
+    ("8 MiB", 8 << 20), ("8mib", 8 << 20), ("3GiB", 3 << 30), ("1TiB", 1 << 40),
+])
+def test_sizes_are_bytes_with_an_optional_binary_unit(text: str, expected: int) -> None:
+    assert load_config(["--ring-bytes", text]).ring_bytes == expected
+    assert load_config(["--memory-budget", text]).memory_budget == expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ring-bytes", "0"], "--ring-bytes: expected a number of bytes from 1 to"),
+    (["--ring-bytes", "-5"], "--ring-bytes: expected a number of bytes"),
+    (["--ring-bytes", "8MB"], r"--ring-bytes: expected a number of bytes, optionally with a unit \(KiB, MiB"),
+    (["--ring-bytes", "8M"], "--ring-bytes: expected a number of bytes, optionally with a unit"),
+    (["--ring-bytes", "1.5MiB"], "--ring-bytes: expected a number of bytes"),
+    (["--ring-bytes", "MiB"], "--ring-bytes: expected a number of bytes"),
+    (["--ring-bytes", "2TiB"], "--ring-bytes: expected a number of bytes from 1 to 1099511627776"),
+    (["--memory-budget", "lots"], "--memory-budget: expected a number of bytes"),
+    (["--memory-budget", ""], "--memory-budget: expected a number of bytes"),
+])
+def test_bad_sizes_name_the_flag(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(args)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ring_bytes: 8.5\n", "ring_bytes: expected a number of bytes"),
+    ("ring_bytes: true\n", "ring_bytes: expected a number of bytes"),
+    ("memory_budget: [1]\n", "memory_budget: expected a number of bytes"),
+])
+def test_bad_sizes_in_a_file_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "shoal.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"config file {path}: {message}"):
+        load_config(["--config", str(path)])
+
+
 def test_empty_file_means_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing set\n")

@@ -2,6 +2,7 @@
 
 import collections
 import copy
+import gc
 import os
 import pickle
 import random
@@ -19,6 +20,8 @@ IMPLEMENTATIONS = [pytest.param(native.ring, id="native"), pytest.param(ring_py,
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 T0 = 1_763_800_000_000  # an enqueued_at, in milliseconds since the epoch
+#: For tests of what only the compiled version does (its arrays), skipped when the suite runs on the twins.
+compiled_only = pytest.mark.skipif(native.PURE_PYTHON, reason="suite asked to run against the pure-Python twins")
 
 
 def drain(ring) -> list[tuple[int, bytes, int, int]]:
@@ -76,7 +79,7 @@ def test_capacity_must_be_a_power_of_two_of_at_least_two(impl) -> None:
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_capacity_and_free_are_read_only(impl) -> None:
     ring = impl.RingBuffer(4)
-    for name in ("capacity", "free", "head_offset", "head_enqueued_at", "head_deliveries"):
+    for name in ("capacity", "free", "nbytes", "head_offset", "head_enqueued_at", "head_deliveries"):
         with pytest.raises(AttributeError):
             setattr(ring, name, 2)
     assert ring.capacity == 4 and ring.free == 4
@@ -186,6 +189,192 @@ def test_push_many_takes_tuples_and_other_iterables(impl) -> None:
     ring.push_many(2, (p for p in [b"c", b"d"]), T0)
     ring.push_many(first_offset=4, payloads=[b"e"], enqueued_at=T0)
     assert [r[:2] for r in drain(ring)] == [(0, b"a"), (1, b"b"), (2, b"c"), (3, b"d"), (4, b"e")]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_nbytes_is_the_sum_of_the_payload_lengths_held(impl) -> None:
+    ring = impl.RingBuffer(8)
+    assert ring.nbytes == 0
+    ring.push(0, b"abc", T0)
+    ring.push_front(1, b"", T0, 1)
+    ring.push_many(2, [b"de", b"fghij"], T0)
+    assert ring.nbytes == 10
+    assert ring.push_upto(4, [b"1234", b"56789"], T0, 4) == 1
+    assert ring.nbytes == 14
+    for refused in (lambda: ring.push_many(5, [b"x"] * 4, T0), lambda: ring.push_many(5, [b"x", "y"], T0),
+                    lambda: ring.push(5, bytearray(b"x"), T0), lambda: ring.push_upto(5, [b"x", 1], T0, 9)):
+        with pytest.raises((RingFull, TypeError)):
+            refused()
+        assert ring.nbytes == 14
+    ring.push_many(5, [b"k", b"lm", b"nop"], T0)  # full now
+    with pytest.raises(RingFull):
+        ring.push(8, b"q", T0)
+    assert ring.nbytes == 20
+    assert ring.pop() == b""  # the record pushed at the front
+    assert ring.nbytes == 20
+    assert ring.pop_record()[3] == b"abc"
+    assert ring.nbytes == 17
+    _, payloads, _, _ = ring.pop_many(2)
+    assert payloads == [b"de", b"fghij"] and ring.nbytes == 10
+    ring.push_many(8, [b"r" * 100, b"s" * 1000], T0)  # wraps around the end of the arrays
+    assert ring.nbytes == 1110
+    ring.clear()
+    assert ring.nbytes == 0
+    ring.push(9, b"t" * 70000, T0)
+    assert ring.nbytes == 70000
+    ring.pop_many(5)
+    assert ring.nbytes == 0
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_push_upto_pushes_the_prefix_that_fits(impl) -> None:
+    ring = impl.RingBuffer(8)
+    batch = [b"a" * 10, b"b" * 20, b"c" * 30, b"d"]
+    assert ring.push_upto(0, batch, T0, 29) == 1, "the second would make 30 bytes"
+    assert ring.push_upto(1, batch[1:], T0 + 1, 50) == 2, "exactly 50"
+    assert ring.push_upto(3, batch[3:], T0 + 2, 0) == 0
+    assert ring.push_upto(3, batch[3:], T0 + 2, -5) == 0, "a negative budget counts as zero"
+    assert ring.push_upto(3, [b"", b"", b"x"], T0 + 2, 0) == 2, "empty payloads cost nothing ..."
+    assert ring.push_upto(5, [b"", b""], T0 + 2, 9, record_bytes=5) == 1, "... unless records have a cost"
+    assert ring.push_upto(6, [b"", b"x"], T0 + 2, -(1 << 70)) == 1, "even below zero"
+    assert ring.push_upto(7, [b"y"] * 5, T0 + 3, 1 << 70) == 1, "no more than the free entries"
+    assert ring.free == 0
+    assert ring.push_upto(8, [b"z"], T0, 100) == 0, "a full buffer takes none, without RingFull"
+    assert ring.push_upto(8, [], T0, 0) == 0
+    records = drain(ring)
+    assert [r[0] for r in records] == list(range(8))
+    assert [r[1] for r in records] == [b"a" * 10, b"b" * 20, b"c" * 30, b"", b"", b"", b"", b"y"]
+    assert [r[2] for r in records] == [T0, T0 + 1, T0 + 1, T0 + 2, T0 + 2, T0 + 2, T0 + 2, T0 + 3]
+    assert [r[3] for r in records] == [0] * 8
+    assert ring.push_upto(first_offset=0, payloads=(p for p in [b"ab", b"cd"]), enqueued_at=T0, max_bytes=4,
+                          record_bytes=0) == 2
+    with pytest.raises(ValueError, match="record_bytes must be >= 0"):
+        ring.push_upto(0, [b"a"], T0, 10, -1)
+    with pytest.raises(TypeError):
+        ring.push_upto(0, [b"a"], T0, 1.5)
+    with pytest.raises(TypeError, match=r"payloads\[1\] must be bytes"):
+        ring.push_upto(0, [b"a", "b"], T0, 0)  # every payload is checked, even those that would not fit
+    assert len(ring) == 2 and ring.nbytes == 4
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_pool_totals_what_its_rings_hold(impl) -> None:
+    pool = impl.RingPool(record_bytes=10)
+    assert (pool.nbytes, pool.count, pool.cost, pool.peak, pool.record_bytes) == (0, 0, 0, 0, 10)
+    a, b = impl.RingBuffer(8, pool), impl.RingBuffer(capacity=4, pool=pool)
+    alone = impl.RingBuffer(4)
+    assert a.pool is pool and b.pool is pool and alone.pool is None
+    a.push(0, b"abc", T0)
+    a.push_front(1, b"de", T0, 1)
+    b.push_many(0, [b"x" * 100, b""], T0)
+    assert b.push_upto(2, [b"y" * 5, b"z" * 50], T0, 30) == 1
+    alone.push(0, b"not counted", T0)
+    assert (pool.nbytes, pool.count) == (110, 5) and pool.cost == 110 + 5 * 10 == pool.peak
+    with pytest.raises(RingFull):
+        b.push_many(3, [b"1", b"2"], T0)
+    with pytest.raises(TypeError):
+        a.push_many(2, [b"ok", 3], T0)
+    assert (pool.nbytes, pool.count) == (110, 5), "refused pushes count nothing"
+    assert a.pop() == b"de" and a.pop_record()[3] == b"abc"
+    assert (pool.nbytes, pool.count, pool.peak) == (105, 3, 160), "the peak stays"
+    b.pop_many(2)
+    assert (pool.nbytes, pool.count) == (5, 1)
+    pool.reset_peak()
+    assert pool.peak == pool.cost == 15
+    a.push_many(2, [b"q" * 7] * 3, T0)
+    b.clear()
+    assert (pool.nbytes, pool.count, pool.peak) == (21, 3, 21 + 30 + 15)
+    del a  # a buffer freed takes what it held out of its pool
+    gc.collect()
+    assert (pool.nbytes, pool.count, pool.cost) == (0, 0, 0)
+    assert repr(pool) == "RingPool(record_bytes=10, count=0, nbytes=0)"
+    for name in ("nbytes", "count", "cost", "peak", "record_bytes"):
+        with pytest.raises(AttributeError):
+            setattr(pool, name, 1)
+    with pytest.raises(AttributeError):
+        alone.pool = pool
+    with pytest.raises(TypeError):
+        pickle.dumps(pool)
+    with pytest.raises(TypeError):
+        copy.copy(pool)
+    assert impl.RingPool().record_bytes == 0 and impl.MAX_RECORD_BYTES == 1 << 30
+    for bad in (-1, (1 << 30) + 1, 1 << 70):
+        with pytest.raises(ValueError, match="record_bytes must be in"):
+            impl.RingPool(bad)
+    for bad in (1.5, "1", None):
+        with pytest.raises(TypeError):
+            impl.RingPool(bad)
+    with pytest.raises(TypeError, match="pool"):
+        impl.RingBuffer(4, pool=5)
+    other = ring_py if impl is native.ring else native.ring
+    if other is not impl:  # (the same module when the suite runs on the twins)
+        with pytest.raises(TypeError, match="pool"):
+            impl.RingBuffer(4, pool=other.RingPool())
+
+
+@compiled_only
+def test_compiled_ring_allocates_its_arrays_lazily_and_frees_them_when_drained() -> None:
+    ring = native.ring.RingBuffer(16384)
+    empty = sys.getsizeof(ring)
+    slot = 8 + 8 + 2 + 8  # offset, enqueued_at, deliveries, payload pointer
+    assert empty < 200, "no arrays before the first push"
+    ring.push(0, b"a", T0)
+    assert sys.getsizeof(ring) == empty + 16 * slot
+    ring.push_many(1, [b"b"] * 16, T0)
+    assert sys.getsizeof(ring) == empty + 32 * slot, "doubled"
+    ring.pop_many(17)
+    assert sys.getsizeof(ring) == empty + 32 * slot, "small arrays are kept when the buffer drains"
+    ring.push_many(0, [b"c"] * 1000, T0)
+    assert sys.getsizeof(ring) == empty + 1024 * slot
+    ring.pop_many(999)
+    assert sys.getsizeof(ring) == empty + 1024 * slot
+    ring.pop_record()
+    assert sys.getsizeof(ring) == empty, "large arrays are freed when the buffer drains"
+    ring.push_front(5, b"d", T0, 1)
+    ring.push_many(6, [b"e"] * 100, T0)
+    ring.pop()
+    assert sys.getsizeof(ring) == empty + 128 * slot
+    ring.clear()
+    assert sys.getsizeof(ring) == empty
+    small = native.ring.RingBuffer(4)
+    small.push_many(0, [b"a"] * 4, T0)
+    assert sys.getsizeof(small) == empty + 4 * slot, "never more slots than the capacity"
+
+
+@compiled_only
+def test_compiled_ring_grows_across_the_end_of_its_arrays() -> None:
+    ring = native.ring.RingBuffer(1024)
+    model: collections.deque[tuple[int, bytes, int, int]] = collections.deque()
+    offset = 0
+    for step in range(60):
+        # Pop from the head (it moves into the arrays), push at the front and the tail (the tail wraps around the
+        # end of the arrays), then push a batch that does not fit the arrays: they grow with the records wrapped.
+        for _ in range(min(len(model), 3 + step % 5)):
+            assert ring.pop() is model.popleft()[1], step
+        if step % 3 == 0:
+            ring.push_front(-step, bytes([step]), T0 - step, step)
+            model.appendleft((-step, bytes([step]), T0 - step, step))
+        batch = [os.urandom(step % 9) for _ in range(min(len(model) + 5, ring.free))]
+        ring.push_many(offset, batch, T0 + step)
+        model.extend((offset + i, p, T0 + step, 0) for i, p in enumerate(batch))
+        offset += len(batch)
+        assert (len(ring), ring.nbytes) == (len(model), sum(len(r[1]) for r in model)), step
+    assert sys.getsizeof(ring) > sys.getsizeof(native.ring.RingBuffer(1024)) + 512 * 26
+    assert drain(ring) == list(model)
+
+
+@compiled_only
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_empty_compiled_rings_cost_no_resident_memory() -> None:
+    def rss_anon_kib() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+
+    before = rss_anon_kib()
+    rings = [native.ring.RingBuffer(16384) for _ in range(2000)]
+    grown = rss_anon_kib() - before
+    # Arrays for 16,384 slots would be 416 KiB a ring (their calloc'd part touched: ~140 KiB resident each).
+    assert grown < 2000 * 2, f"{grown} KiB for {len(rings)} empty rings"
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -470,9 +659,23 @@ def test_payload_references_are_taken_and_dropped(impl) -> None:
         assert held() == 8
         ring.pop_many(8)
         assert held() == 0
+    assert ring.push_upto(0, [payload] * 9, T0, 1 << 20) == 8
+    assert held() == 8
+    assert ring.push_upto(8, [payload], T0, 1 << 20) == 0
+    assert held() == 8
+    ring.clear()
     ring.push_many(0, [payload] * 5, T0)
     assert held() == 5
     del ring  # deallocating drops what is still held
+    assert held() == 0
+    big = impl.RingBuffer(1024)  # growing the arrays moves the references, it does not copy them
+    for i in range(300):
+        big.push(i, payload, T0)
+        if i % 7 == 0:
+            big.pop()
+    count = held()
+    assert count == len(big)
+    big.pop_many(1024)  # drained: its arrays are freed
     assert held() == 0
 
 
@@ -499,7 +702,7 @@ def test_compiled_ring_does_not_leak_payloads_over_many_operations() -> None:
 
 def test_implementations_raise_the_same_exceptions_for_the_same_input() -> None:
     def outcome(impl, call):
-        ring = impl.RingBuffer(4)
+        ring = impl.RingBuffer(4, impl.RingPool())
         ring.push_many(0, [b"a", b"b", b"c"], T0)
         try:
             call(ring)
@@ -522,11 +725,22 @@ def test_implementations_raise_the_same_exceptions_for_the_same_input() -> None:
         "push_many bad item": lambda r: r.push_many(3, [b"d", 1], T0),
         "push_many not iterable": lambda r: r.push_many(3, 7, T0),
         "push_many offset overflow": lambda r: r.push_many(INT64_MAX, [b"d", b"e"], T0),
+        "push_upto bad item": lambda r: r.push_upto(3, [b"d", 1], T0, 0),
+        "push_upto not iterable": lambda r: r.push_upto(3, 7, T0, 0),
+        "push_upto offset overflow": lambda r: r.push_upto(INT64_MAX, [b"d", b"e"], T0, 0),
+        "push_upto max_bytes float": lambda r: r.push_upto(3, [b"d"], T0, 1.5),
+        "push_upto max_bytes None": lambda r: r.push_upto(3, [b"d"], T0, None),
+        "push_upto record_bytes -1": lambda r: r.push_upto(3, [b"d"], T0, 9, -1),
+        "push_upto record_bytes str": lambda r: r.push_upto(3, [b"d"], T0, 9, "1"),
         "pop_many -1": lambda r: r.pop_many(-1),
         "pop_many str": lambda r: r.pop_many("1"),
         "capacity 3": lambda r: type(r)(3),
         "capacity 2**64": lambda r: type(r)(1 << 64),
         "pop on empty": lambda r: (r.clear(), r.pop()),
+        "pool record_bytes -1": lambda r: type(r.pool)(-1),
+        "pool record_bytes 2**31": lambda r: type(r.pool)(1 << 31),
+        "pool record_bytes float": lambda r: type(r.pool)(1.5),
+        "pool of the wrong type": lambda r: type(r)(4, pool=5),
         "peek on empty": lambda r: (r.clear(), r.peek()),
         "head_offset on empty": lambda r: (r.clear(), r.head_offset),
     }
@@ -537,11 +751,13 @@ def test_implementations_raise_the_same_exceptions_for_the_same_input() -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
 def test_random_operations_match_a_deque_model(impl, seed: int) -> None:
     rng = random.Random(seed)
-    capacity = rng.choice([2, 4, 8, 16])
-    ring = impl.RingBuffer(capacity)
+    # Small capacities wrap around often; 128 and 256 also grow (and free) the compiled version's arrays.
+    capacity = [2, 4, 8, 16, 128, 256][seed - 1]
+    pool = impl.RingPool(record_bytes=seed)
+    ring = impl.RingBuffer(capacity, pool)
     model: collections.deque[tuple[int, bytes, int, int]] = collections.deque()
     payloads = [os.urandom(rng.randrange(0, 20)) for _ in range(50)]
     interesting = [0, 1, -1, INT64_MIN, INT64_MAX, T0]
@@ -567,6 +783,18 @@ def test_random_operations_match_a_deque_model(impl, seed: int) -> None:
             else:
                 ring.push_front(*record)
                 model.appendleft(record)
+        elif op < 0.40:
+            batch = [rng.choice(payloads) for _ in range(rng.randrange(0, capacity + 2))]
+            first, enqueued_at, max_bytes = rng.randrange(-(1 << 40), 1 << 40), random_int64(), rng.randrange(-5, 200)
+            record_bytes = rng.choice([0, 0, 1, 7])
+            fit, budget = 0, max(max_bytes, 0)
+            for payload in batch[:capacity - len(model)]:
+                if len(payload) + record_bytes > budget:
+                    break
+                budget -= len(payload) + record_bytes
+                fit += 1
+            assert ring.push_upto(first, batch, enqueued_at, max_bytes, record_bytes) == fit, step
+            model.extend((first + i, p, enqueued_at, 0) for i, p in enumerate(batch[:fit]))
         elif op < 0.45:
             batch = [rng.choice(payloads) for _ in range(rng.randrange(0, capacity + 2))]
             first, enqueued_at = rng.randrange(-(1 << 40), 1 << 40), random_int64()
@@ -608,4 +836,6 @@ def test_random_operations_match_a_deque_model(impl, seed: int) -> None:
             ring.clear()
             model.clear()
         assert (len(ring), ring.free, bool(ring)) == (len(model), capacity - len(model), bool(model)), step
+        assert ring.nbytes == sum(len(r[1]) for r in model) == pool.nbytes, step
+        assert pool.count == len(model) and pool.cost == pool.nbytes + seed * len(model) <= pool.peak, step
     assert drain(ring) == list(model)

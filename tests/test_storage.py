@@ -11,6 +11,7 @@ import pytest
 
 from shoalmq.errors import PayloadTooLarge, QueueFull, StorageError, StorageFull
 from shoalmq.queue.storage import Limits, LmdbBackend, MemoryBackend, Store, keys
+from shoalmq.queue.storage.log import RECORD_OVERHEAD
 
 OpenStore = Callable[..., Store]
 
@@ -59,6 +60,20 @@ def test_corrupt_segment_is_detected() -> None:
     value = keys.pack_segment([b"abc", b"de"])
     with pytest.raises(ValueError, match="corrupt segment"):
         keys.unpack_segment(value[:-1])
+    for bad in (value[:-1], value + b"x", value[:3], b"\xff\xff\xff\xff"):
+        with pytest.raises(ValueError, match="corrupt segment"):
+            keys.segment_lengths(memoryview(bad))
+
+
+def test_segment_lengths_locate_each_payload_without_unpacking() -> None:
+    data = [b"", b"a", b"\x00" * 70000, b"xyz"]
+    value = keys.pack_segment(data)
+    for view in (value, memoryview(value)):
+        lengths = keys.segment_lengths(view)
+        assert lengths == (0, 1, 70000, 3)
+        for i, payload in enumerate(data):
+            start = keys.segment_payload_start(lengths, i)
+            assert bytes(view[start:start + lengths[i]]) == payload
 
 
 # -- enqueue, take, ack ----------------------------------------------------------------------------------------
@@ -245,6 +260,215 @@ def test_ring_spills_to_disk_and_refills_in_order(open_store: OpenStore) -> None
     run(body())
 
 
+# -- memory: byte budgets of the rings ---------------------------------------------------------------------------
+
+def cost(payload: bytes) -> int:
+    """What a message in a ring counts for against the byte budgets."""
+    return len(payload) + RECORD_OVERHEAD
+
+
+def charged(store: Store) -> int:
+    """What the store's rings hold, counted against its memory budget (checked against the rings themselves)."""
+    parts = list(store._partitions.values())
+    assert store.pool.cost == sum(p.ring_cost for p in parts) == sum(
+        p.ring.nbytes + RECORD_OVERHEAD * len(p.ring) for p in parts)
+    return store.pool.cost
+
+
+def test_messages_beyond_the_ring_bytes_wait_on_disk_and_come_back_in_order(open_store: OpenStore) -> None:
+    async def body() -> None:
+        data = [bytes([i]) * 1000 for i in range(60)]
+        budget = 10 * cost(data[0])
+        store = open_store(ring_bytes=budget, batch_size=25)  # segments of 25: refills start mid-segment
+        part = store.partition("q", 0)
+        for payload in data:
+            part.enqueue(payload)
+        await store.flush()
+        assert len(part.ring) == 10 and part.ring_cost == budget == charged(store)
+        assert part.ready == 60, "ready counts the messages on disk"
+        got = []
+        while batch := part.take(3):
+            got += batch
+            assert len(part.ring) <= 10 and part.ring_cost <= budget and charged(store) <= budget
+            part.ack(m.offset for m in batch)
+            assert len(got) <= 60
+        assert [m.offset for m in got] == list(range(60))
+        assert [m.payload for m in got] == data
+        assert part.ready == 0 and part.depth == 0 and charged(store) == 0
+        # New messages go straight to the ring again once nothing waits on disk.
+        part.enqueue(b"fresh")
+        await store.flush()
+        assert len(part.ring) == 1 and [m.payload for m in part.take(5)] == [b"fresh"]
+        await store.close()
+
+    run(body())
+
+
+def test_refill_respects_the_budget_and_reloads_as_the_ring_drains(open_store: OpenStore) -> None:
+    async def body() -> None:
+        data = [f"{i:04d}".encode() * 250 for i in range(40)]  # 1000 bytes each
+        store = open_store(ring_bytes=8 * cost(data[0]), batch_size=500)
+        part = store.partition("q", 0)
+        for payload in data:
+            part.enqueue(payload)
+        await store.flush()
+        assert [len(part.ring), part._loaded_upto] == [8, 8]
+        first = part.take(8)  # what the ring holds: no disk read needed
+        assert [m.offset for m in first] == list(range(8)) and len(part.ring) == 0
+        again = part.take(1)  # reads the next messages back: the one taken, and more within the budget
+        assert [m.offset for m in again] == [8] and len(part.ring) == 7 and part._loaded_upto == 16
+        part.nack([0, 1])  # handed back: delivered first, they do not enter the ring
+        rest = []
+        while batch := part.take(5):
+            rest += [m.offset for m in batch]
+            part.ack(m.offset for m in batch)
+        assert rest == [0, 1] + list(range(9, 40))
+        await store.close()
+
+    run(body())
+
+
+def test_the_node_budget_is_shared_by_every_partition_and_nothing_is_stranded(open_store: OpenStore) -> None:
+    async def body() -> None:
+        data = {i: [f"p{i}-{n}".encode().ljust(2000, b".") for n in range(30)] for i in range(4)}
+        one = cost(data[0][0])
+        # Each partition's own budget would hold 25 messages; the node's holds 40 in all.
+        store = open_store(ring_bytes=25 * one, memory_budget=40 * one, batch_size=7)
+        parts = [store.partition("q", i) for i in range(4)]
+        for i, part in enumerate(parts):
+            for payload in data[i]:
+                part.enqueue(payload)
+        await store.flush()
+        # The commit fills the rings in turn (in no particular order) until the node's budget is spent.
+        by_ring = sorted(range(4), key=lambda i: -len(parts[i].ring))
+        assert [len(parts[i].ring) for i in by_ring] == [25, 15, 0, 0]
+        full, _partial, empty, other = by_ring
+        assert charged(store) == 40 * one
+        assert [p.ready for p in parts] == [30] * 4, "messages on disk are ready all the same"
+        # A partition whose ring got nothing still delivers: take reads back what it hands out.
+        got: dict[int, list] = {i: [] for i in range(4)}
+        got[empty] += parts[empty].take(4)
+        assert [m.payload for m in got[empty]] == data[empty][:4] and len(parts[empty].ring) == 0
+        assert charged(store) == 40 * one, "the budget was full: nothing more was loaded"
+        # Draining a partition frees budget; the next take of another partition loads into its ring.
+        while batch := parts[full].take(10):
+            got[full] += batch
+            parts[full].ack(m.offset for m in batch)
+        assert charged(store) == 15 * one
+        got[other] += parts[other].take(1)  # loads its budget's worth, 25 (the one taken among them)
+        assert len(parts[other].ring) == 24 and charged(store) == 39 * one
+        # Everything comes out, each partition in order, the budget holding throughout.
+        while any(p.ready for p in parts):
+            for i, part in enumerate(parts):
+                batch = part.take(3)
+                got[i] += batch
+                part.ack(m.offset for m in batch)
+                assert charged(store) <= 40 * one
+        for i in range(4):
+            assert [m.payload for m in got[i]] == data[i], i
+            assert [m.offset for m in got[i]] == list(range(30)), i
+        for i, part in enumerate(parts):
+            part.ack(m.offset for m in got[i])
+        assert charged(store) == 0 and all(p.depth == 0 for p in parts)
+        await store.close()
+
+    run(body())
+
+
+def test_a_message_larger_than_the_budgets_is_still_delivered(open_store: OpenStore) -> None:
+    async def body() -> None:
+        big = [bytes([i]) * 50_000 for i in range(3)]
+        store = open_store(ring_bytes=1000, memory_budget=200_000)
+        part = store.partition("q", 0)
+        for payload in big:
+            part.enqueue(payload)
+        await store.flush()
+        assert len(part.ring) == 1, "an empty ring takes one message larger than the partition's budget"
+        for i in range(3):
+            [message] = part.take(1)  # the one in the ring; then one read back (into the emptied ring) each time
+            assert message.payload == big[i]
+            part.ack([message.offset])
+            assert len(part.ring) <= 1
+        await store.close()
+        # Not even the node's budget holds one: nothing stays in memory, and take still reads each back.
+        store = open_store(ring_bytes=1000, memory_budget=1000)
+        part = store.partition("q", 1)
+        for payload in big:
+            part.enqueue(payload)
+        await store.flush()
+        assert len(part.ring) == 0 and part.ready == 3
+        assert [m.payload for m in part.take(2)] == big[:2] and len(part.ring) == 0
+        assert [m.payload for m in part.take(2)] == big[2:]
+        assert charged(store) == 0
+        await store.close()
+
+    run(body())
+
+
+def test_recovery_loads_within_the_budgets(open_store: OpenStore) -> None:
+    async def body() -> None:
+        data = [f"{i:03d}".encode() * 100 for i in range(50)]  # 300 bytes each
+        one = cost(data[0])
+        store = open_store(batch_size=9)
+        parts = [store.partition("q", i) for i in range(3)]
+        for part in parts:
+            for payload in data:
+                part.enqueue(payload)
+        await store.flush()
+        taken = parts[0].take(5)
+        parts[0].ack(m.offset for m in taken[::2])  # 0, 2, 4 acked; 1, 3 back to ready after the restart
+        await store.close()
+        store = open_store(ring_bytes=20 * one, memory_budget=30 * one)
+        parts = [store.partition("q", i) for i in range(3)]  # opened in turn: each loads what the budgets allow
+        assert [len(p.ring) for p in parts] == [20, 10, 0] and charged(store) == 30 * one
+        for i, part in enumerate(parts):
+            got = []
+            while batch := part.take(7):
+                got += batch
+                part.ack(m.offset for m in batch)
+                assert charged(store) <= 30 * one
+            expected = [1, 3] + list(range(5, 50)) if i == 0 else list(range(50))
+            assert [m.offset for m in got] == expected, i
+            assert [m.payload for m in got] == [data[o] for o in expected], i
+        await store.close()
+
+    run(body())
+
+
+def test_freed_memory_is_given_back_once_the_rings_drained(open_store: OpenStore,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from shoalmq.queue.storage import log as storage_log
+
+    monkeypatch.setattr(storage_log, "TRIM_AFTER_FREED", 50 * cost(b"x" * 1000))
+    monkeypatch.setattr(storage_log, "TRIM_DELAY", 0.01)
+
+    async def body() -> None:
+        store = open_store()
+        part = store.partition("q", 0)
+        for _ in range(40):
+            part.enqueue(b"x" * 1000)
+        await store.flush()
+        part.ack(m.offset for m in part.take(40))
+        await store.flush()
+        await asyncio.sleep(0.05)
+        assert store.trims == 0, "40 messages drained: less than TRIM_AFTER_FREED"
+        for _ in range(100):
+            part.enqueue(b"x" * 1000)
+        await store.flush()
+        taken = part.take(60)
+        part.ack(m.offset for m in taken)
+        await store.flush()
+        await asyncio.sleep(0.05)
+        assert store.trims == 0, "more than a quarter of the peak is left"
+        part.ack(m.offset for m in part.take(40))
+        await store.flush()
+        await asyncio.sleep(0.05)
+        assert store.trims == 1 and store.pool.peak == 0
+        await store.close()
+
+    run(body())
+
+
 # -- limits ---------------------------------------------------------------------------------------------------
 
 def test_max_depth_rejects_until_acked(open_store: OpenStore) -> None:
@@ -367,6 +591,10 @@ def test_bad_store_options() -> None:
             Store(MemoryBackend(), sync="sometimes")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="batch_size"):
             Store(MemoryBackend(), batch_size=0)
+        with pytest.raises(ValueError, match="ring_bytes and memory_budget must be at least 1 byte"):
+            Store(MemoryBackend(), ring_bytes=0)
+        with pytest.raises(ValueError, match="ring_bytes and memory_budget must be at least 1 byte"):
+            Store(MemoryBackend(), memory_budget=0)
 
     run(body())
 

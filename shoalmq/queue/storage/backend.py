@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +37,10 @@ class Backend(Protocol):
 
     def get(self, db: str, key: bytes) -> bytes | None: ...
 
+    def view(self, db: str, key: bytes) -> AbstractContextManager[bytes | memoryview | None]:
+        """``with backend.view(db, key) as value``: the value (None if absent), valid only inside the block; LMDB
+        gives a view of its map, so reading a part of a large value copies only that part."""
+
     def scan(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         """The (key, value) pairs whose key starts with ``prefix``, in key order (a snapshot)."""
 
@@ -58,6 +63,9 @@ class MemoryBackend:
 
     def get(self, db: str, key: bytes) -> bytes | None:
         return self.dbs[db].get(key)
+
+    def view(self, db: str, key: bytes) -> AbstractContextManager[bytes | None]:
+        return nullcontext(self.dbs[db].get(key))
 
     def scan(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         items = sorted((k, v) for k, v in self.dbs[db].items() if k.startswith(prefix))
@@ -131,6 +139,12 @@ class LmdbBackend:
     def get(self, db: str, key: bytes) -> bytes | None:
         with self.env.begin(db=self.dbs[db], buffers=False) as txn:
             return txn.get(key)
+
+    @contextmanager
+    def view(self, db: str, key: bytes) -> Iterator[memoryview | None]:
+        # A read transaction for the block: the memoryview points into the map and dies with it.
+        with self.env.begin(db=self.dbs[db], buffers=True) as txn:
+            yield txn.get(key)
 
     def scan(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         with self.env.begin(db=self.dbs[db]) as txn:

@@ -61,6 +61,26 @@ pack_segment = segment.pack
 unpack_segment = segment.unpack
 
 
+def segment_lengths(value: bytes | memoryview) -> tuple[int, ...]:
+    """The payload lengths of a segment value (``bytes``, or a view of one: what the partition log reads back a
+    part of, without copying the rest), checked as ``unpack_segment`` checks them: ValueError if corrupt."""
+    size = len(value)
+    if size < 4:
+        raise ValueError(f"corrupt segment: {size} bytes, too short for a header")
+    count = _U32.unpack_from(value, 0)[0]
+    if 4 + 4 * count > size:
+        raise ValueError(f"corrupt segment: {size} bytes cannot hold {count} lengths")
+    lengths = struct.unpack_from(f">{count}I", value, 4)
+    if 4 + 4 * count + sum(lengths) != size:
+        raise ValueError(f"corrupt segment: {size} bytes, lengths say {4 + 4 * count + sum(lengths)}")
+    return lengths
+
+
+def segment_payload_start(lengths: tuple[int, ...], index: int) -> int:
+    """Where payload ``index`` starts in a segment value whose payload lengths are ``lengths``."""
+    return 4 + 4 * len(lengths) + sum(lengths[:index])
+
+
 def pack_state(enqueued_at: int, state: bytes | bytearray) -> bytes:
     return _STATE_HEADER.pack(enqueued_at, len(state)) + state
 

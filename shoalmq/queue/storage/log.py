@@ -15,7 +15,11 @@ acknowledged in the last interval.
 
 Reading. Committed messages enter the partition's ring buffer (``shoalmq._native.RingBuffer``, the hot head of the
 partition) while it has room and nothing older is waiting on disk; otherwise they stay on disk only and the ring
-is refilled from the segments when it runs low. ``take`` pops ready messages, drops expired ones, counts the
+is refilled from the segments when it runs low. Room is counted in entries (``ring_capacity``) and in bytes: a
+partition's ring holds at most ``ring_bytes`` and all rings of the store together at most ``memory_budget``
+(payload bytes plus ``RECORD_OVERHEAD`` a message). Beyond that, messages wait on disk; ``take`` reads back what
+it hands out whatever the budgets, so a message larger than a budget, or a partition whose siblings hold the whole
+node budget, is still delivered. ``take`` pops ready messages, drops expired ones, counts the
 delivery and holds them in flight until ``ack`` (deleted) or ``nack`` (back to the head of the partition, ahead of
 the ring, delivery count kept). Delivery counts and acks change a per-segment state (a bytearray) in memory,
 written with the next commit.
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import ctypes
+import ctypes.util
 import heapq
 import json
 import logging
@@ -37,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shoalmq._native import RingBuffer
+from shoalmq._native import ring as native_ring  # the implementation RingBuffer comes from (its RingPool)
 from shoalmq.errors import PayloadTooLarge, QueueFull, StorageError
 from shoalmq.queue.storage import keys as K
 from shoalmq.queue.storage.backend import Backend, Delete, Put
@@ -50,6 +57,19 @@ RETRY_INTERVAL = 0.2
 NEVER = 1 << 62
 #: Up to this many messages, ``take`` pops records one by one instead of in a batch.
 SMALL_TAKE = 2
+#: What one message held in a ring costs besides its payload, in bytes, as counted against the byte budgets: the
+#: ``bytes`` object's header (33), the ring's slots for it (26) and allocator rounding.
+RECORD_OVERHEAD = 64
+#: Default byte budgets of the rings (see ``Store``; README.md says why these).
+DEFAULT_RING_BYTES = 8 << 20
+DEFAULT_MEMORY_BUDGET = 256 << 20
+#: Once the rings hold this many bytes less than at their peak (and a quarter of it or less), the store asks the
+#: allocator to give freed memory back to the system (glibc keeps freed blocks for reuse, so a drained backlog would
+#: otherwise stay resident): ``TRIM_DELAY`` seconds after the last commit (the last acks: what consumers took is
+#: freed by then), and at the latest ``TRIM_MAX_WAIT`` seconds after the rings drained.
+TRIM_AFTER_FREED = 16 << 20
+TRIM_DELAY = 1.0
+TRIM_MAX_WAIT = 10.0
 #: Loop turns without new pending writes after which a commit starts (fsync mode). The fast path enqueues a whole
 #: socket read in one turn, but a packet on amqtt's path spans several (a task per packet, a wait_for per header):
 #: with 2 turns, commits there shrank to one message each.
@@ -70,6 +90,28 @@ class Limits:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+_malloc_trim: Callable[[int], int] | None = None
+
+
+def release_freed_memory() -> bool:
+    """Ask the C allocator to return freed memory to the system (glibc's ``malloc_trim``); False where there is
+    no such call (another libc)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = _no_trim
+    if _malloc_trim is _no_trim:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+def _no_trim(pad: int) -> int:
+    return 0
 
 
 class Message:
@@ -117,7 +159,8 @@ class PartitionLog:
         self.index = index
         self.pid = pid
         self.set_limits(limits)
-        self.ring = RingBuffer(store.ring_capacity)
+        # Its records count in the store's pool: the node's budget is the pool's cost, kept by the ring itself.
+        self.ring = RingBuffer(store.ring_capacity, store.pool)
         # Offsets: [.. loaded_upto) are in the ring, in flight or acked; [loaded_upto .. committed_end) wait on
         # disk; [committed_end .. next_offset) are pending in memory or being committed.
         self._next_offset = next_offset
@@ -259,7 +302,7 @@ class PartitionLog:
             out.append(message)
         while len(out) < max_count:
             if len(self.ring) < max_count - len(out) and self._loaded_upto < self._committed_end:
-                self._refill()
+                self._refill(max_count - len(out) - len(self.ring))
             ring = self.ring
             if not ring:
                 break
@@ -365,40 +408,95 @@ class PartitionLog:
         starts = self._segment_starts
         del starts[bisect.bisect_left(starts, segment.first)]
 
-    def _refill(self) -> None:
-        """Load messages waiting on disk into the ring, oldest first, while it has room."""
+    @property
+    def ring_cost(self) -> int:
+        """What the ring counts for against the byte budgets: its payloads plus RECORD_OVERHEAD a message."""
+        return self.ring.nbytes + RECORD_OVERHEAD * len(self.ring)
+
+    def _refill(self, at_least: int = 0) -> None:
+        """Load messages waiting on disk into the ring, oldest first, while it has room: ``at_least`` of them
+        whatever the byte budgets (``take`` hands them out at once), then more while the budgets, counting those
+        too, allow (an empty ring takes one message larger than the partition's budget, within the node's).
+
+        A segment whose rest fits is copied and unpacked whole; of one that does not, only the payloads that fit
+        are read (through a view of the value: a large segment costs what is loaded, not its size)."""
+        store = self.store
+        ring = self.ring
+        pool = store.pool
         starts = self._segment_starts
         i = max(bisect.bisect_right(starts, self._loaded_upto) - 1, 0)
-        backend = self.store.backend
-        while i < len(starts) and self.ring.free and self._loaded_upto < self._committed_end:
+        backend = store.backend
+        acked = K.ACKED
+        overhead = RECORD_OVERHEAD
+        while i < len(starts) and self._loaded_upto < self._committed_end:
             segment = self._segments[starts[i]]
             i += 1
-            if segment.first + segment.count <= self._loaded_upto:
+            first, count = segment.first, segment.count
+            start = self._loaded_upto - first
+            if start >= count:
                 continue
-            value = backend.get(K.SEGMENTS, K.segment_key(self.pid, segment.first))
-            if value is None:
-                raise StorageError(f"segment {segment.first} of {self.queue}/{self.index} missing from the log")
-            payloads = K.unpack_segment(value)
-            state = segment.state
-            for index in range(max(self._loaded_upto - segment.first, 0), segment.count):
-                if not self.ring.free:
-                    return
-                if state[index] != K.ACKED:
-                    self.ring.push(segment.first + index, payloads[index], segment.enqueued_at, state[index])
-                self._loaded_upto = segment.first + index + 1
-        if i >= len(starts) and self.ring.free:
+            start = max(start, 0)  # offsets below the segment belong to failed commits
+            # Room left (the slow loop below keeps it current).
+            free = ring.free
+            part_room = store.ring_bytes - ring.nbytes - overhead * len(ring)
+            node_room = store.memory_budget - pool.cost
+            if not free or at_least <= 0 and (node_room < overhead or part_room < overhead and ring):
+                return  # no room for even an empty message: leave the segment unread
+            state, enqueued_at, push = segment.state, segment.enqueued_at, ring.push
+            with backend.view(K.SEGMENTS, K.segment_key(self.pid, first)) as value:
+                if value is None:
+                    raise StorageError(f"segment {first} of {self.queue}/{self.index} missing from the log")
+                lengths = K.segment_lengths(value)
+                left = count - start
+                rest = sum(lengths[start:])
+                if (left <= free and (left <= at_least or rest + overhead * left <= min(part_room, node_room))
+                        and (start == 0 or rest * 2 >= len(value))):
+                    # The rest of the segment fits and is most of it: unpack it whole, in C.
+                    payloads = K.unpack_segment(bytes(value))
+                    for index in range(start, count):
+                        if state[index] != acked:
+                            push(first + index, payloads[index], enqueued_at, state[index])
+                    at_least -= left
+                else:
+                    # Read the payloads one by one, while they fit.
+                    position = K.segment_payload_start(lengths, start)
+                    for index in range(start, count):
+                        length = lengths[index]
+                        if state[index] != acked:
+                            cost = length + overhead
+                            if not free or at_least <= 0 and (
+                                    cost > node_room or cost > part_room and ring):
+                                self._loaded_upto = first + index
+                                return
+                            push(first + index, bytes(value[position:position + length]), enqueued_at,
+                                 state[index])
+                            at_least -= 1
+                            free -= 1
+                            part_room -= cost
+                            node_room -= cost
+                        position += length
+            self._loaded_upto = first + count
+        if i >= len(starts):
             # Every segment is loaded; what lies between here and committed_end are offsets of failed commits.
             self._loaded_upto = self._committed_end
 
     def _on_committed(self, first: int, batches: list[list[bytes]], enqueued_at: int) -> None:
-        """Segments appended by a successful commit become readable."""
+        """Segments appended by a successful commit become readable: each enters the ring if nothing older waits on
+        disk, as far as the ring's room and the byte budgets allow (an empty ring takes one message larger than
+        the partition's budget, within the node's); the rest waits on disk for ``_refill``."""
         offset = first
+        ring = self.ring
+        store = self.store
         for payloads in batches:
             segment = _Segment(offset, enqueued_at, bytearray(len(payloads)))
             self._add_segment(segment)
-            if self._loaded_upto == offset and self.ring.free >= len(payloads):
-                self.ring.push_many(offset, payloads, enqueued_at)
-                self._loaded_upto = offset + len(payloads)
+            if self._loaded_upto == offset:
+                if ring:
+                    room = store.ring_bytes - ring.nbytes - RECORD_OVERHEAD * len(ring)
+                else:
+                    room = max(store.ring_bytes, len(payloads[0]) + RECORD_OVERHEAD)
+                room = min(room, store.memory_budget - store.pool.cost)
+                self._loaded_upto = offset + ring.push_upto(offset, payloads, enqueued_at, room, RECORD_OVERHEAD)
             offset += len(payloads)
         self._committed_end = offset
 
@@ -415,16 +513,31 @@ class Store:
     """The node's partition logs over one backend, with the group-commit machinery they share."""
 
     def __init__(self, backend: Backend, *, sync: SyncMode = "fsync", batch_size: int = 500,
-                 flush_interval: float = 0.010, ring_capacity: int = 16384) -> None:
+                 flush_interval: float = 0.010, ring_capacity: int = 16384, ring_bytes: int = DEFAULT_RING_BYTES,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+        """``ring_capacity``: most messages in one partition's ring. ``ring_bytes``: most bytes in one partition's
+        ring; ``memory_budget``: most bytes in all the rings of this store together (both count payloads plus
+        ``RECORD_OVERHEAD`` a message). What does not fit waits on disk and is read back as the rings drain."""
         if sync not in ("fsync", "async"):
             raise ValueError(f"sync must be 'fsync' or 'async', got {sync!r}")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if ring_bytes < 1 or memory_budget < 1:
+            raise ValueError("ring_bytes and memory_budget must be at least 1 byte")
         self.backend = backend
         self.sync = sync
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.ring_capacity = ring_capacity
+        self.ring_bytes = ring_bytes
+        self.memory_budget = memory_budget
+        #: Every partition's ring counts in it: ``pool.cost`` is what they hold together, against ``memory_budget``
+        #: (its peak is reset when freed memory is given back, ``_trim``).
+        self.pool = native_ring.RingPool(RECORD_OVERHEAD)
+        self._trim_timer: asyncio.TimerHandle | None = None
+        self._trim_since = self._trim_at = 0.0
+        #: How many times freed memory was given back to the system.
+        self.trims = 0
         self._loop = asyncio.get_running_loop()
         self._partitions: dict[tuple[str, int], PartitionLog] = {}
         self._dirty_partitions: set[PartitionLog] = set()
@@ -673,6 +786,9 @@ class Store:
                 commit.flush.set_result(None)
             if self.on_readable is not None and commit.appended:
                 self.on_readable([part for part, _, _ in commit.appended])
+            pool = self.pool
+            if pool.peak - pool.cost >= TRIM_AFTER_FREED and pool.cost * 4 <= pool.peak:
+                self._arm_trim()
         else:
             self._commit_failed(commit, error)
         waiter, self._commit_end = self._commit_end, None
@@ -718,6 +834,25 @@ class Store:
         if self._timer is None:
             self._timer = self._loop.call_later(RETRY_INTERVAL, self._start_commit)
 
+    def _arm_trim(self) -> None:
+        """The rings drained (see TRIM_AFTER_FREED): give freed memory back once the commits stop for a while."""
+        now = self._loop.time()
+        if self._trim_timer is None:
+            self._trim_since = now
+            self._trim_timer = self._loop.call_later(TRIM_DELAY, self._trim)
+        self._trim_at = min(now + TRIM_DELAY, self._trim_since + TRIM_MAX_WAIT)
+
+    def _trim(self) -> None:
+        if self._loop.time() < self._trim_at:  # commits since the timer was set: wait for them to stop
+            self._trim_timer = self._loop.call_at(self._trim_at, self._trim)
+            return
+        self._trim_timer = None
+        self.pool.reset_peak()
+        started = time.perf_counter()
+        if release_freed_memory():
+            self.trims += 1
+            log.debug("freed memory given back to the system in %.1f ms", (time.perf_counter() - started) * 1000)
+
     async def flush(self) -> None:
         """Wait until everything enqueued or changed so far is committed; StorageError if a commit fails."""
         while self._committing or self._dirty_partitions or self._pending_definitions:
@@ -743,6 +878,8 @@ class Store:
             self._stopped = True
             if self._timer is not None:
                 self._timer.cancel()
+            if self._trim_timer is not None:
+                self._trim_timer.cancel()
             self.backend.close()
 
 
