@@ -102,9 +102,11 @@ class ClusterMember:
         config = self.config
         advertise = config.advertise or config.listen.host
         grpc_listen = str(config.grpc_listen) if config.grpc_listen else f"{config.listen.host}:0"
-        # Before anything can arrive over gRPC: ownership is checked (and refused until claims are made).
+        # Before anything can arrive over gRPC: ownership is checked (and refused until claims are made), and
+        # nothing is delivered, to local consumers or peers' route streams, from a partition not claimed yet.
         self.queues.cluster = self.coordinator
         self.queues.ownership = self.coordinator
+        self.queues.refresh_sources()
         self.server, port = await start_server(self.queues, grpc_listen, NodeServicer(self.queues, self.coordinator))
         self.membership.info.update({
             "mqtt": f"{advertise}:{config.listen.port}",

@@ -517,3 +517,30 @@ def test_the_broker_s_own_moves_are_not_delivery_attempts() -> None:
         manager.close()
 
     run(body())
+
+
+def test_a_consumer_of_two_queues_is_served_from_both_as_its_window_frees() -> None:
+    """A window is shared by a consumer's queues: room freed by acking one queue's messages goes to either, in
+    turn (it went only to the queue acked, so the other was stranded while the first had a backlog, and after)."""
+    async def body() -> None:
+        manager = manager_on(MemoryBackend())
+        for name in ("a", "b"):
+            manager.publish_many(f"$queue/{name}", [b"%s%d" % (name.encode(), i) for i in range(300)])
+        consumer = FakeConsumer("c", window=16)
+        consumer.manager = manager
+        manager.subscribe(consumer, "a")
+        manager.subscribe(consumer, "b")
+        await settle(lambda: len(consumer.received) == 16)
+        halfway = None
+        for _ in range(200):  # 600 messages in windows of 16: 38 rounds
+            if len(consumer.received) == 600:
+                break
+            consumer.ack_all(manager)
+            await settle()
+            if halfway is None and len(consumer.received) >= 300:
+                halfway = Counter(d.queue.name for d in consumer.received)
+        assert Counter(d.queue.name for d in consumer.received) == {"a": 300, "b": 300}
+        assert halfway is not None and min(halfway.values()) >= 100, halfway
+        manager.close()
+
+    run(body())

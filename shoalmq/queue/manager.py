@@ -209,6 +209,7 @@ class Queue:
         self._next_take = 0  # round-robin start for dispatch
         self._remote_first = False  # dispatch alternates between other nodes' route streams and local consumers
         self._next_consumer = 0  # where the next dispatch starts among the consumers (ties rotate)
+        self.last_served = 0  # the dispatch round that last gave out a message of this queue
         self.dead_lettered = 0
 
     @property
@@ -266,6 +267,7 @@ class QueueManager:
         self._queues: dict[str, Queue] = {}
         self._consumers: dict[int, _ConsumerState] = {}  # id(consumer) -> state
         self._dispatch_scheduled: set[Queue] = set()
+        self._dispatch_round = 0
         self._loop = asyncio.get_running_loop()
         self._by_pid: dict[int, Queue] = {}
         rng = random.Random()
@@ -670,23 +672,28 @@ class QueueManager:
         by_part: dict[Any, tuple[Queue, list[int]]] = {}
         consumer: Any = None
         inflight: dict[Delivery, None] = {}
+        freed: list[_ConsumerState] = []
         for delivery in deliveries:
             if delivery.consumer is not consumer:  # a batch usually comes from one consumer: look it up once
                 consumer = delivery.consumer
                 state = consumers.get(id(consumer))
                 inflight = state.inflight if state is not None else {}
+                if state is not None and (not freed or freed[-1] is not state):
+                    freed.append(state)
             if inflight.pop(delivery, 0) is not None:
                 continue  # requeued meanwhile (timeout, unsubscribe): the ack is too late to count
             entry = by_part.get(delivery.partition)
             if entry is None:
                 entry = by_part[delivery.partition] = (delivery.queue, [])
             entry[1].append(delivery.message.offset)
-        touched: set[Queue] = set()
         for part, (queue, offsets) in by_part.items():
             done += part.ack(offsets)
-            touched.add(queue)
-        for queue in touched:
-            self._schedule_dispatch(queue)
+        # The room freed in a consumer's window is for any of its queues (a window is shared by them): each is
+        # dispatched, the one served longest ago first.
+        queues = self._queues
+        for state in freed:
+            for name in state.queues:
+                self._schedule_dispatch(queues[name])
         return done
 
     # -- dispatch ---------------------------------------------------------------------------------------
@@ -704,6 +711,10 @@ class QueueManager:
 
     def _dispatch(self) -> None:
         queues, self._dispatch_scheduled = self._dispatch_scheduled, set()
+        if len(queues) > 1:
+            # Queues that share consumers compete for their windows' room: the one served longest ago goes first.
+            queues = sorted(queues, key=_last_served)  # type: ignore[assignment]
+        self._dispatch_round += 1
         for queue in queues:
             self._dispatch_queue(queue)
 
@@ -729,6 +740,7 @@ class QueueManager:
         taken = self._take(queue, capacity, sources)
         if not taken:
             return
+        queue.last_served = self._dispatch_round
         deadline = time.monotonic() + queue.config.ack_timeout
         if len(consumers) == 1:
             state = consumers[0]
@@ -898,6 +910,10 @@ class QueueManager:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
         self.store.on_readable = None
+
+
+def _last_served(queue: Queue) -> int:
+    return queue.last_served
 
 
 def _inflight_count(state: _ConsumerState) -> int:
