@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 
 from shoalmq.errors import PayloadTooLarge, QueueFull, StorageError, StorageFull
 from shoalmq.queue.storage import Limits, LmdbBackend, MemoryBackend, Store, keys
-from shoalmq.queue.storage.log import RECORD_OVERHEAD
+from shoalmq.queue.storage.log import RECORD_OVERHEAD, Truncated
 
 OpenStore = Callable[..., Store]
 
@@ -788,3 +789,688 @@ def test_async_mode_keeps_acknowledged_messages_when_a_commit_fails() -> None:
         await store.close()
 
     run(body())
+
+
+# -- replication's seam: append_at, advance_to, truncate, committed offset, epoch, read_messages ------------------
+
+def uncommitted_count(part) -> int:
+    """Messages pending or being committed, counted from the runs themselves."""
+    count = len(part._pending) + sum(len(records) for _, records, _ in part._pending_runs)
+    running = part.store._running
+    if running is not None:
+        for entry, runs, _ in running.appended:
+            if entry is part:
+                count += sum(len(b) for _, batches, _ in runs for b in batches)
+    return count
+
+
+def check_counts(part) -> None:
+    """depth, ready and the committed offset agree with the segments, the runs and the in-flight set."""
+    uncommitted = uncommitted_count(part)
+    assert part.depth == sum(s.remaining for s in part._segments.values()) + uncommitted
+    assert part.ready == part.depth - part.inflight - uncommitted
+    assert part.committed_offset <= part.next_offset
+    if not uncommitted:
+        assert part.committed_offset == part.next_offset
+
+
+def stored_segments(store: Store, part) -> dict[int, list[bytes]]:
+    """The partition's segments as the backend holds them: first offset -> payloads (and a state for each)."""
+    prefix = keys.pid_prefix(part.pid)
+    first = keys.parse_segment_key
+    segments = {first(k)[1]: keys.unpack_segment(v) for k, v in store.backend.scan(keys.SEGMENTS, prefix)}
+    states = {first(k)[1]: keys.unpack_state(v)[1] for k, v in store.backend.scan(keys.STATES, prefix)}
+    assert segments.keys() == states.keys()
+    assert all(len(segments[first]) == len(states[first]) for first in segments)
+    return segments
+
+
+async def until_committing(store: Store) -> None:
+    """Return while a commit is running: written to the backend, not yet applied (its flush not resolved)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not store._committing:
+        assert loop.time() < deadline, "no commit started"
+        await asyncio.sleep(0)
+
+
+def test_append_at_contiguous_and_with_a_gap(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store(batch_size=4)
+        part = store.partition("q", 0)
+        part.append_at(0, [b"a", b"b"])
+        flush = part.append_at(5, [b"c"])  # a gap after pending appends: a separate run, a separate segment
+        assert (part.next_offset, part.last_offset, part.depth, part.ready) == (6, 5, 3, 0)
+        assert part.committed_offset == 0
+        for below in (5, 3, 0):
+            with pytest.raises(ValueError, match="below next_offset 6"):
+                part.append_at(below, [b"x"])
+        assert part.enqueue(b"d") is flush and part.last_offset == 6
+        check_counts(part)
+        await flush
+        assert part.committed_offset == 7 and part.ready == 4
+        assert len(part.ring) == 4, "messages after the gap entered the ring directly"
+        assert sorted(stored_segments(store, part)) == [0, 5]
+        # A gap with nothing pending: the committed offset moves past it at once.
+        part.append_at(10, [b"e", b"f"])
+        assert part.committed_offset == 10 and part.ready == 4
+        check_counts(part)
+        await store.flush()
+        assert len(part.ring) == 6 and part.committed_offset == 12
+        got = part.take(100)
+        assert [(m.offset, m.payload, m.deliveries) for m in got] == [
+            (0, b"a", 1), (1, b"b", 1), (5, b"c", 1), (6, b"d", 1), (10, b"e", 1), (11, b"f", 1)]
+        part.ack([0, 10])
+        check_counts(part)
+        await store.close()
+
+        store = open_store(batch_size=4)
+        part = store.partition("q", 0)
+        assert (part.next_offset, part.depth, part.committed_offset) == (12, 4, 12)
+        assert [(m.offset, m.payload, m.deliveries) for m in part.take(100)] == [
+            (1, b"b", 2), (5, b"c", 2), (6, b"d", 2), (11, b"f", 2)]
+        part.enqueue(b"g")
+        assert part.last_offset == 12
+        await store.close()
+
+    run(body())
+
+
+def test_append_at_keeps_delivery_counts(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store(batch_size=2)
+        part = store.partition("q", 0)
+        part.enqueue(b"new")
+        part.append_at(1, [b"moved1", b"moved2", b"moved3"], deliveries=bytes([3, 0, 7]))
+        part.enqueue(b"new2")
+        part.append_at(5, [b"zero"], deliveries=b"\x00")
+        with pytest.raises(ValueError, match="2 delivery counts for 1 records"):
+            part.append_at(6, [b"x"], deliveries=b"\x01\x02")
+        with pytest.raises(ValueError, match="a delivery count above 254"):
+            part.append_at(6, [b"x"], deliveries=b"\xff")
+        assert part.depth == 6 and part.next_offset == 6
+        await store.flush()
+        assert stored_segments(store, part) == {0: [b"new"], 1: [b"moved1", b"moved2"], 3: [b"moved3"],
+                                                4: [b"new2", b"zero"]}
+        assert part.read_messages(0, 10) == [(0, b"new", 0), (1, b"moved1", 3), (2, b"moved2", 0),
+                                             (3, b"moved3", 7), (4, b"new2", 0), (5, b"zero", 0)]
+        await store.close()
+
+        store = open_store(batch_size=2)
+        part = store.partition("q", 0)
+        assert [(m.offset, m.deliveries) for m in part.take(10)] == [(0, 1), (1, 4), (2, 1), (3, 8), (4, 1), (5, 1)]
+        await store.close()
+
+    run(body())
+
+
+def test_append_at_while_a_commit_runs(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store(batch_size=4)
+        part = store.partition("q", 0)
+        await store.flush()
+        first = part.enqueue_many(payloads(3))
+        await until_committing(store)
+        assert not first.done() and part.committed_offset == 0
+        second = part.append_at(8, [b"x", b"y"], deliveries=b"\x02\x00")
+        assert second is not first
+        part.append_at(10, [b"z"])
+        with pytest.raises(ValueError):
+            part.append_at(9, [b"w"])
+        check_counts(part)
+        assert part.ready == 0
+        await first
+        assert part.committed_offset == 8, "the gap is no message: committed up to the pending run"
+        check_counts(part)
+        assert part.ready == 3
+        await second
+        assert part.committed_offset == 11 and part.ready == 6
+        assert [(m.offset, m.deliveries) for m in part.take(100)] == [(0, 1), (1, 1), (2, 1), (8, 3), (9, 1),
+                                                                      (10, 1)]
+        await store.close()
+
+        store = open_store(batch_size=4)
+        part = store.partition("q", 0)
+        assert part.next_offset == 11
+        assert [(m.offset, m.payload, m.deliveries) for m in part.take(100)] == [
+            (0, b"m0", 2), (1, b"m1", 2), (2, b"m2", 2), (8, b"x", 4), (9, b"y", 2), (10, b"z", 2)]
+        await store.close()
+
+    run(body())
+
+
+def test_messages_after_a_gap_wait_on_disk_behind_older_ones(open_store: OpenStore) -> None:
+    async def body() -> None:
+        data = [bytes([i]) * 1000 for i in range(20)]
+        store = open_store(ring_bytes=5 * cost(data[0]), batch_size=4)
+        part = store.partition("q", 0)
+        part.enqueue_many(data[:8])
+        part.append_at(100, data[8:])
+        await store.flush()
+        assert len(part.ring) == 5 and part.ready == 20
+        got = []
+        while batch := part.take(3):
+            got += batch
+            part.ack(m.offset for m in batch)
+        assert [m.offset for m in got] == list(range(8)) + list(range(100, 112))
+        assert [m.payload for m in got] == data
+        part.append_at(200, [b"after"])
+        await store.flush()
+        assert len(part.ring) == 1, "nothing waits on disk: straight into the ring, past the gap"
+        await store.close()
+
+    run(body())
+
+
+def test_advance_to_raises_the_high_water_mark(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store()
+        part = store.partition("q", 0)
+        part.enqueue_many(payloads(3))
+        await store.flush()
+        part.advance_to(100)
+        part.advance_to(50)  # lower: nothing
+        assert part.next_offset == 100 and part.committed_offset == 100 and part.ready == 3
+        await store.flush()
+        await store.close()
+
+        store = open_store()
+        part = store.partition("q", 0)
+        assert part.next_offset == 100 and part.depth == 3
+        part.enqueue(b"pending")
+        part.advance_to(200)  # with an append pending: committed only once it is
+        assert part.last_offset == 100 and part.committed_offset == 100
+        check_counts(part)
+        waiter = part.wait_committed(150)
+        await store.flush()
+        assert waiter.done() and part.committed_offset == 200
+        part.enqueue(b"after")
+        assert part.last_offset == 200
+        check_counts(part)
+        await store.close()
+
+        store = open_store()
+        part = store.partition("q", 0)
+        assert part.next_offset == 201
+        assert [m.offset for m in part.take(10)] == [0, 1, 2, 100, 200]
+        await store.close()
+
+    run(body())
+
+
+def test_truncate_whole_and_straddling_segments_then_append_at_the_point(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store(batch_size=4)
+        part = store.partition("q", 0)
+        part.enqueue_many(payloads(10))  # segments 0-3, 4-7, 8-9
+        await store.flush()
+        taken = part.take(3)
+        part.ack([taken[0].offset])
+        part.nack([2])
+        assert part.truncate(6) == 4
+        assert (part.next_offset, part.depth, part.inflight, part.ready, part.committed_offset) == (6, 5, 1, 4, 6)
+        check_counts(part)
+        assert part.truncate(6) == 0 and part.truncate(99) == 0 and part.next_offset == 6
+        await store.flush()
+        assert stored_segments(store, part) == {0: payloads(4), 4: [b"m4", b"m5"]}
+        part.append_at(6, [b"n6", b"n7"])
+        await store.flush()
+        got = part.take(10)
+        assert [(m.offset, m.payload, m.deliveries) for m in got] == [
+            (2, b"m2", 2), (3, b"m3", 1), (4, b"m4", 1), (5, b"m5", 1), (6, b"n6", 1), (7, b"n7", 1)]
+        part.ack([3])
+        await store.close()
+
+        store = open_store(batch_size=4)
+        part = store.partition("q", 0)
+        assert (part.next_offset, part.depth) == (8, 6)
+        assert [(m.offset, m.payload) for m in part.take(10)] == [
+            (1, b"m1"), (2, b"m2"), (4, b"m4"), (5, b"m5"), (6, b"n6"), (7, b"n7")]
+        await store.close()
+
+    run(body())
+
+
+def test_truncate_forgets_in_flight_and_requeued_messages(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store(batch_size=3, ring_capacity=4)
+        part = store.partition("q", 0)
+        part.enqueue_many(payloads(12))
+        await store.flush()
+        taken = part.take(8)
+        part.nack([1, 6])
+        assert part.truncate(5) == 7  # 5, 6 (requeued), 7 (in flight), 8-11 (in the ring and on disk)
+        assert part.ack([5, 7]) == 0, "a late ack of a truncated message counts for nothing"
+        assert part.nack([7]) == 0
+        assert (part.depth, part.inflight, part.ready) == (5, 4, 1)
+        check_counts(part)
+        assert [m.offset for m in part.take(10)] == [1]
+        assert part.ack(m.offset for m in taken[:4]) == 4  # 0-3; 4 stays in flight
+        await store.flush()
+        assert part.depth == 1
+        part.append_at(5, [b"again"])
+        await store.close()
+
+        store = open_store(batch_size=3)
+        part = store.partition("q", 0)
+        assert [(m.offset, m.payload) for m in part.take(10)] == [(4, b"m4"), (5, b"again")]
+        await store.close()
+
+    run(body())
+
+
+def test_truncate_pending_appends(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store(batch_size=4)
+        part = store.partition("q", 0)
+        part.enqueue_many(payloads(5))
+        await store.flush()
+        part.enqueue_many(payloads(5, "p"))  # 5-9, pending
+        part.append_at(20, [b"far"], deliveries=b"\x04")
+        assert part.truncate(7) == 4
+        assert (part.next_offset, part.depth, part.committed_offset, part.ready) == (7, 7, 5, 5)
+        check_counts(part)
+        part.append_at(7, [b"x"])
+        await store.flush()
+        assert part.committed_offset == 8
+        assert [m.payload for m in part.take(10)] == payloads(5) + [b"p0", b"p1", b"x"]
+        # Everything pending: the committed offset is the truncation point at once.
+        part.enqueue_many(payloads(3, "q"))
+        assert part.truncate(8) == 3 and part.committed_offset == 8 and part.next_offset == 8
+        check_counts(part)
+        await store.close()
+
+        store = open_store(batch_size=4)
+        part = store.partition("q", 0)
+        assert part.next_offset == 8 and part.depth == 8
+        await store.close()
+
+    run(body())
+
+
+def test_truncate_while_a_commit_runs(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store(batch_size=4)
+        part = store.partition("q", 0)
+        part.enqueue_many(payloads(2))
+        await store.flush()
+        flush = part.enqueue_many(payloads(8, "r"))  # 2-9 in segments 2-5, 6-9
+        await until_committing(store)
+        part.enqueue(b"pending")  # 10
+        waiters = [part.wait_committed(o) for o in (4, 7, 10)]
+        assert part.truncate(5) == 6
+        assert part.next_offset == 5 and part.depth == 5
+        check_counts(part)
+        redo = part.append_at(5, [b"s5", b"s6"])
+        await flush
+        assert waiters[0].done() and waiters[0].exception() is None
+        for waiter in waiters[1:]:
+            with pytest.raises(Truncated):
+                waiter.result()
+        assert part.committed_offset == 5 and part.ready == 5
+        check_counts(part)
+        await redo
+        assert stored_segments(store, part) == {0: payloads(2), 2: [b"r0", b"r1", b"r2"], 5: [b"s5", b"s6"]}
+        assert [m.payload for m in part.take(10)] == payloads(2) + [b"r0", b"r1", b"r2", b"s5", b"s6"]
+        await store.close()
+
+        store = open_store(batch_size=4)
+        part = store.partition("q", 0)
+        assert part.next_offset == 7
+        assert [m.payload for m in part.take(10)] == payloads(2) + [b"r0", b"r1", b"r2", b"s5", b"s6"]
+        await store.close()
+
+    run(body())
+
+
+def test_truncate_everything_reuses_offsets(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store()
+        part = store.partition("q", 0)
+        part.enqueue_many(payloads(4))
+        await store.flush()
+        part.ack(m.offset for m in part.take(2))
+        await store.flush()
+        assert part.first_offset == 2
+        assert part.truncate(0) == 2
+        assert (part.depth, part.next_offset, part.first_offset, part.ready) == (0, 0, 0, 0)
+        assert part.take(5) == []
+        part.append_at(0, [b"again"])
+        await store.close()
+
+        store = open_store()
+        part = store.partition("q", 0)
+        assert part.next_offset == 1
+        assert [(m.offset, m.payload) for m in part.take(5)] == [(0, b"again")]
+        with pytest.raises(ValueError, match="negative"):
+            part.truncate(-1)
+        await store.close()
+
+    run(body())
+
+
+def test_committed_offset_and_wait_committed(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store()
+        part = store.partition("q", 0)
+        assert part.committed_offset == 0
+        part.enqueue_many(payloads(3))
+        waiters = {o: part.wait_committed(o) for o in (2, 0, 5, 10)}
+        assert part.committed_offset == 0 and not any(w.done() for w in waiters.values())
+        await store.flush()
+        assert part.committed_offset == 3
+        assert [o for o, w in waiters.items() if w.done()] == [2, 0]
+        assert part.wait_committed(1).done()
+        part.append_at(10, [b"x"])  # 5 lies in the gap: resolved at once, nothing uncommitted below it
+        assert waiters[5].done() and not waiters[10].done() and part.committed_offset == 10
+        await store.flush()
+        assert waiters[10].done() and part.committed_offset == 11
+        await store.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("sync", ["fsync", "async"])
+def test_wait_committed_fails_with_the_commit(sync: str) -> None:
+    async def body() -> None:
+        backend = FlakyBackend()
+        store = Store(backend, sync=sync, flush_interval=0.01)
+        part = store.partition("q", 0)
+        part.enqueue(b"kept")
+        await store.flush()
+        backend.failing = True
+        part.enqueue_many([b"a", b"b"])
+        waiter, later = part.wait_committed(2), part.wait_committed(3)
+        with pytest.raises(StorageFull):
+            await waiter
+        assert not later.done()
+        backend.failing = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while store.failure is not None:
+            assert loop.time() < deadline, "the store never recovered"
+            await asyncio.sleep(0.01)
+        if sync == "fsync":  # refused: forgotten, their offsets unused
+            assert part.depth == 1 and part.committed_offset == 3
+        else:  # acknowledged already: kept and retried
+            await part.wait_committed(2)
+            assert part.depth == 3 and part.committed_offset == 3
+        part.enqueue(b"next")
+        await later
+        check_counts(part)
+        await store.close()
+
+    run(body())
+
+
+def test_wait_committed_fails_when_the_map_is_full(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = Store(LmdbBackend(tmp_path / "log", map_size=1 << 20, max_map_size=1 << 20))
+        part = store.partition("q", 0)
+        part.enqueue(b"kept")
+        await store.flush()
+        for _ in range(30):
+            part.enqueue(b"x" * 100_000)
+        waiter = part.wait_committed(part.last_offset)
+        with pytest.raises(StorageError, match="max_map_size"):
+            await waiter
+        assert part.committed_offset == part.next_offset == 31 and part.depth == 1
+        await store.close()
+
+    run(body())
+
+
+def test_epoch_is_stored_with_the_partition(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store()
+        part = store.partition("q", 0)
+        other = store.partition("q", 1)
+        assert part.epoch == 0
+        part.set_epoch(3)
+        part.set_epoch(3)
+        with pytest.raises(ValueError, match="below the stored epoch 3"):
+            part.set_epoch(2)
+        part.enqueue(b"m")
+        await store.close()
+
+        store = open_store()
+        part = store.partition("q", 0)
+        assert part.epoch == 3 and store.partition("q", 1).epoch == 0 and other.epoch == 0
+        part.set_epoch(7)  # alone: written by a commit of its own
+        await store.flush()
+        # A partition record of the older 12-byte form (no epoch) reads as epoch 0.
+        old = struct.pack(">IQ", store.partition("q", 1).pid, 42)
+        store.backend.commit([(keys.PARTITIONS, keys.partition_key("q", 1), old)], [])
+        await store.close()
+
+        store = open_store()
+        assert store.partition("q", 0).epoch == 7
+        assert [m.payload for m in store.partition("q", 0).take(5)] == [b"m"]
+        old_form = store.partition("q", 1)
+        assert old_form.epoch == 0 and old_form.next_offset == 42
+        old_form.set_epoch(1)
+        await store.flush()
+        assert len(store.backend.get(keys.PARTITIONS, keys.partition_key("q", 1))) == 20
+        await store.close()
+
+    run(body())
+
+
+def test_partition_value_round_trip() -> None:
+    assert keys.unpack_partition(keys.pack_partition(7, 1 << 40, 1 << 33)) == (7, 1 << 40, 1 << 33)
+    assert keys.unpack_partition(keys.pack_partition(7, 5)) == (7, 5, 0)
+    assert keys.unpack_partition(struct.pack(">IQ", 9, 12)) == (9, 12, 0)
+    value = keys.pack_segment([b"ab", b"", b"cde"])
+    for view in (value, memoryview(value)):
+        assert keys.unpack_segment(keys.truncate_segment(view, 2)) == [b"ab", b""]
+        assert keys.truncate_segment(view, 3) == value
+    with pytest.raises(ValueError):
+        keys.truncate_segment(value, 4)
+
+
+def test_read_messages_and_first_offset(open_store: OpenStore) -> None:
+    async def body() -> None:
+        store = open_store(batch_size=3)
+        part = store.partition("q", 0)
+        assert part.first_offset == 0 and part.read_messages(0, 10) == []
+        part.enqueue_many(payloads(8))
+        assert part.first_offset == 0 and part.read_messages(0, 10) == [], "only committed messages"
+        await store.flush()
+        part.take(4)
+        part.ack([0, 1, 3])
+        part.nack([2])
+        state = (len(part.ring), part.inflight, part.ready, part.depth)
+        assert part.first_offset == 2
+        assert part.read_messages(0, 100) == [(2, b"m2", 1)] + [(o, f"m{o}".encode(), 0) for o in range(4, 8)]
+        assert part.read_messages(5, 2) == [(5, b"m5", 0), (6, b"m6", 0)]
+        assert part.read_messages(8, 5) == [] and part.read_messages(0, 0) == []
+        assert (len(part.ring), part.inflight, part.ready, part.depth) == state, "nothing was taken"
+        assert [m.offset for m in part.take(10)] == [2, 4, 5, 6, 7]
+        part.truncate(5)  # a segment cut, not yet rewritten on disk
+        assert part.read_messages(0, 100) == [(2, b"m2", 2), (4, b"m4", 1)]
+        part.ack([2, 4])
+        assert part.first_offset == 5 == part.next_offset
+        await store.flush()
+        part.advance_to(9)
+        part.enqueue(b"x")
+        assert part.first_offset == 9
+        await store.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_replication_verbs_against_a_model(open_store: OpenStore, seed: int) -> None:
+    """Random appends, gaps, takes, acks, nacks, truncations and restarts (some while a commit runs), checked against
+    a model of the log after every step and by draining it at the end."""
+    run(model_run(open_store, seed))
+
+
+@pytest.mark.parametrize("sync", ["fsync", "async"])
+@pytest.mark.parametrize("seed", range(4))
+def test_replication_verbs_against_a_model_with_failing_commits(sync: str, seed: int) -> None:
+    """The same, on a backend whose commits fail now and then (a full disk): in fsync mode the messages of a failed
+    commit are forgotten (their future fails), in async mode kept and retried."""
+    backend = FlakyBackend()
+    run(model_run(lambda **options: Store(backend, sync=sync, **options), seed, backend))
+
+
+async def model_run(open_store: OpenStore, seed: int, flaky: FlakyBackend | None = None) -> None:
+    import random
+
+    rng = random.Random(seed)
+    options = {"batch_size": 3, "ring_capacity": 8, "ring_bytes": 6 * cost(b"x" * 20), "flush_interval": 0.002}
+    store = open_store(**options)
+    part = store.partition("q", 0)
+    # The model: offset -> [payload, delivery count]; which are in flight, handed back, committed.
+    messages: dict[int, list] = {}
+    inflight: set[int] = set()
+    requeued: set[int] = set()
+    committed: set[int] = set()
+    # Futures of appends not known durable yet, with what they appended (fsync mode forgets them if they fail).
+    appends: list[tuple[asyncio.Future, list[tuple[int, bytes]]]] = []
+    # wait_committed futures not resolved yet, by offset.
+    waiters: list[tuple[int, asyncio.Future]] = []
+    next_offset = 0
+    serial = 0
+
+    def records(n: int) -> list[bytes]:
+        nonlocal serial
+        serial += n
+        return [f"{serial - i}".encode().ljust(rng.choice((1, 20)), b".") for i in range(n)]
+
+    def settle_appends() -> None:
+        for future, appended in appends:
+            if future.done() and future.exception() is not None and store.sync == "fsync":
+                for offset, payload in appended:
+                    if offset in messages and messages[offset][0] is payload:
+                        del messages[offset]
+        appends[:] = [(f, a) for f, a in appends if not f.done()]
+
+    async def flush() -> None:
+        nonlocal committed
+        while True:
+            try:
+                await store.flush()
+                break
+            except StorageError:
+                if flaky is not None and rng.random() < 0.5:
+                    flaky.failing = False
+        settle_appends()
+        committed = set(messages)
+
+    async def flush_and_check(step: int) -> None:
+        await flush()
+        assert part.committed_offset == next_offset, step
+        expected_log = [(o, messages[o][0], min(messages[o][1], 254)) for o in sorted(messages)]
+        assert part.read_messages(0, 1000) == expected_log, step
+        assert part.first_offset == (min(messages) if messages else next_offset), step
+
+    for step in range(250):
+        action = rng.random()
+        if flaky is not None and rng.random() < 0.04:
+            flaky.failing = not flaky.failing
+        try:
+            if action < 0.15:
+                batch = records(rng.randint(1, 5))
+                appends.append((part.enqueue_many(batch), list(zip(range(next_offset, next_offset + 5), batch))))
+                for payload in batch:
+                    messages[next_offset] = [payload, 0]
+                    next_offset += 1
+            elif action < 0.3:
+                offset = next_offset + rng.choice((0, 0, 1, 4))
+                batch = records(rng.randint(1, 4))
+                counts = bytes(rng.choice((0, 0, 2, 9)) for _ in batch) if rng.random() < 0.5 else None
+                appends.append((part.append_at(offset, batch, counts), list(zip(range(offset, offset + 5), batch))))
+                for i, payload in enumerate(batch):
+                    messages[offset + i] = [payload, counts[i] if counts else 0]
+                next_offset = offset + len(batch)
+            elif action < 0.45:
+                got = part.take(rng.randint(1, 6))
+                expected = sorted(requeued) + sorted(o for o in committed if o not in requeued and o not in inflight)
+                assert [m.offset for m in got] == expected[:len(got)], step
+                assert got or not expected, step
+                for m in got:
+                    messages[m.offset][1] += 1
+                    assert (m.payload, m.deliveries) == tuple(messages[m.offset]), step
+                    inflight.add(m.offset)
+                    requeued.discard(m.offset)
+            elif action < 0.55 and inflight:
+                chosen = rng.sample(sorted(inflight), rng.randint(1, len(inflight)))
+                assert part.ack([*chosen, next_offset + 5]) == len(chosen)
+                for o in chosen:
+                    inflight.discard(o)
+                    committed.discard(o)
+                    del messages[o]
+            elif action < 0.62 and inflight:
+                chosen = rng.sample(sorted(inflight), rng.randint(1, len(inflight)))
+                assert part.nack(chosen) == len(chosen)
+                inflight.difference_update(chosen)
+                requeued.update(chosen)
+            elif action < 0.72:
+                offset = rng.randint(max(next_offset - 8, 0), next_offset + 1)
+                removed = part.truncate(offset)
+                gone = [o for o in messages if o >= offset]
+                assert removed == len(gone), step
+                for o in gone:
+                    del messages[o]
+                    inflight.discard(o)
+                    requeued.discard(o)
+                    committed.discard(o)
+                next_offset = min(next_offset, offset)
+            elif action < 0.76:
+                offset = next_offset + rng.randint(0, 3)
+                part.advance_to(offset)
+                next_offset = offset
+            elif action < 0.86:
+                if store._dirty_partitions:
+                    await until_committing(store)  # what is pending now is being committed: the next steps overlap
+                    settle_appends()
+            elif action < 0.96 or flaky is not None and flaky.failing:
+                await flush_and_check(step)
+            else:
+                await flush_and_check(step)  # (close gives up on a failing commit)
+                await store.close()
+                store = open_store(**options)
+                part = store.partition("q", 0)
+                for _, waiter in waiters:  # the old store's: never resolved if not yet
+                    if waiter.done():
+                        waiter.exception()
+                waiters.clear()
+                recovered = [(o, p) for o, p, _ in part.read_messages(0, 1000)]
+                assert recovered == [(o, messages[o][0]) for o in sorted(messages)], step
+                committed = set(messages)  # close flushed everything
+                inflight.clear()
+                requeued.clear()
+        except StorageError:  # refused while the store cannot write: nothing stored
+            assert store.failure is not None and action < 0.3, step
+        state = (part.next_offset, part.depth, part.inflight)
+        assert state == (next_offset, len(messages), len(inflight)), (step, action, state)
+        check_counts(part)
+        for offset, waiter in waiters:
+            if not waiter.done():
+                assert offset >= part.committed_offset, step
+            elif waiter.exception() is None:
+                assert offset < part.committed_offset, step
+            else:
+                assert isinstance(waiter.exception(), (Truncated, StorageError)), step
+        waiters[:] = [(o, w) for o, w in waiters if not w.done()]
+        if rng.random() < 0.1:
+            offset = rng.randint(0, next_offset + 3)
+            waiter = part.wait_committed(offset)
+            assert waiter.done() == (offset < part.committed_offset), step
+            if not waiter.done():
+                waiters.append((offset, waiter))
+    if flaky is not None:
+        flaky.failing = False
+    await flush()
+    for _, waiter in waiters:
+        if waiter.done():
+            waiter.exception()  # retrieved
+    drained = []
+    while batch := part.take(4):
+        drained += batch
+        part.ack(m.offset for m in batch)
+    assert sorted(m.offset for m in drained) == sorted(o for o in messages if o not in inflight)
+    assert all(m.payload == messages[m.offset][0] for m in drained)
+    await store.close()

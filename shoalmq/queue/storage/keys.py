@@ -16,9 +16,12 @@ Three named databases, all keys big-endian so that byte order is numeric order:
 ``queues``     key: queue name (UTF-8)
                value: JSON, at least ``{"partitions": N}``: a queue's partition count, fixed once written.
 ``partitions`` key: queue name (UTF-8) | 0x00 | partition u32
-               value: pid u32 | next_offset u64
+               value: pid u32 | next_offset u64 | epoch u64
                pid is a node-local id that keeps message keys short; next_offset is the high-water mark
-               that keeps offsets growing after every message below it was acked and deleted.
+               that keeps offsets growing after every message below it was acked and deleted (it may lie
+               past the last segment: offsets skipped by ``append_at`` or ``advance_to`` are never used);
+               epoch is the partition's leader epoch (``set_epoch``). A value of the older 12-byte form
+               (pid | next_offset) reads as epoch 0.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ MAX_DELIVERIES_COUNTED = 254
 
 _SEGMENT_KEY = struct.Struct(">IQ")
 _STATE_HEADER = struct.Struct(">QI")
-_PARTITION_VALUE = struct.Struct(">IQ")
+_PARTITION_VALUE = struct.Struct(">IQQ")
+_PARTITION_VALUE_V0 = struct.Struct(">IQ")  # before the epoch was stored
 _U32 = struct.Struct(">I")
 
 SEGMENT_KEY_SIZE = _SEGMENT_KEY.size
@@ -81,6 +85,17 @@ def segment_payload_start(lengths: tuple[int, ...], index: int) -> int:
     return 4 + 4 * len(lengths) + sum(lengths[:index])
 
 
+def truncate_segment(value: bytes | memoryview, keep: int) -> bytes:
+    """The segment value holding only the first ``keep`` payloads of ``value`` (what a truncation leaves of a
+    segment that straddles the truncation point), copying only those; ValueError if corrupt or shorter."""
+    lengths = segment_lengths(value)
+    if not 0 <= keep <= len(lengths):
+        raise ValueError(f"cannot keep {keep} payloads of a segment of {len(lengths)}")
+    start = 4 + 4 * len(lengths)
+    kept = lengths[:keep]
+    return struct.pack(f">I{keep}I", keep, *kept) + bytes(value[start:start + sum(kept)])
+
+
 def pack_state(enqueued_at: int, state: bytes | bytearray) -> bytes:
     return _STATE_HEADER.pack(enqueued_at, len(state)) + state
 
@@ -103,9 +118,14 @@ def parse_partition_key(key: bytes) -> tuple[str, int]:
     return key[:-5].decode(), _U32.unpack(key[-4:])[0]
 
 
-def pack_partition(pid: int, next_offset: int) -> bytes:
-    return _PARTITION_VALUE.pack(pid, next_offset)
+def pack_partition(pid: int, next_offset: int, epoch: int = 0) -> bytes:
+    return _PARTITION_VALUE.pack(pid, next_offset, epoch)
 
 
-def unpack_partition(value: bytes) -> tuple[int, int]:
+def unpack_partition(value: bytes) -> tuple[int, int, int]:
+    """(pid, next_offset, epoch); the older 12-byte value (no epoch) reads as epoch 0."""
+    if len(value) == _PARTITION_VALUE_V0.size:
+        return (*_PARTITION_VALUE_V0.unpack(value), 0)
+    if len(value) != _PARTITION_VALUE.size:
+        raise ValueError(f"corrupt partition record: {len(value)} bytes, expected {_PARTITION_VALUE.size}")
     return _PARTITION_VALUE.unpack(value)

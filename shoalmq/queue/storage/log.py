@@ -26,6 +26,14 @@ written with the next commit.
 
 Recovery. Opening a store reads the ``partitions`` and ``states`` databases (never the payloads): every message
 not acked is ready again, in offset order, with its delivery count; offsets continue from the high-water mark.
+
+Replication's seam (a leader's log copied to followers). ``append_at`` writes records at given offsets (a gap
+allowed: the skipped offsets are never used), with their delivery counts; ``advance_to`` raises the high-water mark;
+``truncate`` removes every message from an offset on (a follower's diverged tail); ``committed_offset`` and
+``wait_committed`` say what is durable; ``epoch``/``set_epoch`` keep the partition's leader epoch with it;
+``first_offset`` and ``read_messages`` are what a leader sends a follower catching up. None of it costs the hot path
+(``enqueue``, ``take``, ``ack``) anything: a pending run with a gap before it or delivery counts is kept apart from the
+open run ``enqueue`` extends, and uncommitted messages are counted as offsets less the skipped ones.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import bisect
 import ctypes
 import ctypes.util
 import heapq
+import itertools
 import json
 import logging
 import time
@@ -44,7 +53,7 @@ from typing import Literal
 
 from shoalmq._native import RingBuffer
 from shoalmq._native import ring as native_ring  # the implementation RingBuffer comes from (its RingPool)
-from shoalmq.errors import PayloadTooLarge, QueueFull, StorageError
+from shoalmq.errors import PayloadTooLarge, QueueFull, ShoalError, StorageError
 from shoalmq.queue.storage import keys as K
 from shoalmq.queue.storage.backend import Backend, Delete, Put
 
@@ -70,6 +79,8 @@ DEFAULT_MEMORY_BUDGET = 256 << 20
 TRIM_AFTER_FREED = 16 << 20
 TRIM_DELAY = 1.0
 TRIM_MAX_WAIT = 10.0
+#: ``_Segment.remaining`` of a segment ``truncate`` removed.
+DROPPED = -1
 #: Loop turns without new pending writes after which a commit starts (fsync mode). The fast path enqueues a whole
 #: socket read in one turn, but a packet on amqtt's path spans several (a task per packet, a wait_for per header):
 #: with 2 turns, commits there shrank to one message each.
@@ -86,6 +97,14 @@ class Limits:
     ttl: float | None = None
     #: Largest payload accepted, in bytes.
     max_payload: int = 256 * 1024
+
+
+class Truncated(ShoalError):
+    """What a ``wait_committed`` future fails with when its offset was removed by ``truncate`` first."""
+
+
+#: Tie-breakers for the committed-offset waiters of equal offsets (futures do not compare).
+_waiter_ids = itertools.count()
 
 
 def now_ms() -> int:
@@ -153,7 +172,8 @@ class _Segment:
 class PartitionLog:
     """One partition of one queue: an ordered log of messages with offsets, a ring-buffer head and ack state."""
 
-    def __init__(self, store: Store, queue: str, index: int, pid: int, next_offset: int, limits: Limits) -> None:
+    def __init__(self, store: Store, queue: str, index: int, pid: int, next_offset: int, limits: Limits,
+                 epoch: int = 0) -> None:
         self.store = store
         self.queue = queue
         self.index = index
@@ -162,12 +182,25 @@ class PartitionLog:
         # Its records count in the store's pool: the node's budget is the pool's cost, kept by the ring itself.
         self.ring = RingBuffer(store.ring_capacity, store.pool)
         # Offsets: [.. loaded_upto) are in the ring, in flight or acked; [loaded_upto .. committed_end) wait on
-        # disk; [committed_end .. next_offset) are pending in memory or being committed.
+        # disk; [committed_end .. next_offset) are pending in memory or being committed. Any of them may also be
+        # unused (a failed commit's, or skipped by append_at/advance_to); `_skipped` counts the unused ones in
+        # [committed_end .. next_offset), so that next_offset - committed_end - _skipped messages are uncommitted.
+        # committed_end is the lowest uncommitted offset, or next_offset if none (see `committed_offset`).
         self._next_offset = next_offset
         self._committed_end = next_offset
         self._loaded_upto = next_offset
+        self._skipped = 0
+        # The open pending run (what enqueue extends): offsets pending_first .. next_offset-1, delivery counts 0.
         self._pending: list[bytes] = []
         self._pending_first = next_offset
+        # Closed pending runs before it, in offset order: (first, records, delivery counts or None). Only
+        # append_at and advance_to make them (a gap, or delivery counts); the commit writes each run as segments.
+        self._pending_runs: list[tuple[int, list[bytes], bytes | None]] = []
+        # First offsets of segments a truncation removed or cut: the next commit deletes or rewrites them.
+        self._truncated: set[int] = set()
+        # wait_committed futures, a heap by offset.
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._epoch = epoch
         self._segments: dict[int, _Segment] = {}
         self._segment_starts: list[int] = []
         self._dirty_segments: set[_Segment] = set()
@@ -202,11 +235,46 @@ class PartitionLog:
     @property
     def ready(self) -> int:
         """Committed messages waiting for delivery (in the ring or on disk)."""
-        return self._depth - len(self._inflight) - (self._next_offset - self._committed_end)
+        return self._depth - len(self._inflight) - (self._next_offset - self._committed_end - self._skipped)
 
     @property
     def next_offset(self) -> int:
+        """The high-water mark: the offset the next appended message gets."""
         return self._next_offset
+
+    @property
+    def committed_offset(self) -> int:
+        """The offset after the last message known durable: every message below it that was appended is on disk
+        (the offsets of a failed commit's messages, which were refused, lie below it too). It is ``next_offset``
+        when nothing is pending or being committed. See ``wait_committed``."""
+        return self._committed_end
+
+    @property
+    def first_offset(self) -> int:
+        """The lowest offset of a message not yet acked (or removed), committed or not; ``next_offset`` if none.
+        Costs a look at the first segments (those fully acked but not yet deleted are skipped)."""
+        segments = self._segments
+        for start in self._segment_starts:
+            segment = segments[start]
+            if segment.remaining:
+                state = segment.state
+                return start + len(state) - len(state.lstrip(b"\xff"))
+        if self._next_offset - self._committed_end - self._skipped:  # something is uncommitted
+            running = self.store._running
+            if running is not None:
+                for part, runs, _ in running.appended:
+                    if part is self and runs:
+                        return runs[0][0]
+            if self._pending_runs:
+                return self._pending_runs[0][0]
+            if self._pending:
+                return self._pending_first
+        return self._next_offset
+
+    @property
+    def epoch(self) -> int:
+        """The partition's leader epoch, stored with it (0 until ``set_epoch``)."""
+        return self._epoch
 
     # -- writing ----------------------------------------------------------------------------------------
 
@@ -272,6 +340,297 @@ class PartitionLog:
             raise QueueFull(f"queue {self.queue!r} partition {self.index} is full ({self._depth} messages)")
         if self.store.failure is not None:
             raise self.store.failure
+
+    # -- replication: writing at given offsets, truncating, committed offset, epoch ---------------------------
+
+    def append_at(self, offset: int, records: list[bytes], deliveries: bytes | None = None) -> asyncio.Future[None]:
+        """Append ``records`` (stored payloads) at offsets ``offset``, ``offset + 1``, ...: what a follower does with
+        what its leader sent. ``offset`` must be at least ``next_offset`` (ValueError otherwise, nothing stored);
+        offsets between ``next_offset`` and ``offset`` are skipped, never used, and the high-water mark jumps.
+
+        ``deliveries``: each message's initial delivery count (0..254, one byte per record; a moved message keeps
+        its count); all 0 if None. PayloadTooLarge, QueueFull or StorageError as ``enqueue_many``, all or nothing.
+        Returns the store's shared flush future, resolved once the records are durable. No records: ``advance_to``.
+        """
+        if offset < self._next_offset:
+            raise ValueError(f"append_at({offset}) on queue {self.queue!r} partition {self.index}: below "
+                             f"next_offset {self._next_offset}")
+        count = len(records)
+        if deliveries is not None:
+            deliveries = bytes(deliveries)
+            if len(deliveries) != count:
+                raise ValueError(f"{len(deliveries)} delivery counts for {count} records")
+            if count and max(deliveries) > K.MAX_DELIVERIES_COUNTED:
+                raise ValueError(f"a delivery count above {K.MAX_DELIVERIES_COUNTED}")
+            if deliveries.count(0) == count:
+                deliveries = None
+        store = self.store
+        if not count:
+            self.advance_to(offset)
+            return store._flush
+        records = [r if type(r) is bytes else bytes(r) for r in records]
+        largest = max(map(len, records))
+        if largest > self._max_payload:
+            raise PayloadTooLarge(f"payload of {largest} bytes exceeds max_payload {self._max_payload} "
+                                  f"of queue {self.queue!r}")
+        self.check_room(count)
+        if offset > self._next_offset:
+            self._skip_to(offset)
+        if deliveries is None:
+            self._pending.extend(records)
+        else:
+            self._close_run()
+            self._pending_runs.append((offset, records, deliveries))
+            self._pending_first = offset + count
+        store._dirty_partitions.add(self)
+        self._next_offset = offset + count
+        self.last_offset = self._next_offset - 1
+        self._depth += count
+        store._pending_count += count
+        if not store._commit_requested:
+            store._request_commit()
+        elif store._pending_count >= store._early_commit_at:
+            store._commit_early()
+        return store._flush
+
+    def advance_to(self, offset: int) -> None:
+        """Raise the high-water mark to at least ``offset`` (a new owner continuing after the previous owner's
+        offsets): the offsets skipped are never used. Written with the next commit."""
+        if offset <= self._next_offset:
+            return
+        self._skip_to(offset)
+        self._next_offset = offset
+        self._meta_dirty = True
+        self.store._mark_dirty(self)
+
+    def _skip_to(self, offset: int) -> None:
+        """Offsets next_offset .. offset-1 become unused (the caller moves next_offset)."""
+        self._close_run()
+        self._pending_first = offset
+        if self._next_offset - self._committed_end - self._skipped:
+            self._skipped += offset - self._next_offset
+        else:  # nothing uncommitted: the committed offset moves past the gap at once
+            self._raise_committed(offset)
+
+    def _close_run(self) -> None:
+        """End the open pending run (a gap or delivery counts follow it)."""
+        if self._pending:
+            self._pending_runs.append((self._pending_first, self._pending, None))
+            self._pending = []
+
+    def _raise_committed(self, offset: int) -> None:
+        """Nothing below ``offset`` is uncommitted: make it the committed offset."""
+        if self._loaded_upto == self._committed_end:  # nothing waits on disk, nor will in the skipped offsets
+            self._loaded_upto = offset
+        self._committed_end = offset
+        if self._waiters:
+            self._settle_waiters(offset)
+
+    def truncate(self, offset: int) -> int:
+        """Remove every message at ``offset`` or above (a follower whose log diverged from its leader's): committed,
+        being committed or pending; ready, handed back or in flight (those are forgotten: a late ack or nack of one
+        counts for nothing). The high-water mark becomes ``offset``, so ``append_at(offset, ...)`` writes there
+        again. Returns how many messages were removed. Synchronous, also while a commit runs: what that commit is
+        writing at or above ``offset`` is cut out of it, and the next commit deletes (or rewrites, for a segment
+        that straddles ``offset``) what reached the disk; that commit also records the new high-water mark, and
+        until it is durable a restart shows the log as it was. ``wait_committed`` futures for offsets at or above
+        ``offset`` fail with ``Truncated``. An ``offset`` at or above ``next_offset`` changes nothing."""
+        if offset < 0:
+            raise ValueError(f"cannot truncate at a negative offset ({offset})")
+        if offset >= self._next_offset:
+            return 0
+        store = self.store
+        acked = K.ACKED
+        # Pending: the open run, then the closed runs before it.
+        pending_removed = 0
+        if self._pending:
+            keep = max(offset - self._pending_first, 0)
+            pending_removed += len(self._pending) - keep
+            del self._pending[keep:]
+        if not self._pending:
+            self._pending_first = offset
+        runs = []
+        for first, records, deliveries in self._pending_runs:
+            keep = offset - first
+            if keep <= 0:
+                pending_removed += len(records)
+                continue
+            if keep < len(records):
+                pending_removed += len(records) - keep
+                records = records[:keep]
+                deliveries = deliveries[:keep] if deliveries is not None else None
+            runs.append((first, records, deliveries))
+        self._pending_runs = runs
+        store._pending_count = max(store._pending_count - pending_removed, 0)
+        uncommitted = len(self._pending) + sum(len(records) for _, records, _ in runs)
+        # Being committed: cut out of the running commit (whose writes are on disk already, or failed).
+        removed = pending_removed
+        running = store._running
+        if running is not None:
+            for entry in running.appended:
+                if entry[0] is self:
+                    cut, kept = self._cut_commit(entry, offset)
+                    removed += cut
+                    uncommitted += kept
+                    break
+        # Committed segments: those at or above the offset go, the one straddling it loses its tail.
+        starts, segments = self._segment_starts, self._segments
+        i = bisect.bisect_left(starts, offset)
+        for first in starts[i:]:
+            segment = segments.pop(first)
+            removed += segment.remaining
+            segment.remaining = DROPPED  # (a failed commit carrying its state must not put it back)
+            self._dirty_segments.discard(segment)
+            self._truncated.add(first)
+        del starts[i:]
+        if i:
+            segment = segments[starts[i - 1]]
+            keep = offset - segment.first
+            if keep < segment.count:
+                tail = segment.state[keep:]
+                gone = len(tail) - tail.count(acked)
+                removed += gone
+                segment.remaining -= gone
+                del segment.state[keep:]
+                segment.count = keep
+                self._dirty_segments.add(segment)
+                self._truncated.add(segment.first)
+        # In flight, handed back, in the ring.
+        for message_offset in [o for o in self._inflight if o >= offset]:
+            del self._inflight[message_offset]
+        if any(o >= offset for o, _ in self._requeued):
+            self._requeued = [item for item in self._requeued if item[0] < offset]
+            heapq.heapify(self._requeued)
+        ring = self.ring
+        if ring and self._loaded_upto > offset:
+            if ring.head_offset >= offset:
+                ring.clear()
+            else:
+                offsets, payloads, enqueued, deliveries = ring.pop_many(len(ring))
+                push = ring.push
+                for k in range(int(offsets.searchsorted(offset))):
+                    push(int(offsets[k]), payloads[k], int(enqueued[k]), int(deliveries[k]))
+        # Counts and offsets.
+        self._depth -= removed
+        self._next_offset = offset
+        self.last_offset = min(self.last_offset, offset - 1)
+        if self._committed_end > offset:
+            self._committed_end = offset
+            self._loaded_upto = min(self._loaded_upto, offset)
+        if not uncommitted:
+            self._raise_committed(offset)
+        self._skipped = offset - self._committed_end - uncommitted
+        if self._waiters:
+            self._drop_waiters(offset)
+        self._meta_dirty = True
+        store._mark_dirty(self)
+        return removed
+
+    def _cut_commit(self, entry: list, offset: int) -> tuple[int, int]:
+        """Cut the messages at ``offset`` or above out of the running commit's appends of this partition (``entry``
+        of its ``appended``); the next commit deletes or rewrites the segments it wrote. (removed, kept)."""
+        _, runs, end = entry
+        removed = kept = 0
+        cut_runs = []
+        for first, batches, deliveries in runs:
+            position = first
+            kept_batches: list[list[bytes]] = []
+            kept_deliveries: list[bytes] = []
+            for j, payloads in enumerate(batches):
+                n = len(payloads)
+                keep = min(max(offset - position, 0), n)
+                if keep < n:
+                    self._truncated.add(position)
+                    removed += n - keep
+                if keep:
+                    kept_batches.append(payloads[:keep] if keep < n else payloads)
+                    if deliveries is not None:
+                        kept_deliveries.append(deliveries[j][:keep])
+                    kept += keep
+                position += n
+            if kept_batches:
+                cut_runs.append((first, kept_batches, kept_deliveries if deliveries is not None else None))
+        entry[1] = cut_runs
+        entry[2] = min(end, offset)
+        return removed, kept
+
+    def wait_committed(self, offset: int) -> asyncio.Future[None]:
+        """A future resolved once ``committed_offset > offset`` (the message at ``offset`` is durable, or the offset
+        was skipped). It fails with the store's StorageError if the commit holding the offset fails (in ``async``
+        mode the messages are kept and retried: wait again), and with ``Truncated`` if ``truncate`` removes the
+        offset first. One heap entry per call, no future per message."""
+        future = self.store._loop.create_future()
+        if offset < self._committed_end:
+            future.set_result(None)
+        else:
+            heapq.heappush(self._waiters, (offset, next(_waiter_ids), future))
+        return future
+
+    def _settle_waiters(self, below: int, error: BaseException | None = None) -> None:
+        """Resolve (or fail with ``error``) the waiters for offsets below ``below``."""
+        waiters = self._waiters
+        while waiters and waiters[0][0] < below:
+            future = heapq.heappop(waiters)[2]
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+    def _drop_waiters(self, offset: int) -> None:
+        """Fail the waiters for offsets at or above ``offset`` (truncated)."""
+        kept = []
+        for item in self._waiters:
+            if item[0] < offset:
+                kept.append(item)
+            elif not item[2].done():
+                item[2].set_exception(Truncated(f"offset {item[0]} of queue {self.queue!r} partition "
+                                                f"{self.index} was truncated"))
+        heapq.heapify(kept)
+        self._waiters = kept
+
+    def set_epoch(self, epoch: int) -> None:
+        """Record the partition's leader epoch (written with the next commit: ``await store.flush()`` to know it is
+        durable). Epochs only grow: ValueError for one below the stored epoch."""
+        if epoch < self._epoch:
+            raise ValueError(f"epoch {epoch} of queue {self.queue!r} partition {self.index} is below the stored "
+                             f"epoch {self._epoch}")
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._meta_dirty = True
+            self.store._mark_dirty(self)
+
+    def read_messages(self, start: int, max_count: int) -> list[tuple[int, bytes, int]]:
+        """Up to ``max_count`` committed messages not acked, from offset ``start`` on, in offset order, as (offset,
+        payload, delivery count): what a leader sends a follower catching up. Read from the segments on disk; the
+        ring, the in-flight set and the delivery counts are left as they are."""
+        out: list[tuple[int, bytes, int]] = []
+        if max_count <= 0:
+            return out
+        starts, segments = self._segment_starts, self._segments
+        backend = self.store.backend
+        acked = K.ACKED
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        while i < len(starts) and len(out) < max_count:
+            segment = segments[starts[i]]
+            i += 1
+            first, count, state = segment.first, segment.count, segment.state
+            low = max(start - first, 0)
+            if low >= count or not segment.remaining:
+                continue
+            with backend.view(K.SEGMENTS, K.segment_key(self.pid, first)) as value:
+                if value is None:
+                    raise StorageError(f"segment {first} of {self.queue}/{self.index} missing from the log")
+                lengths = K.segment_lengths(value)
+                position = K.segment_payload_start(lengths, low)
+                for index in range(low, count):
+                    length = lengths[index]
+                    if state[index] != acked:
+                        out.append((first + index, bytes(value[position:position + length]), state[index]))
+                        if len(out) >= max_count:
+                            break
+                    position += length
+        return out
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -435,7 +794,7 @@ class PartitionLog:
             start = self._loaded_upto - first
             if start >= count:
                 continue
-            start = max(start, 0)  # offsets below the segment belong to failed commits
+            start = max(start, 0)  # offsets below the segment are unused (failed commits, gaps)
             # Room left (the slow loop below keeps it current).
             free = ring.free
             part_room = store.ring_bytes - ring.nbytes - overhead * len(ring)
@@ -448,7 +807,7 @@ class PartitionLog:
                     raise StorageError(f"segment {first} of {self.queue}/{self.index} missing from the log")
                 lengths = K.segment_lengths(value)
                 left = count - start
-                rest = sum(lengths[start:])
+                rest = sum(lengths[start:count])  # (a truncated segment's value may be longer until rewritten)
                 if (left <= free and (left <= at_least or rest + overhead * left <= min(part_room, node_room))
                         and (start == 0 or rest * 2 >= len(value))):
                     # The rest of the segment fits and is most of it: unpack it whole, in C.
@@ -477,35 +836,75 @@ class PartitionLog:
                         position += length
             self._loaded_upto = first + count
         if i >= len(starts):
-            # Every segment is loaded; what lies between here and committed_end are offsets of failed commits.
+            # Every segment is loaded; what lies between here and committed_end are unused offsets (failed commits,
+            # gaps, truncated).
             self._loaded_upto = self._committed_end
 
-    def _on_committed(self, first: int, batches: list[list[bytes]], enqueued_at: int) -> None:
+    def _on_committed(self, runs: list[tuple[int, list[list[bytes]], list[bytes] | None]], enqueued_at: int) -> None:
         """Segments appended by a successful commit become readable: each enters the ring if nothing older waits on
         disk, as far as the ring's room and the byte budgets allow (an empty ring takes one message larger than
-        the partition's budget, within the node's); the rest waits on disk for ``_refill``."""
-        offset = first
+        the partition's budget, within the node's); the rest waits on disk for ``_refill``. ``runs``: (first
+        offset, batches, delivery counts per batch or None), in offset order, with gaps between them perhaps."""
         ring = self.ring
         store = self.store
-        for payloads in batches:
-            segment = _Segment(offset, enqueued_at, bytearray(len(payloads)))
-            self._add_segment(segment)
-            if self._loaded_upto == offset:
-                if ring:
-                    room = store.ring_bytes - ring.nbytes - RECORD_OVERHEAD * len(ring)
-                else:
-                    room = max(store.ring_bytes, len(payloads[0]) + RECORD_OVERHEAD)
-                room = min(room, store.memory_budget - store.pool.cost)
-                self._loaded_upto = offset + ring.push_upto(offset, payloads, enqueued_at, room, RECORD_OVERHEAD)
-            offset += len(payloads)
-        self._committed_end = offset
+        # The end of what is committed so far: offsets between it and the next segment are unused.
+        end = previous = self._committed_end
+        count = 0
+        for first, batches, deliveries in runs:
+            offset = first
+            for j, payloads in enumerate(batches):
+                segment = _Segment(offset, enqueued_at,
+                                   bytearray(len(payloads)) if deliveries is None else bytearray(deliveries[j]))
+                self._add_segment(segment)
+                if self._loaded_upto == end:  # nothing older waits on disk
+                    if ring:
+                        room = store.ring_bytes - ring.nbytes - RECORD_OVERHEAD * len(ring)
+                    else:
+                        room = max(store.ring_bytes, len(payloads[0]) + RECORD_OVERHEAD)
+                    room = min(room, store.memory_budget - store.pool.cost)
+                    if deliveries is None:
+                        pushed = ring.push_upto(offset, payloads, enqueued_at, room, RECORD_OVERHEAD)
+                    else:
+                        pushed = self._push_counted(offset, payloads, deliveries[j], enqueued_at, room)
+                    self._loaded_upto = offset + pushed
+                offset += len(payloads)
+                end = offset
+            count += offset - first
+        self._committed(previous, end, count)
 
-    def _on_failed(self, first: int, count: int) -> None:
+    def _push_counted(self, first: int, payloads: list[bytes], deliveries: bytes, enqueued_at: int,
+                      room: int) -> int:
+        """``ring.push_upto`` for records with delivery counts (appended by ``append_at``)."""
+        ring = self.ring
+        free = ring.free
+        pushed = 0
+        for payload in payloads:
+            cost = len(payload) + RECORD_OVERHEAD
+            if not free or cost > room:
+                break
+            ring.push(first + pushed, payload, enqueued_at, deliveries[pushed])
+            pushed += 1
+            free -= 1
+            room -= cost
+        return pushed
+
+    def _committed(self, previous: int, end: int, count: int, error: BaseException | None = None) -> None:
+        """A commit ended that carried ``count`` of the uncommitted messages (stored, or refused if ``error``),
+        the last of them before ``end``: the committed offset moves up to the first message still pending."""
+        new = self._pending_runs[0][0] if self._pending_runs else self._pending_first
+        if self._loaded_upto == end:  # nothing waits on disk, nor in the unused offsets up to the pending ones
+            self._loaded_upto = new
+        self._skipped -= new - previous - count
+        self._committed_end = new
+        if self._waiters:
+            self._settle_waiters(new, error)
+
+    def _on_failed(self, runs: list[tuple[int, list[list[bytes]], list[bytes] | None]],
+                   error: BaseException) -> None:
         """Appends whose commit failed were never stored: forget them; their offsets stay unused."""
+        count = sum(len(payloads) for _, batches, _ in runs for payloads in batches)
         self._depth -= count
-        if self._loaded_upto == first:
-            self._loaded_upto = first + count
-        self._committed_end = first + count
+        self._committed(self._committed_end, self._committed_end, count, error)
         self._meta_dirty = True  # the next commit records the high-water mark past the unused offsets
 
 
@@ -551,6 +950,8 @@ class Store:
         self._gather_started = 0.0
         self._commit_end: asyncio.Future[None] | None = None
         self._flush: asyncio.Future[None] = self._new_flush()
+        # The commit between its write and its _commit_done (truncate cuts what it appended).
+        self._running: _Commit | None = None
         self._next_pid = 1
         self._closed = False
         self._stopped = False
@@ -561,7 +962,7 @@ class Store:
         self._queue_definitions: dict[str, dict] = {}
         self._pending_definitions: list[tuple[str, dict]] = []
         self.commits = 0
-        self._recovered: dict[tuple[str, int], tuple[int, int, list[_Segment]]] = {}
+        self._recovered: dict[tuple[str, int], tuple[int, int, int, list[_Segment]]] = {}
         self._recover()
 
     # -- opening and recovery -------------------------------------------------------------------------------
@@ -570,11 +971,11 @@ class Store:
         started = time.perf_counter()
         for key, value in self.backend.scan(K.QUEUES):
             self._queue_definitions[key.decode()] = json.loads(value)
-        by_pid: dict[int, tuple[str, int, int]] = {}
+        by_pid: dict[int, tuple[str, int, int, int]] = {}
         for key, value in self.backend.scan(K.PARTITIONS):
             queue, index = K.parse_partition_key(key)
-            pid, next_offset = K.unpack_partition(value)
-            by_pid[pid] = (queue, index, next_offset)
+            pid, next_offset, epoch = K.unpack_partition(value)
+            by_pid[pid] = (queue, index, next_offset, epoch)
             self._next_pid = max(self._next_pid, pid + 1)
         segments: dict[int, list[_Segment]] = {pid: [] for pid in by_pid}
         for key, value in self.backend.scan(K.STATES):
@@ -582,8 +983,8 @@ class Store:
             enqueued_at, state = K.unpack_state(value)
             if pid in segments:
                 segments[pid].append(_Segment(first, enqueued_at, state))
-        for pid, (queue, index, next_offset) in by_pid.items():
-            self._recovered[(queue, index)] = (pid, next_offset, segments[pid])
+        for pid, (queue, index, next_offset, epoch) in by_pid.items():
+            self._recovered[(queue, index)] = (pid, next_offset, epoch, segments[pid])
         #: Messages not acked that recovery found, and how long reading them took (seconds).
         self.recovered_messages = sum(s.remaining for parts in segments.values() for s in parts)
         self.recovery_seconds = time.perf_counter() - started
@@ -617,11 +1018,11 @@ class Store:
             return existing
         recovered = self._recovered.pop(key, None)
         if recovered is None:
-            pid, next_offset, segments = self._next_pid, 0, []
+            pid, next_offset, epoch, segments = self._next_pid, 0, 0, []
             self._next_pid += 1
         else:
-            pid, next_offset, segments = recovered
-        part = PartitionLog(self, queue, index, pid, next_offset, limits)
+            pid, next_offset, epoch, segments = recovered
+        part = PartitionLog(self, queue, index, pid, next_offset, limits, epoch)
         part._registered = recovered is not None
         if segments:
             first = segments[0].first
@@ -722,6 +1123,7 @@ class Store:
         self._flush = self._new_flush()
         self._pending_count = 0
         self._committing = True
+        self._running = commit
         error: StorageError | None = None
         try:
             self.backend.commit(puts, deletes)
@@ -736,20 +1138,39 @@ class Store:
     def _collect(self, part: PartitionLog, commit: _Commit, puts: list[Put], deletes: list[Delete]) -> None:
         """Move a partition's pending appends and state changes into a commit."""
         key_of = K.segment_key
-        if part._pending:
-            pending, first = part._pending, part._pending_first
+        runs: list[tuple[int, list[list[bytes]], list[bytes] | None]] = []
+        if part._pending or part._pending_runs:
+            if part._pending_runs:
+                pending_runs, part._pending_runs = part._pending_runs, []
+                if part._pending:
+                    pending_runs.append((part._pending_first, part._pending, None))
+            else:
+                pending_runs = [(part._pending_first, part._pending, None)]
             part._pending = []
             part._pending_first = part._next_offset
             size = self.batch_size
-            batches = [pending[i:i + size] for i in range(0, len(pending), size)]
-            offset = first
-            for payloads in batches:
-                key = key_of(part.pid, offset)
-                puts.append((K.SEGMENTS, key, K.pack_segment(payloads)))
-                puts.append((K.STATES, key, K.pack_state(commit.enqueued_at, bytes(len(payloads)))))
-                offset += len(payloads)
-            commit.appended.append((part, first, batches))
+            for first, pending, deliveries in pending_runs:
+                batches = [pending[i:i + size] for i in range(0, len(pending), size)]
+                offset = first
+                if deliveries is None:
+                    for payloads in batches:
+                        key = key_of(part.pid, offset)
+                        puts.append((K.SEGMENTS, key, K.pack_segment(payloads)))
+                        puts.append((K.STATES, key, K.pack_state(commit.enqueued_at, bytes(len(payloads)))))
+                        offset += len(payloads)
+                    runs.append((first, batches, None))
+                else:
+                    counts = [deliveries[i:i + size] for i in range(0, len(deliveries), size)]
+                    for payloads, initial in zip(batches, counts):
+                        key = key_of(part.pid, offset)
+                        puts.append((K.SEGMENTS, key, K.pack_segment(payloads)))
+                        puts.append((K.STATES, key, K.pack_state(commit.enqueued_at, initial)))
+                        offset += len(payloads)
+                    runs.append((first, batches, counts))
+            commit.appended.append([part, runs, part._next_offset])
             part._meta_dirty = True
+        if part._truncated:
+            self._collect_truncated(part, commit, runs, puts, deletes)
         if part._dirty_segments:
             segments = list(part._dirty_segments)
             part._dirty_segments = set()
@@ -764,11 +1185,43 @@ class Store:
         if part._meta_dirty or not part._registered:
             part._meta_dirty = False
             puts.append((K.PARTITIONS, K.partition_key(part.queue, part.index),
-                         K.pack_partition(part.pid, part._next_offset)))
+                         K.pack_partition(part.pid, part._next_offset, part._epoch)))
             commit.registered.append(part)
+
+    def _collect_truncated(self, part: PartitionLog, commit: _Commit,
+                           runs: list[tuple[int, list[list[bytes]], list[bytes] | None]],
+                           puts: list[Put], deletes: list[Delete]) -> None:
+        """What a truncation left to write: segments it removed are deleted (unless this commit writes new ones
+        under the same keys), a segment it cut is rewritten with the payloads it keeps (its state, a dirty
+        segment's, is written below)."""
+        truncated, part._truncated = part._truncated, set()
+        written = set()
+        for first, batches, _ in runs:
+            for payloads in batches:
+                written.add(first)
+                first += len(payloads)
+        for first in sorted(truncated):
+            key = K.segment_key(part.pid, first)
+            segment = part._segments.get(first)
+            if segment is None:
+                if first not in written:
+                    deletes.append((K.SEGMENTS, key))
+                    deletes.append((K.STATES, key))
+                continue
+            part._dirty_segments.add(segment)  # its state is rewritten, or both deleted if nothing is left
+            if segment.remaining:
+                try:
+                    with self.backend.view(K.SEGMENTS, key) as value:
+                        if value is not None:
+                            puts.append((K.SEGMENTS, key, K.truncate_segment(value, segment.count)))
+                except (ValueError, StorageError) as exc:  # keep the commit going: its state still says count
+                    log.error("cannot rewrite truncated segment %d of %s/%d: %s", first, part.queue, part.index,
+                              exc)
+        commit.truncations.append((part, truncated))
 
     def _commit_done(self, commit: _Commit, error: BaseException | None) -> None:
         self._committing = False
+        self._running = None
         if error is None:
             self.commits += 1
             if self.failure is not None:
@@ -776,11 +1229,11 @@ class Store:
                 self.failure = None
             for part in commit.registered:
                 part._registered = True
-            for part, first, batches in commit.appended:
-                part._on_committed(first, batches, commit.enqueued_at)
+            for part, runs, _ in commit.appended:
+                part._on_committed(runs, commit.enqueued_at)
             for part, segments in commit.states:
                 for segment in segments:
-                    if segment.remaining == 0 and segment.first in part._segments:
+                    if segment.remaining == 0 and part._segments.get(segment.first) is segment:
                         part._drop_segment(segment)
             if not commit.flush.done():
                 commit.flush.set_result(None)
@@ -807,21 +1260,35 @@ class Store:
             # The publishers were acknowledged already: keep their messages and write them with the retry.
             if self.failure is None or str(self.failure) != str(error):
                 log.error("%s: %d acknowledged message(s) kept in memory, retrying", error, commit.count)
-            for part, first, batches in commit.appended:
-                part._pending[:0] = [p for batch in batches for p in batch]
-                part._pending_first = first
-                self._pending_count += sum(map(len, batches))
+            for part, runs, end in commit.appended:
+                restored = [(first, [p for batch in batches for p in batch],
+                             None if deliveries is None else b"".join(deliveries))
+                            for first, batches, deliveries in runs if batches]
+                count = sum(len(records) for _, records, _ in restored)
+                if (len(restored) == 1 and restored[0][2] is None and not part._pending_runs
+                        and restored[0][0] + count == part._pending_first):
+                    part._pending[:0] = restored[0][1]  # the open run continues it, as before
+                    part._pending_first = restored[0][0]
+                else:
+                    part._pending_runs[:0] = restored
+                self._pending_count += count
                 self._dirty_partitions.add(part)
+                if part._waiters:
+                    part._settle_waiters(end, error)
         else:
             if self.failure is None or str(self.failure) != str(error):
                 log.error("%s: %d message(s) not stored, their publishers not acknowledged", error, commit.count)
-            for part, first, batches in commit.appended:
-                part._on_failed(first, sum(map(len, batches)))
+            for part, runs, _ in commit.appended:
+                part._on_failed(runs, error)
                 self._dirty_partitions.add(part)
         self.failure = error
         self._pending_definitions[:0] = commit.definitions
         for part, segments in commit.states:
-            part._dirty_segments.update(segments)  # kept in memory, written by the next commit
+            # Kept in memory, written by the next commit (but not those a truncation removed meanwhile).
+            part._dirty_segments.update(s for s in segments if s.remaining != DROPPED)
+            self._dirty_partitions.add(part)
+        for part, truncated in commit.truncations:
+            part._truncated |= truncated
             self._dirty_partitions.add(part)
         for part in commit.registered:
             part._meta_dirty = True
@@ -888,9 +1355,13 @@ class _Commit:
     """What one commit carries, to apply to memory once it succeeds (or undo if it fails)."""
 
     flush: asyncio.Future[None]
-    appended: list[tuple[PartitionLog, int, list[list[bytes]]]]
+    #: Per partition: [part, runs (first offset, batches, delivery counts per batch or None), end (next_offset
+    #: when collected)]; a list, since ``truncate`` cuts it while the commit runs.
+    appended: list[list]
     states: list[tuple[PartitionLog, list[_Segment]]]
     enqueued_at: int
     count: int
     registered: list[PartitionLog] = field(default_factory=list)
     definitions: list[tuple[str, dict]] = field(default_factory=list)
+    #: Per partition: the segment keys (first offsets) a truncation left it to delete or rewrite.
+    truncations: list[tuple[PartitionLog, set[int]]] = field(default_factory=list)
