@@ -244,6 +244,7 @@ class FakeClient:
 
     target = "b:1"
     open_batch = None
+    available = True
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[bytes], asyncio.Future[None]]] = []
@@ -350,5 +351,33 @@ def test_a_consumer_node_asks_each_owner_for_what_its_consumers_hold_and_take() 
         assert 300 < client.credit_for("q") <= 400, "a fast consumer's node covers the round trip"
         assert client.credit_for("q") <= routing.MAX_CREDIT
         await client.close()
+
+    run(body())
+
+
+def test_a_transferred_partition_keeps_its_offsets_delivery_counts_and_high_water_mark() -> None:
+    """A handoff moves the same messages, not new ones: the new owner stores them at their offsets with their
+    delivery counts, and continues its offsets after the old owner's; where its own log is already past them (it
+    stored the partition before, under offsets of its own) it appends them after its own, in order."""
+    from shoalmq.cluster.transport import RemoteRecords
+
+    async def body() -> None:
+        manager = clustered(FakeCluster({"q": [0]}), partitions=1)
+        manager.cluster.definitions["q"] = QueueConfig(partitions=1)  # type: ignore[union-attr]
+        records = [encode_record(b"k", b"m%d" % i) for i in range(4)]
+        await manager.accept_transfer([RemoteRecords("q", 0, 7, records, [10, 11, 12, 15], bytes([2, 0, 1, 0]))])
+        await manager.accept_transfer([RemoteRecords("q", 0, 7, [], (), b"", 40)])  # the transfer's last word
+        part = manager.queue("q").partitions[0]
+        assert part.next_offset == 40
+        taken = part.take(10)
+        assert [(m.offset, m.deliveries) for m in taken] == [(10, 3), (11, 1), (12, 2), (15, 1)]
+        assert [m.payload for m in taken] == records
+        part.ack([m.offset for m in taken])
+        # Offsets this log is already past: stored after its own, in order, counts kept.
+        await manager.accept_transfer([RemoteRecords("q", 0, 7, records[:2], [3, 4], bytes([1, 1]))])
+        assert [(m.offset, m.deliveries) for m in part.take(10)] == [(40, 2), (41, 2)]
+        with pytest.raises(Exception, match="malformed transfer"):
+            manager.accept_transfer([RemoteRecords("q", 0, 7, records[:2], [9, 8], b"")])
+        manager.close()
 
     run(body())

@@ -128,7 +128,9 @@ class PartitionMover:
         try:
             moved = await self.move(part, owner.node, owner.epoch, transfer=False)
         except (ShoalError, OSError) as exc:
-            log.warning("cannot move messages of %s/%d to its owner %s yet: %s", part[0], part[1], owner.node, exc)
+            # (Retriable: the view lagged a change of owner, or the owner is restarting; the next reconcile retries.)
+            log.log(logging.INFO if getattr(exc, "retriable", False) else logging.WARNING,
+                    "cannot move messages of %s/%d to its owner %s yet: %s", part[0], part[1], owner.node, exc)
             return
         if moved:
             log.info("moved %d message(s) of %s/%d left here to its owner %s", moved, part[0], part[1], owner.node)
@@ -146,11 +148,22 @@ class PartitionMover:
             while True:
                 messages = self.manager.export(*part, MOVE_CHUNK)
                 if not messages:
+                    if transfer:  # the end: the new owner's offsets continue after this node's
+                        last = client.transfer_chunk(part[0], part[1], epoch, [], [], b"",
+                                                     self.manager.next_offset(*part))
+                        await asyncio.wait_for(last, MOVE_TIMEOUT)
                     return moved
                 offsets = [m.offset for m in messages]
+                records = [m.payload for m in messages]
+                if transfer:
+                    # The new owner keeps offsets, delivery counts (those before this export's take) and the
+                    # high-water mark: a moved message is the same message, not a new one.
+                    sent = client.transfer_chunk(part[0], part[1], epoch, records, offsets,
+                                                 bytes(min(max(m.deliveries - 1, 0), 254) for m in messages), 0)
+                else:  # a drain: the owner appends them after its own
+                    sent = client.enqueue_records(part[0], part[1], epoch, records)
                 try:
-                    await asyncio.wait_for(client.enqueue_records(part[0], part[1], epoch,
-                                                                  [m.payload for m in messages]), MOVE_TIMEOUT)
+                    await asyncio.wait_for(sent, MOVE_TIMEOUT)
                 except BaseException:
                     self.manager.exported(*part, offsets, moved=False)
                     raise

@@ -42,6 +42,9 @@ GRPC_OPTIONS = [
 
 Status = broker_pb2.EnqueueAck.Status
 
+#: Seconds an ``EnqueueClient`` whose stream broke reports itself unavailable.
+LOST_PAUSE = 0.1
+
 #: Options of the channels to peers only (a server ignores them), each with its reason.
 CHANNEL_OPTIONS = [
     *GRPC_OPTIONS,
@@ -93,12 +96,17 @@ class PeerGone(ForwardError, PeerUnavailable):
 
 @dataclass(frozen=True)
 class RemoteRecords:
-    """The messages of one batch for one partition: each record is key length u16 | key | payload."""
+    """The messages of one batch for one partition: each record is key length u16 | key | payload. A transfer also
+    gives their offsets in the sender's log, their delivery counts, and the sender's high-water mark (see
+    ``PartitionRecords``)."""
 
     queue: str
     partition: int
     epoch: int
     records: list[bytes]
+    offsets: Sequence[int] = ()
+    deliveries: bytes = b""
+    next_offset: int = 0
 
 
 class RemoteEnqueueHandler(Protocol):
@@ -136,7 +144,8 @@ async def answer_batches(request_iterator: AsyncIterator[broker_pb2.EnqueueBatch
         try:
             async for batch in request_iterator:
                 try:
-                    parts = [RemoteRecords(p.queue, p.partition, p.epoch, segment.unpack(p.records))
+                    parts = [RemoteRecords(p.queue, p.partition, p.epoch, segment.unpack(p.records), p.offsets,
+                                           p.deliveries, p.next_offset)
                              for p in batch.partitions]
                 except ValueError as exc:
                     pending.append((batch.batch_id, None, Status.REFUSED, f"malformed batch: {exc}"))
@@ -282,6 +291,13 @@ class EnqueueClient:
         self._batch_future: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
         self._loop = asyncio.get_running_loop()
+        self._down_until = 0.0
+
+    @property
+    def available(self) -> bool:
+        """False for a moment after the stream broke (``LOST_PAUSE``): senders wait instead of trying again at
+        once, which against a peer that refuses connections fails at once, every loop turn."""
+        return self._loop.time() >= self._down_until
 
     @property
     def open_batch(self) -> asyncio.Future[None] | None:
@@ -301,6 +317,18 @@ class EnqueueClient:
         else:
             existing.extend(records)
         return self._batch_future
+
+    def transfer_chunk(self, queue: str, partition: int, epoch: int, records: list[bytes], offsets: list[int],
+                 deliveries: bytes, next_offset: int) -> asyncio.Future[None]:
+        """Send one chunk of a partition handed over (``TransferPartition``), offsets and counts kept, as a batch
+        of its own; the future resolves once the receiver has it on disk."""
+        future = self._loop.create_future()
+        batch_id = next(self._ids)
+        self._waiting[batch_id] = future
+        self._stream.send(broker_pb2.EnqueueBatch(batch_id=batch_id, partitions=[broker_pb2.PartitionRecords(
+            queue=queue, partition=partition, epoch=epoch, records=segment.pack(records), offsets=offsets,
+            deliveries=deliveries, next_offset=next_offset)]))
+        return future
 
     def _send_batch(self) -> None:
         batch_id = next(self._ids)
@@ -325,6 +353,7 @@ class EnqueueClient:
     def _fail_all(self, error: PeerGone) -> None:
         """The stream broke: every batch not yet answered fails (the caller retries; the owner may have stored
         some of them, so a retry can duplicate: at least once)."""
+        self._down_until = self._loop.time() + LOST_PAUSE
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():

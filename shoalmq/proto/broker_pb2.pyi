@@ -8,16 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PartitionRecords(_message.Message):
-    __slots__ = ("queue", "partition", "epoch", "records")
+    __slots__ = ("queue", "partition", "epoch", "records", "offsets", "deliveries", "next_offset")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     queue: str
     partition: int
     epoch: int
     records: bytes
-    def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., records: _Optional[bytes] = ...) -> None: ...
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    deliveries: bytes
+    next_offset: int
+    def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., records: _Optional[bytes] = ..., offsets: _Optional[_Iterable[int]] = ..., deliveries: _Optional[bytes] = ..., next_offset: _Optional[int] = ...) -> None: ...
 
 class EnqueueBatch(_message.Message):
     __slots__ = ("batch_id", "partitions")

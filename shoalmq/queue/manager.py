@@ -454,6 +454,10 @@ class QueueManager:
         else:
             part.nack(offsets, counted=False)
 
+    def next_offset(self, queue_name: str, index: int) -> int:
+        """A partition's high-water mark here: the offset its next message gets."""
+        return self.queue(queue_name).partition(index).next_offset
+
     def ready(self, queue_name: str, index: int) -> int:
         """Messages of a partition stored here and ready (not in flight)."""
         queue = self._queues.get(queue_name)
@@ -566,7 +570,8 @@ class QueueManager:
 
     def accept_transfer(self, batches: Sequence[Any]) -> asyncio.Future[None]:
         """Records a partition's previous owner hands over before this node takes the partition
-        (``TransferPartition``): stored like forwarded ones, but without the ownership check."""
+        (``TransferPartition``): stored like forwarded ones, but without the ownership check, and at the offsets
+        and with the delivery counts they had (see ``_store_records``)."""
         return self._store_records(batches, check=False)
 
     def _store_records(self, batches: Sequence[Any], check: bool) -> asyncio.Future[None]:
@@ -589,15 +594,46 @@ class QueueManager:
                     raise BadQueueName("malformed forwarded record") from None
                 queue.check_payload(largest)
                 counts[part] = counts.get(part, 0) + len(records)
+        for batch in batches:
+            offsets = getattr(batch, "offsets", ())
+            if offsets and (len(offsets) != len(batch.records) or len(batch.deliveries) not in (0, len(offsets))
+                            or any(b <= a for a, b in zip(offsets, offsets[1:]))):
+                raise BadQueueName("malformed transfer: offsets and counts must match the records, ascending")
         for part, count in counts.items():
             part.check_room(count)
         flush: asyncio.Future[None] | None = None
-        for queue, part, records in targets:
-            if records:
+        for (queue, part, records), batch in zip(targets, batches):
+            offsets = getattr(batch, "offsets", ())
+            if getattr(batch, "next_offset", 0) > part.next_offset:
+                part.advance_to(batch.next_offset)  # a transfer's last word: continue after the sender's offsets
+            if offsets:
+                flush = self._append_moved(part, records, offsets, batch.deliveries)
+            elif records:
                 flush = part.enqueue_many(records if type(records) is list else list(records))
         if flush is None:
             flush = self._loop.create_future()
             flush.set_result(None)
+        return flush
+
+    @staticmethod
+    def _append_moved(part: PartitionLog, records: Sequence[bytes], offsets: Sequence[int],
+                      deliveries: bytes) -> asyncio.Future[None]:
+        """Store messages moved from another node's log: at their offsets, in runs of consecutive ones, when they
+        lie at or past this log's high-water mark (the usual case: this node continues the partition); otherwise
+        (this node stored the partition before, under offsets of its own) after its own, in order. Delivery counts
+        are kept either way."""
+        records = records if type(records) is list else list(records)
+        deliveries = deliveries or bytes(len(records))
+        if offsets[0] < part.next_offset:
+            flush = part.append_at(part.next_offset, records, deliveries)
+        else:
+            flush = None
+            start = 0
+            for i in range(1, len(offsets) + 1):
+                if i == len(offsets) or offsets[i] != offsets[i - 1] + 1:
+                    flush = part.append_at(offsets[start], records[start:i], deliveries[start:i])
+                    start = i
+        assert flush is not None
         return flush
 
     # -- consumers --------------------------------------------------------------------------------------
