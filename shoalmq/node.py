@@ -135,7 +135,10 @@ class ClusterMember:
 
     async def stop(self) -> None:
         """Leave gracefully (hand everything over), then stop serving; each step bounded in time."""
-        if self.coordinator.started and self.membership.lease_valid():
+        if self.coordinator.started:
+            if not self.membership.lease_valid():
+                log.warning("etcd is not answering: waiting up to %.0f s for it, to hand this node's partitions "
+                            "over", self.LEAVE_TIMEOUT)
             try:
                 await asyncio.wait_for(self.coordinator.leave(), self.LEAVE_TIMEOUT)
             except TimeoutError:

@@ -51,6 +51,9 @@ class Membership:
         self._watch: PrefixWatch | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
         self._last_refresh = 0.0
+        #: Set while the node leaves: a lost lease is not replaced by a new registration (which would make the
+        #: others assign partitions to a node on its way out); an old lease found alive is still used.
+        self.leaving = False
         #: Until when (loop monotonic clock) this node may trust that its lease is alive: the send time of the
         #: last refresh etcd answered, plus the TTL, minus a margin. etcd counts the TTL from when it received
         #: that refresh, which is after the send time, so etcd can never expire the lease before this deadline.
@@ -133,7 +136,7 @@ class Membership:
                 log.error("lease of node %s lost: no longer accepting writes for its partitions", self.node_id)
                 for callback in self.on_lease_lost:
                     callback()
-            if not self.healthy:
+            if not self.healthy and not self.leaving:
                 try:
                     await self._register()
                 except NodeIdInUse as exc:

@@ -242,13 +242,27 @@ class Ownership:
         every partition, and every message stored here, to the nodes that remain; at most ``timeout`` seconds
         (what is left stays on disk and is handed over when the node comes back)."""
         self.leaving = True
-        try:
-            await self.etcd.call(self.etcd.delete_sync, self.membership.key)
-        except ShoalError as exc:
-            log.warning("cannot withdraw from the membership: %s", exc)
-            return
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.membership.lease_valid():
+        # etcd may be down for a moment (a restart): keep trying, or the node would leave with everything it
+        # stores, for the others to find only when it comes back.
+        while True:
+            try:
+                await self.etcd.call(self.etcd.delete_sync, self.membership.key)
+                break
+            except ShoalError as exc:
+                if time.monotonic() >= deadline:
+                    log.warning("cannot withdraw from the membership: %s; leaving %d message(s) on disk, handed "
+                                "over when this node comes back", exc, self._stored_here())
+                    return
+                log.info("cannot withdraw from the membership yet (%s); trying again", exc)
+                await asyncio.sleep(0.5)
+        self.membership.leaving = True
+        while time.monotonic() < deadline:
+            if not self.membership.lease_valid():
+                # An etcd outage: the lease is likely alive still (an etcd restart renews every lease), and this
+                # node may write again once a refresh says so. Until then, nothing is safe to hand over.
+                await asyncio.sleep(0.1)
+                continue
             async with self._lock:
                 await self._reconcile()
             if not self.view.mine and not self._stored_here():
