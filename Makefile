@@ -9,13 +9,18 @@ DEB_PACKAGES := etcd-server etcd-client mosquitto-clients mosquitto
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: run test bench install system-deps proto clean distclean
+.PHONY: run test soak bench install system-deps proto clean distclean
 
 run: $(VENV)/.installed
 	$(BIN)/broker $(ARGS)
 
 test: system-deps $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The long cluster churn run (tests/test_churn.py, marker soak): SHOALMQ_SOAK_DURATION seconds of publishing
+# (default 600) with faults every 4 s; SHOALMQ_CHURN_SEED picks the seed.
+soak: system-deps $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests/test_churn.py -m soak -s $(PYTEST_ARGS)
 
 bench: system-deps $(VENV)/.installed-test
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
