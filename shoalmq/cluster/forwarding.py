@@ -144,7 +144,8 @@ class Forwarder:
                 continue
             owner = self.view.owners.get(part)
             client = self._client(owner.node) if owner is not None and owner.node != self.view.node_id else None
-            if owner is None or client is None or (on_the_way is not None and on_the_way is not client.open_batch):
+            if (owner is None or client is None or not client.available
+                    or (on_the_way is not None and on_the_way is not client.open_batch)):
                 held[part] = records
                 blocked.add(part)
                 continue
@@ -165,12 +166,14 @@ class Forwarder:
 
         def done(f: asyncio.Future[None] | None) -> None:
             forward.outstanding -= 1
-            if remote and self._on_the_way.get(part) is f:
-                del self._on_the_way[part]
-                if self._held:
-                    self._schedule_retry(0)  # the partition's next groups may go now
             error = f.exception() if f is not None else None
             retry = getattr(error, "retriable", False)
+            if remote and self._on_the_way.get(part) is f:
+                del self._on_the_way[part]
+                if self._held and not retry:
+                    # The partition's next groups may go now. (Not after a failure: those wait FORWARD_RETRY, or a
+                    # peer that refuses connections is retried at every loop turn: 466,817 retries in 60 s.)
+                    self._schedule_retry(0)
             if retry and not forward.future.done():
                 log.debug("forward to %s/%d failed (%s); retrying", part[0], part[1], error)
                 forward.groups[part] = records
