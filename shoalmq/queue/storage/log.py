@@ -326,12 +326,7 @@ class PartitionLog:
         self._next_offset += count
         self.last_offset = self._next_offset - 1
         self._depth += count
-        store._pending_count += count
-        if not store._commit_requested:
-            store._request_commit()
-        elif store._pending_count >= store._early_commit_at:
-            store._commit_early()
-        return store._flush
+        return store._appended(count)
 
     def check_room(self, count: int) -> None:
         """QueueFull unless ``count`` more messages fit the partition's ``max_depth``; StorageError while the store
@@ -386,12 +381,7 @@ class PartitionLog:
         self._next_offset = offset + count
         self.last_offset = self._next_offset - 1
         self._depth += count
-        store._pending_count += count
-        if not store._commit_requested:
-            store._request_commit()
-        elif store._pending_count >= store._early_commit_at:
-            store._commit_early()
-        return store._flush
+        return store._appended(count)
 
     def advance_to(self, offset: int) -> None:
         """Raise the high-water mark to at least ``offset`` (a new owner continuing after the previous owner's
@@ -1043,6 +1033,16 @@ class Store:
         if self.sync == "async":
             future.set_result(None)
         return future
+
+    def _appended(self, count: int) -> asyncio.Future[None]:
+        """``count`` messages were appended to a partition's pending writes: ask for the commit that carries them
+        (see ``_request_commit``); returns its flush."""
+        self._pending_count += count
+        if not self._commit_requested:
+            self._request_commit()
+        elif self._pending_count >= self._early_commit_at:
+            self._commit_early()
+        return self._flush
 
     def _mark_dirty(self, part: PartitionLog) -> None:
         """A partition has state changes (deliveries, acks, registration) to write. They ride with the next commit
