@@ -55,6 +55,9 @@ class QueueSession(Session):
 
     #: Queue deliveries in flight, by packet identifier.
     queue_inflight: dict[int, Delivery]
+    #: Packet ids of queue deliveries taken back (a handoff, an ack timeout) and not given out again: the client's
+    #: late PUBACK for one is dropped here, quietly, not passed to amqtt (which warned once per message).
+    queue_revoked: set[int]
     #: Queues this client consumes at QoS 0 (at most once).
     queue_qos0: set[str]
     #: QoS 2 queue publishes stored (or being stored), waiting for PUBREL: packet id -> its commit [MQTT-4.3.3-2].
@@ -66,6 +69,7 @@ class QueueSession(Session):
         for _ in range(65535):
             packet_id = Session.next_packet_id.fget(self)  # type: ignore[attr-defined]
             if packet_id not in self.queue_inflight:
+                self.queue_revoked.discard(packet_id)
                 return packet_id
         raise AMQTTError("no free packet identifier: 65,535 messages in flight")
 
@@ -74,6 +78,7 @@ class QueueSession(Session):
         ``inflight_in``/``inflight_out`` or of queue deliveries are skipped), and hold it in ``queue_inflight``.
         What ``next_packet_id`` does for one id, inlined for a batch. AMQTTError if all 65,535 are in use."""
         inflight, amqtt_in, amqtt_out = self.queue_inflight, self.inflight_in, self.inflight_out
+        revoked = self.queue_revoked
         packet_id = self._packet_id
         ids = []
         for delivery in deliveries:
@@ -89,6 +94,8 @@ class QueueSession(Session):
             delivery.packet_id = packet_id
             ids.append(packet_id)
         self._packet_id = packet_id
+        if revoked:
+            revoked.difference_update(ids)
         return ids
 
 
@@ -235,9 +242,11 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     def revoke(self, deliveries: list[Delivery]) -> None:
         """The manager took these back (ack timeout, unsubscribe): their packet ids are free again."""
         inflight = self._queue_inflight
+        revoked = self.session.queue_revoked  # type: ignore[union-attr]
         for delivery in deliveries:
             if inflight.get(delivery.packet_id) is delivery:
                 del inflight[delivery.packet_id]
+                revoked.add(delivery.packet_id)
 
     async def handle_puback(self, puback: Any) -> None:
         if not self.queue_ack(puback.variable_header.packet_id):
@@ -256,10 +265,12 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         others = []
         for packet_id in packet_ids:
             delivery = inflight.pop(packet_id, None)
-            if delivery is None:
-                others.append(packet_id)
-            else:
+            if delivery is not None:
                 pending.append(delivery)
+            elif packet_id in self.session.queue_revoked:  # type: ignore[union-attr]
+                self.session.queue_revoked.discard(packet_id)  # type: ignore[union-attr]  # taken back: too late
+            else:
+                others.append(packet_id)
         if pending and not self._ack_scheduled:
             self._ack_scheduled = True
             asyncio.get_running_loop().call_soon(self._apply_acks)
@@ -363,6 +374,7 @@ class ShoalBroker(Broker):
         if not isinstance(session, QueueSession):
             session.__class__ = QueueSession
             session.queue_inflight = {}  # type: ignore[attr-defined]
+            session.queue_revoked = set()  # type: ignore[attr-defined]
             session.queue_qos0 = set()  # type: ignore[attr-defined]
             session.queue_qos2 = {}  # type: ignore[attr-defined]
         handler.__class__ = QueueProtocolHandler
