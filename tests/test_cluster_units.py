@@ -15,57 +15,13 @@ from shoalmq.queue.config import QueueConfig
 from shoalmq.queue.manager import QueueManager
 from shoalmq.queue.record import encode_record
 from shoalmq.queue.storage import MemoryBackend, Store
-from tests.test_queue_manager import FakeConsumer, settle
+from tests.fakes import FakeClient, FakeCluster, FakeConsumer, FakeMembership, clustered, settle
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
-
-
-class FakeCluster:
-    """The ``Cluster`` interface over dicts: which partitions are ours, what was forwarded, defined queues."""
-
-    def __init__(self, owned: dict[str, list[int]] | None = None) -> None:
-        self.owned = owned or {}
-        self.definitions: dict[str, QueueConfig] = {}
-        self.forwarded: list[tuple[str, int, bytes]] = []
-        self.defining: dict[str, asyncio.Future[QueueConfig]] = {}
-        self.extra: dict[str, list[Any]] = {}
-
-    def queue_config(self, name: str) -> QueueConfig | None:
-        return self.definitions.get(name)
-
-    def define(self, name: str, config: QueueConfig) -> asyncio.Future[QueueConfig]:
-        future = self.defining[name] = asyncio.get_running_loop().create_future()
-        self._config = config
-        return future
-
-    def finish_definition(self, name: str) -> None:
-        self.definitions[name] = self._config
-        self.defining[name].set_result(self._config)
-
-    def writable(self, queue: str, partition: int) -> bool:
-        return partition in self.owned.get(queue, [])
-
-    def forward(self, queue: str, partition: int, records: list[bytes]) -> asyncio.Future[None]:
-        self.forwarded += [(queue, partition, record) for record in records]
-        future = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-    def owned_partitions(self, queue: str) -> list[int]:
-        return self.owned.get(queue, [])
-
-    def proxies(self, queue: str) -> list[Any]:
-        return self.extra.get(queue, [])
-
-
-def clustered(cluster: FakeCluster, partitions: int = 4) -> QueueManager:
-    manager = QueueManager(Store(MemoryBackend()), defaults=QueueConfig(partitions=partitions))
-    manager.cluster = cluster
-    return manager
 
 
 def test_publishes_to_partitions_owned_elsewhere_are_forwarded() -> None:
@@ -225,34 +181,6 @@ def test_deliveries_for_a_queue_without_consumers_here_go_straight_back() -> Non
         assert client.settled == [(("q", 1, 5, [7], "return"), {})] and not router.proxies
 
     run(body())
-
-
-class FakeMembership:
-    def __init__(self) -> None:
-        self.node_id, self.cluster, self.lease = "a", "c", 1
-        self.nodes = {"a": {"grpc": "a:1"}, "b": {"grpc": "b:1"}}
-        self.on_change: list[Any] = []
-        self.on_lease_lost: list[Any] = []
-        self.on_lease_regained: list[Any] = []
-
-    def lease_valid(self) -> bool:
-        return True
-
-
-class FakeClient:
-    """A peer's EnqueueClient: each call returns a future the test resolves."""
-
-    target = "b:1"
-    open_batch = None
-    available = True
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[list[bytes], asyncio.Future[None]]] = []
-
-    def enqueue_records(self, queue: str, partition: int, epoch: int, records: list[bytes]) -> asyncio.Future[None]:
-        future = asyncio.get_running_loop().create_future()
-        self.calls.append((list(records), future))
-        return future
 
 
 def test_a_forward_refused_by_the_old_owner_is_stored_before_later_ones() -> None:

@@ -4,59 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
 
 from shoalmq.errors import ConfigError, PayloadTooLarge, QueueFull
 from shoalmq.queue.config import QueueConfig, queue_configs_from_mapping
-from shoalmq.queue.manager import BadQueueName, Delivery, QueueManager, parse_queue_topic, queue_of_filter
+from shoalmq.queue.manager import BadQueueName, parse_queue_topic, queue_of_filter
 from shoalmq.queue.record import split_record
-from shoalmq.queue.storage import MemoryBackend, Store
+from shoalmq.queue.storage import MemoryBackend
+from tests.fakes import AckingConsumer, FakeConsumer, RemoteFakeConsumer, manager_on, settle
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
-
-
-class FakeConsumer:
-    """Records what it is handed; acks only when told to."""
-
-    def __init__(self, name: str, window: int = 32) -> None:
-        self.name = name
-        self.window = window
-        self.received: list[Delivery] = []
-        self._acked = 0  # received[:_acked] were acked
-        self.max_held = 0
-        self.manager: QueueManager | None = None
-
-    def deliver(self, deliveries: list[Delivery]) -> None:
-        self.received += deliveries
-        if self.manager is not None:
-            self.max_held = max(self.max_held, self.manager.inflight(self))
-
-    def revoke(self, deliveries: list[Delivery]) -> None:
-        self.revoked = getattr(self, "revoked", []) + deliveries
-
-    def ack_all(self, manager: QueueManager) -> int:
-        unacked, self._acked = self.received[self._acked:], len(self.received)
-        return manager.ack(unacked)
-
-
-async def settle(until: Callable[[], bool] | None = None, timeout: float = 5.0) -> None:
-    """Let commits and dispatches run until ``until()`` holds (or a few loop turns if none is given)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    for _ in range(20):
-        await asyncio.sleep(0)
-    while until is not None and not until():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
-
-def manager_on(backend: MemoryBackend, **kwargs: Any) -> QueueManager:
-    return QueueManager(Store(backend), **kwargs)
 
 
 # -- topics ---------------------------------------------------------------------------------------------------------
@@ -412,15 +374,6 @@ def test_a_full_disk_during_an_ack_timeout_stops_nothing() -> None:
 # -- dispatch strategies and delivery counting ----------------------------------------------------------------
 
 
-class AckingConsumer(FakeConsumer):
-    """Acks every delivery at once, as ``mosquitto_sub`` does."""
-
-    def deliver(self, deliveries: list[Delivery]) -> None:
-        super().deliver(deliveries)
-        assert self.manager is not None
-        asyncio.get_running_loop().call_soon(self.ack_all, self.manager)
-
-
 def test_ties_rotate_among_consumers_with_equally_few_in_flight() -> None:
     """Two consumers that ack at once, ten publishes one after another: each gets five (the first of equals
     does not always win)."""
@@ -471,12 +424,6 @@ def test_dispatch_strategies_share_a_burst(strategy: str) -> None:
 def test_an_unknown_dispatch_strategy_is_refused() -> None:
     with pytest.raises(ConfigError, match="dispatch must be one of"):
         QueueConfig(dispatch="fastest")
-
-
-class RemoteFakeConsumer(FakeConsumer):
-    """Another node's route stream, as the manager sees it."""
-
-    remote = True
 
 
 def test_the_broker_s_own_moves_are_not_delivery_attempts() -> None:
