@@ -270,13 +270,7 @@ class QueueManager:
         self._dispatch_round = 0
         self._loop = asyncio.get_running_loop()
         self._by_pid: dict[int, Queue] = {}
-        rng = random.Random()
-        #: Dispatch strategy -> how one message picks among the consumers with room (listed in turn).
-        self._pickers: dict[str, Any] = {
-            "least_inflight": lambda states: min(states, key=_inflight_count),  # min keeps the first of ties
-            "round_robin": lambda states: states[0],
-            "random": rng.choice,
-        }
+        self._rng = random.Random()  # the "random" dispatch strategy
         #: Who owns which partition (set on a cluster; None in the embedded single node: every partition is ours).
         self.ownership: Ownership | None = None
         #: The cluster this node is part of (None: the embedded single node).
@@ -790,29 +784,44 @@ class QueueManager:
             batches = {id(state): (state, deliveries)}
         else:
             batches = {}
-            pick = self._pickers[queue.config.dispatch]
+            strategy = queue.config.dispatch
             n = len(consumers)
-            # The consumers in turn from where the last message left off (ties and round robin rotate).
-            start = queue._next_consumer % n
-            consumers = consumers[start:] + consumers[:start]
+            # The consumers are scanned in turn from where the last message left off: among equals (and for
+            # round robin, among all with room) the next one after the last served wins.
+            pos = queue._next_consumer % n
             for part, message in taken:
                 # A message handed back (timeout, unsubscribe) goes to another consumer if one has room.
                 previous, message.last_holder = message.last_holder, None
-                candidates = [s for s in consumers if len(s.inflight) < s.consumer.window]
-                if previous is not None and len(candidates) > 1:
-                    candidates = [s for s in candidates if id(s.consumer) != previous] or candidates
-                state = pick(candidates) if candidates else consumers[0]
-                # The next message starts after this one's consumer.
-                index = consumers.index(state) + 1
-                consumers = consumers[index:] + consumers[:index]
-                queue._next_consumer += index
-                if len(state.inflight) >= state.consumer.window:
+                state = other = None
+                fewest = fewest_other = 1 << 62
+                if strategy == "random":
+                    room = [s for s in consumers if len(s.inflight) < s.consumer.window]
+                    if previous is not None and len(room) > 1:
+                        room = [s for s in room if id(s.consumer) != previous] or room
+                    other = self._rng.choice(room) if room else None
+                else:
+                    for k in range(n):
+                        s = consumers[(pos + k) % n]
+                        held = len(s.inflight)
+                        if held >= s.consumer.window:
+                            continue
+                        if previous is not None and id(s.consumer) == previous:
+                            if held < fewest:
+                                state, fewest = s, held
+                        elif held < fewest_other:
+                            other, fewest_other = s, held
+                            if strategy == "round_robin":
+                                break
+                state = other or state
+                if state is None:
                     # Cannot happen (capacity was counted), but never overfill a window.
                     part.nack((message.offset,), counted=False)
                     continue
+                pos = consumers.index(state) + 1
                 delivery = Delivery(queue, part, message, state.consumer, deadline)
                 state.inflight[delivery] = None
                 batches.setdefault(id(state), (state, []))[1].append(delivery)
+            queue._next_consumer = pos
         for state, deliveries in batches.values():
             if queue.name in state.at_most_once:
                 # At most once: removed as it is sent.
@@ -950,10 +959,6 @@ class QueueManager:
 
 def _last_served(queue: Queue) -> int:
     return queue.last_served
-
-
-def _inflight_count(state: _ConsumerState) -> int:
-    return len(state.inflight)
 
 
 def consumer_name(consumer: Consumer) -> str:
