@@ -304,8 +304,40 @@ def test_a_transferred_partition_keeps_its_offsets_delivery_counts_and_high_wate
         # Offsets this log is already past: stored after its own, in order, counts kept.
         await manager.accept_transfer([RemoteRecords("q", 0, 7, records[:2], [3, 4], bytes([1, 1]))])
         assert [(m.offset, m.deliveries) for m in part.take(10)] == [(40, 2), (41, 2)]
-        with pytest.raises(Exception, match="malformed transfer"):
-            manager.accept_transfer([RemoteRecords("q", 0, 7, records[:2], [9, 8], b"")])
+        part_before = (part.depth, part.next_offset)
+        for bad in (RemoteRecords("q", 0, 7, records[:2], [9, 8], b""),  # not ascending
+                    RemoteRecords("q", 0, 7, records[:1], [1 << 63], b""),  # past a signed 64-bit offset
+                    RemoteRecords("q", 0, 7, [], (), b"", 1 << 63),
+                    RemoteRecords("q", 0, 7, records[:1], [50], bytes([255]))):  # 255 means acked on disk
+            with pytest.raises(Exception, match="malformed transfer"):
+                manager.accept_transfer([RemoteRecords("q", 0, 7, records[:1], [60], b""), bad])
+        assert (part.depth, part.next_offset) == part_before, "a refused batch stores nothing"
+        manager.close()
+
+    run(body())
+
+
+def test_a_consumer_s_failure_handed_back_with_a_credit_of_zero_still_counts() -> None:
+    """The consumer node's last consumer of a queue dies holding a message: its counted hand-back and the credit of
+    0 that follows reach the owner in that order (the credit returns what is left, uncounted), so a poison message
+    is still dead-lettered after max_deliveries."""
+    async def body() -> None:
+        cluster = FakeCluster({"jobs": [0]})
+        cluster.definitions["jobs"] = QueueConfig(partitions=1, max_deliveries=1)
+        cluster.definitions["jobs.dlq"] = QueueConfig(partitions=1, max_deliveries=0)
+        manager = clustered(cluster, partitions=1)
+        await manager.queue("jobs").publish("", b"poison", partition=0)
+
+        class View:
+            mine = {("jobs", 0): 7}
+
+        stream = RouteStream(manager, View(), "n2")  # type: ignore[arg-type]
+        stream.handle(broker_pb2.RouteRequest(queue="jobs", credit=10))
+        sent = await asyncio.wait_for(stream.outgoing.get(), 5)
+        assert sent is not None and list(sent.offsets) == [0]
+        nack = broker_pb2.PartitionOffsets(partition=0, epoch=7, offsets=[0])
+        stream.handle(broker_pb2.RouteRequest(queue="jobs", credit=0, nacks=[nack]))
+        await settle(lambda: manager.queue("jobs").dead_lettered == 1)
         manager.close()
 
     run(body())

@@ -68,7 +68,11 @@ class PartitionMover:
         by_target: dict[str, list[tuple[Partition, int]]] = {}
         for part, target, epoch in handoffs:
             by_target.setdefault(target, []).append((part, epoch))
-        await asyncio.gather(*(self._hand_off_to(target, parts) for target, parts in by_target.items()))
+        results = await asyncio.gather(*(self._hand_off_to(target, parts) for target, parts in by_target.items()),
+                                       return_exceptions=True)
+        for error in results:  # (each handoff settles its partitions itself; none may end the others)
+            if isinstance(error, BaseException):
+                log.error("a handoff failed", exc_info=error)
 
     async def _hand_off_to(self, target: str, parts: list[tuple[Partition, int]]) -> None:
         info = self.view.nodes.get(target)
@@ -84,20 +88,19 @@ class PartitionMover:
             log.info("not handing %d partition(s) over to %s yet: its gRPC server at %s does not answer (next try "
                      "in %.2f s)", len(parts), target, info["grpc"], delay)
             return
-        self._backoff.pop(backoff_key, None)
         for part, _ in parts:
             self._release(part)
         deadline = time.monotonic() + HANDOFF_ACK_GRACE
         while time.monotonic() < deadline and any(self.manager.held(*part) for part, _ in parts):
             await asyncio.sleep(0.02)
-        failed = False
-        for part, epoch in parts:
-            if failed:  # the target failed: keep the rest, try again later
-                self._keep(part, epoch)
-                continue
-            failed = not await self._hand_off(part, target, epoch)
-        if failed:
-            self._backoff[backoff_key] = (time.monotonic() + HANDOFF_BACKOFF[0], HANDOFF_BACKOFF[0])
+        # All at once (each pauses its publishes until it is moved: one after the other, the last would wait for
+        # every earlier transfer).
+        done = await asyncio.gather(*(self._hand_off(part, target, epoch) for part, epoch in parts))
+        if all(done):
+            self._backoff.pop(backoff_key, None)
+        else:  # a target that takes the probe but refuses or fails transfers is tried less and less often
+            delay = min(max(delay * 2, HANDOFF_BACKOFF[0]), HANDOFF_BACKOFF[1])
+            self._backoff[backoff_key] = (time.monotonic() + delay, delay)
 
     async def _hand_off(self, part: Partition, target: str, epoch: int) -> bool:
         """Move the released partition's messages to ``target``, then give up its key. False if the transfer
@@ -113,7 +116,15 @@ class PartitionMover:
             log.warning("handoff of %s/%d to %s failed (%s); keeping it for now", part[0], part[1], target, exc)
             self._keep(part, epoch)
             return False
-        if await self.etcd.call(self.etcd.delete_if_created_at_sync, self.view.partition_key(part), epoch):
+        try:
+            deleted = await self.etcd.call(self.etcd.delete_if_created_at_sync, self.view.partition_key(part), epoch)
+        except ShoalError as exc:
+            # Moved, but the key is still ours: the partition stays released, and the next reconcile, finding a key
+            # of ours it does not write to, finishes the handoff (nothing is left to move).
+            log.warning("partition %s/%d moved to %s, but its key could not be given up yet: %s", part[0], part[1],
+                        target, exc)
+            return True
+        if deleted:
             current = self.view.owners.get(part)
             if current is not None and current.epoch == epoch:
                 del self.view.owners[part]  # before the watch says so: no second handoff of it

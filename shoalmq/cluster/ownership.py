@@ -165,7 +165,8 @@ class Ownership:
     def keep(self, part: Partition, epoch: int) -> None:
         """A handoff did not happen: own the partition again if its key is still ours at that epoch."""
         current = self.view.owners.get(part)
-        if current is not None and current.node == self.node_id and current.epoch == epoch:
+        if (current is not None and current.node == self.node_id and current.epoch == epoch
+                and current.lease == self.membership.lease and self.membership.lease_valid()):
             self.view.mine[part] = epoch
             self._changed()
 
@@ -199,7 +200,7 @@ class Ownership:
                         continue  # from an earlier lease: it expires on its own
                     if wanted == self.node_id:
                         view.mine[part] = current.epoch
-                        changed = True
+                        self._changed()  # deliver from it at once, not after the drains of this pass
                     elif wanted in nodes:
                         handoffs.append((part, wanted, current.epoch))
                 elif wanted == self.node_id:
@@ -227,6 +228,7 @@ class Ownership:
         self.view.mine[part] = revision
         self._claimed_recently.add(part)
         self.view.record_owner(part, Owner(self.node_id, revision, lease))
+        self.manager.set_epoch(*part, revision)  # stored with the partition (its leader epoch, for replication)
         self._changed()  # deliver from it at once; publishes that waited for it go first
         log.info("partition %s/%d owned here from epoch %d", part[0], part[1], revision)
         # Write the epoch into the readable value too (the key's create revision stays the authority).

@@ -144,18 +144,8 @@ class RouteStream:
     def handle(self, request: broker_pb2.RouteRequest) -> None:
         name = request.queue
         consumer = self.consumers.get(name)
-        if request.credit >= 0:
-            if request.credit == 0:
-                if consumer is not None:
-                    del self.consumers[name]
-                    consumer.inflight.clear()
-                    self.manager.unsubscribe(consumer, name)
-                consumer = None
-            else:
-                if consumer is None:
-                    consumer = self.consumers[name] = RemoteConsumer(self, name)
-                consumer.window = min(request.credit, MAX_CREDIT)
-                self.manager.subscribe(consumer, name)
+        # Acks and hand-backs first: a credit of 0 in the same request returns what is left, uncounted, and a
+        # consumer's failure handed back with it must still count.
         if consumer is not None:
             if request.acks:
                 consumer.settle(request.acks, "ack")
@@ -163,6 +153,17 @@ class RouteStream:
                 consumer.settle(request.nacks, "nack")
             if request.returns:
                 consumer.settle(request.returns, "return")
+        if request.credit >= 0:
+            if request.credit == 0:
+                if consumer is not None:
+                    del self.consumers[name]
+                    consumer.inflight.clear()
+                    self.manager.unsubscribe(consumer, name)
+            else:
+                if consumer is None:
+                    consumer = self.consumers[name] = RemoteConsumer(self, name)
+                consumer.window = min(request.credit, MAX_CREDIT)
+                self.manager.subscribe(consumer, name)
 
     def close(self) -> None:
         for consumer in self.consumers.values():
@@ -351,6 +352,8 @@ class RouteClient:
         self.router.stream_lost(self)
 
     def credit(self, queue: str, credit: int) -> None:
+        if self._settle_scheduled:
+            self._send_settles()  # the acks and hand-backs of this turn go before the credit (0: all back, uncounted)
         self._sent[queue] = credit
         if not credit:
             self._rate.pop(queue, None)

@@ -159,6 +159,9 @@ async def answer_batches(request_iterator: AsyncIterator[broker_pb2.EnqueueBatch
                     pending.append((batch.batch_id, None, Status.STALE_EPOCH, str(exc)))
                 except ShoalError as exc:
                     pending.append((batch.batch_id, None, Status.REFUSED, str(exc)))
+                except Exception as exc:  # a batch nobody checked for: refuse it, keep the stream (and log the bug)
+                    log.exception("batch %d refused", batch.batch_id)
+                    pending.append((batch.batch_id, None, Status.REFUSED, f"refused: {exc!r}"))
                 more.set()
         finally:
             done_reading = True

@@ -39,6 +39,10 @@ from shoalmq.queue.storage import Limits, Message, PartitionLog, Store
 log = logging.getLogger(__name__)
 
 QUEUE_PREFIX = "$queue/"
+#: Offsets and high-water marks are signed 64-bit in the ring and the log: a transfer naming one past it is refused.
+MAX_OFFSET = 1 << 63
+#: The largest delivery count a partition log stores (255 marks an acked message).
+MAX_DELIVERIES_KEPT = 254
 #: Seconds between attempts to store a dead-letter copy when the disk refused it.
 DEAD_LETTER_RETRY = 0.5
 MAX_KEY = 0xFFFF
@@ -448,6 +452,13 @@ class QueueManager:
         else:
             part.nack(offsets, counted=False)
 
+    def set_epoch(self, queue_name: str, index: int, epoch: int) -> None:
+        """Record with the partition the epoch at which this node came to own it (kept if a higher one is stored:
+        an etcd started afresh counts its revisions from 1 again)."""
+        part = self.queue(queue_name).partition(index)
+        if epoch > part.epoch:
+            part.set_epoch(epoch)
+
     def next_offset(self, queue_name: str, index: int) -> int:
         """A partition's high-water mark here: the offset its next message gets."""
         return self.queue(queue_name).partition(index).next_offset
@@ -590,9 +601,12 @@ class QueueManager:
                 counts[part] = counts.get(part, 0) + len(records)
         for batch in batches:
             offsets = getattr(batch, "offsets", ())
-            if offsets and (len(offsets) != len(batch.records) or len(batch.deliveries) not in (0, len(offsets))
-                            or any(b <= a for a, b in zip(offsets, offsets[1:]))):
-                raise BadQueueName("malformed transfer: offsets and counts must match the records, ascending")
+            if getattr(batch, "next_offset", 0) >= MAX_OFFSET or offsets and (
+                    len(offsets) != len(batch.records) or len(batch.deliveries) not in (0, len(offsets))
+                    or any(b <= a for a, b in zip(offsets, offsets[1:])) or offsets[-1] >= MAX_OFFSET - 1
+                    or batch.deliveries and max(batch.deliveries) > MAX_DELIVERIES_KEPT):
+                raise BadQueueName("malformed transfer: offsets (ascending, below 2^63) and delivery counts (at "
+                                   "most 254) must match the records")
         for part, count in counts.items():
             part.check_room(count)
         flush: asyncio.Future[None] | None = None
@@ -794,30 +808,35 @@ class QueueManager:
                 previous, message.last_holder = message.last_holder, None
                 state = other = None
                 fewest = fewest_other = 1 << 62
+                at = at_other = 0
                 if strategy == "random":
                     room = [s for s in consumers if len(s.inflight) < s.consumer.window]
                     if previous is not None and len(room) > 1:
                         room = [s for s in room if id(s.consumer) != previous] or room
-                    other = self._rng.choice(room) if room else None
+                    if room:
+                        other = self._rng.choice(room)
+                        at_other = consumers.index(other)
                 else:
                     for k in range(n):
-                        s = consumers[(pos + k) % n]
+                        i = (pos + k) % n
+                        s = consumers[i]
                         held = len(s.inflight)
                         if held >= s.consumer.window:
                             continue
                         if previous is not None and id(s.consumer) == previous:
                             if held < fewest:
-                                state, fewest = s, held
+                                state, fewest, at = s, held, i
                         elif held < fewest_other:
-                            other, fewest_other = s, held
+                            other, fewest_other, at_other = s, held, i
                             if strategy == "round_robin":
                                 break
-                state = other or state
+                if other is not None:
+                    state, at = other, at_other
                 if state is None:
                     # Cannot happen (capacity was counted), but never overfill a window.
                     part.nack((message.offset,), counted=False)
                     continue
-                pos = consumers.index(state) + 1
+                pos = at + 1
                 delivery = Delivery(queue, part, message, state.consumer, deadline)
                 state.inflight[delivery] = None
                 batches.setdefault(id(state), (state, []))[1].append(delivery)
