@@ -19,7 +19,8 @@ The scenario (everything seeded by ``random.Random(seed)``; the threads' timing 
   another live node when their connection breaks;
 - a fault every ``fault_every`` s, in turn: SIGKILL a node and restart it ``kill_restart_after`` s later (same data
   directory); SIGTERM a node and restart it ``term_restart_after`` s after it exited; SIGKILL etcd and restart it
-  ``etcd_restart_after`` s later; start an extra node and SIGTERM it ``join_stop_after`` s later;
+  ``etcd_restart_after`` s later; start an extra node and SIGTERM it ``join_stop_after`` s later; and, when
+  ``faults`` names it, SIGSTOP a node past its lease and SIGCONT it ``pause_for`` s later (the suite version does);
 - then publishing stops, the faults' restarts finish, and the consumers drain without a rate limit until every
   acknowledged message was seen, or nothing new arrived for ``quiet`` s; a consumer of ``$queue/<q>.dlq`` then
   drains the dead-letter queue, and ``broker cluster status --json`` shows what is left in the partitions.
@@ -36,6 +37,7 @@ import itertools
 import json
 import queue as queue_module
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -76,13 +78,16 @@ class ChurnConfig:
     #: Seconds between faults; the first comes ``first_fault`` s after publishing starts.
     fault_every: float = 4.0
     first_fault: float = 4.0
-    #: Fault kinds, taken in turn: "kill", "term", "etcd", "join".
+    #: Fault kinds, taken in turn: "kill", "term", "etcd", "join", and "pause" (SIGSTOP a node past its lease,
+    #: ``pause_for`` s, then SIGCONT: it must stop writing before its partitions are taken over).
     faults: tuple[str, ...] = ("kill", "term", "etcd", "join")
     #: Each join of the extra node starts it on a fresh data directory (a new machine), not its previous one.
     join_fresh_data: bool = False
     kill_restart_after: float = 8.0
     term_restart_after: float = 3.0
     etcd_restart_after: float = 3.0
+    #: Seconds a "pause" fault keeps a node stopped (default: its lease TTL + 2 s).
+    pause_for: float | None = None
     join_stop_after: float = 8.0
     #: The drain ends once nothing new arrived for this long (or every acknowledged message was seen).
     quiet: float = 10.0
@@ -612,7 +617,12 @@ class Faults(threading.Thread):
             if self.stop_event.wait(max(at - time.monotonic(), 0)):
                 return
             kind = cfg.faults[turn % len(cfg.faults)]
-            getattr(self, f"_fault_{kind}")()
+            try:
+                getattr(self, f"_fault_{kind}")()
+            except Exception as exc:  # reported in the result (a fault that cannot run fails the scenario)
+                self.errors.append(f"fault {kind}: {exc!r}")
+                self.timeline.note(f"fault {kind} failed: {exc!r}")
+                return
 
     def _pick_node(self) -> str | None:
         with self._lock:
@@ -662,6 +672,28 @@ class Faults(threading.Thread):
             self._pause(self.cfg.term_restart_after)
             self._restarted(node, "after SIGTERM")
         self._spawn(stop_and_restart, f"term-{node}")
+
+    def _fault_pause(self) -> None:
+        node = self._pick_node()
+        if node is None:
+            self.timeline.note("fault pause skipped: only one node up")
+            return
+        process = self.cluster.nodes[node]
+        assert process.proc is not None
+        self.timeline.note(f"fault: SIGSTOP {node}")
+        process.proc.send_signal(signal.SIGSTOP)
+        self.done.append(f"pause {node}")
+
+        def resume() -> None:
+            try:
+                self.closed.wait(self.cfg.pause_for if self.cfg.pause_for is not None else self.cfg.lease_ttl + 2)
+            finally:
+                if process.proc is not None and process.proc.poll() is None:
+                    process.proc.send_signal(signal.SIGCONT)
+                self.timeline.note(f"fault: SIGCONT {node}")
+                with self._lock:
+                    self.down.discard(node)
+        self._spawn(resume, f"resume-{node}")
 
     def _fault_etcd(self) -> None:
         with self._lock:
