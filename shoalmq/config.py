@@ -17,11 +17,14 @@ from typing import Any
 import yaml
 
 from shoalmq.errors import ConfigError, os_error_text
-from shoalmq.queue.config import QueueConfig, queue_config_from_mapping, queue_configs_from_mapping
+from shoalmq.queue.config import MAX_REPLICATION_FACTOR, QueueConfig, queue_config_from_mapping, queue_configs_from_mapping
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SYNC_MODES = ("fsync", "async")
 ROUTING_MODES = ("proxy", "direct")
+#: The partition assigners (shoalmq.cluster.assignment.ASSIGNERS; named here so that reading a configuration
+#: loads no cluster code).
+ASSIGNER_NAMES = ("hash", "rendezvous")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -191,6 +194,12 @@ OPTIONS: tuple[Option, ...] = (
            "direct: a node delivers only the partitions it owns (consumers connect to every node)"),
     Option("lease_ttl", "--lease-ttl", 5, _int_parser(2, 60), "SECONDS",
            "TTL of the node's etcd lease: a crashed node's partitions move to the others this long after"),
+    Option("replication_factor", "--replication-factor", None, _optional(_int_parser(1, MAX_REPLICATION_FACTOR)),
+           "N", "copies of each partition of every queue created from now on, on different nodes (sets "
+           "queue_defaults.replication_factor, and that of declared queues that give none; default 1)"),
+    Option("assigner", "--assigner", "hash", _choice_parser(ASSIGNER_NAMES), "NAME",
+           "how partitions are placed on nodes: hash (leader at (p + hash(queue)) mod N, followers the next "
+           "nodes), rendezvous (rendezvous hashing with bounded load: a join or leave moves about 1/N)"),
 )
 
 #: Settings only the configuration file can give (nested mappings): key -> parser of the raw value.
@@ -223,6 +232,9 @@ class Config:
     grpc_listen: HostPort | None = None
     routing: str = "proxy"
     lease_ttl: int = 5
+    #: --replication-factor, folded into ``queue_defaults`` (None: as the defaults say).
+    replication_factor: int | None = None
+    assigner: str = "hash"
     #: Queues declared in the configuration file (others are created on first use with ``queue_defaults``).
     queues: Mapping[str, QueueConfig] = dataclasses.field(default_factory=dict)
     queue_defaults: QueueConfig = QueueConfig()
@@ -283,4 +295,15 @@ def build_config(file_values: Mapping[str, Any] | None = None,
                 values[key] = parse(file_values[key])
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {key}: {exc}") from None
+    factor = values.get("replication_factor")
+    if factor is not None:
+        # Every queue created from now on, declared or not, unless its own settings give a factor other than 1.
+        try:
+            values["queue_defaults"] = dataclasses.replace(values.get("queue_defaults", QueueConfig()),
+                                                           replication_factor=factor)
+            values["queues"] = {name: dataclasses.replace(queue, replication_factor=factor)
+                                if queue.replication_factor == 1 else queue
+                                for name, queue in values.get("queues", {}).items()}
+        except ConfigError as exc:
+            raise ConfigError(f"--replication-factor: {exc}") from None
     return Config(**values)

@@ -76,7 +76,7 @@ class ClusterMember:
     """The cluster side of a node started with ``--etcd``: the gRPC server, membership and the coordinator."""
 
     def __init__(self, config: Config, queues: QueueManager) -> None:
-        from shoalmq.cluster.assignment import HashPartitionAssigner
+        from shoalmq.cluster.assignment import assigner_named
         from shoalmq.cluster.coordinator import Coordinator
         from shoalmq.cluster.etcd import Etcd
         from shoalmq.cluster.membership import Membership
@@ -87,7 +87,8 @@ class ClusterMember:
         self.node_id = config.node_id or socket.gethostname().split(".")[0]
         self.etcd = Etcd(list(config.etcd), timeout=min(2.0, config.lease_ttl / 3))
         self.membership = Membership(self.etcd, config.cluster, self.node_id, {}, ttl=config.lease_ttl)
-        self.coordinator = Coordinator(self.etcd, self.membership, queues, HashPartitionAssigner(), config.routing)
+        self.coordinator = Coordinator(self.etcd, self.membership, queues, assigner_named(config.assigner),
+                                       config.routing)
         self.server: Any = None
 
     def describe(self) -> str:

@@ -37,6 +37,7 @@ import itertools
 import json
 import queue as queue_module
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -655,6 +656,31 @@ class Faults(threading.Thread):
         def restart() -> None:
             self._pause(self.cfg.kill_restart_after)
             self._restarted(node, "after SIGKILL")
+        self._spawn(restart, f"restart-{node}")
+
+    def _fault_wipe(self) -> None:
+        """SIGKILL a node and lose its disk: it comes back on an empty data directory (replicated queues only
+        can keep what it held)."""
+        node = self._pick_node()
+        if node is None:
+            self.timeline.note("fault wipe skipped: only one node up")
+            return
+        self.live.down(node)
+        self.kills.append(self.timeline.note(f"fault: SIGKILL {node} and delete its data directory"))
+        process = self.cluster.nodes[node]
+        process.kill()
+        shutil.rmtree(process.data_dir, ignore_errors=True)
+        self.done.append(f"wipe {node}")
+
+        def restart() -> None:
+            self._pause(self.cfg.kill_restart_after)
+            if self.closed.is_set():
+                return
+            fresh = self.cluster.start_node(node, time.monotonic() + 60, fresh_data=True)
+            self.live.up(node, fresh.port)
+            with self._lock:
+                self.down.discard(node)
+            self.timeline.note(f"fault: {node} up again on an empty data directory")
         self._spawn(restart, f"restart-{node}")
 
     def _fault_term(self) -> None:

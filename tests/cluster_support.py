@@ -60,8 +60,8 @@ class Cluster:
         return out
 
     def owners(self, queue: str) -> dict[int, str]:
-        return {int(key.rpartition("/")[2]): value["owner"] for key, value in self.keys("partitions/").items()
-                if key.rpartition("/")[0] == queue}
+        return {int(key.rpartition("/")[2]): value.get("owner") or value.get("leader")
+                for key, value in self.keys("partitions/").items() if key.rpartition("/")[0] == queue}
 
     def live(self) -> set[str]:
         return set(self.keys("nodes/"))

@@ -1257,9 +1257,9 @@ def test_epoch_is_stored_with_the_partition(open_store: OpenStore) -> None:
 
 
 def test_partition_value_round_trip() -> None:
-    assert keys.unpack_partition(keys.pack_partition(7, 1 << 40, 1 << 33)) == (7, 1 << 40, 1 << 33)
-    assert keys.unpack_partition(keys.pack_partition(7, 5)) == (7, 5, 0)
-    assert keys.unpack_partition(struct.pack(">IQ", 9, 12)) == (9, 12, 0)
+    assert keys.unpack_partition(keys.pack_partition(7, 1 << 40, 1 << 33)) == (7, 1 << 40, 1 << 33, [])
+    assert keys.unpack_partition(keys.pack_partition(7, 5)) == (7, 5, 0, [])
+    assert keys.unpack_partition(struct.pack(">IQ", 9, 12)) == (9, 12, 0, [])
     value = keys.pack_segment([b"ab", b"", b"cde"])
     for view in (value, memoryview(value)):
         assert keys.unpack_segment(keys.truncate_segment(view, 2)) == [b"ab", b""]

@@ -3,7 +3,8 @@ proxy routing and the load report, and the two interfaces the queue manager sees
 ``Ownership`` in ``shoalmq.queue.manager``).
 
 Each part lives in its own module: ``view`` (what this node knows), ``definitions`` (queues in etcd),
-``ownership`` (who may write a partition; the reconcile loop), ``handoff`` (moving messages between nodes),
+``ownership`` (who may write a partition; the reconcile loop), ``replication`` (replicated partitions: leaders,
+followers, commit, failover), ``handoff`` (moving messages between nodes),
 ``forwarding`` (publishes to partitions owned elsewhere), ``routing`` (consumers on any node), ``load``.
 """
 
@@ -19,6 +20,7 @@ from shoalmq.cluster.forwarding import Forwarder
 from shoalmq.cluster.load import LoadReport
 from shoalmq.cluster.membership import Membership
 from shoalmq.cluster.ownership import Ownership
+from shoalmq.cluster.replication import Replicator
 from shoalmq.cluster.routing import Router
 from shoalmq.cluster.view import ClusterView
 from shoalmq.queue.config import QueueConfig
@@ -38,6 +40,7 @@ class Coordinator:
         self.view = ClusterView(etcd, membership)
         self.definitions = QueueDefinitions(etcd, self.view, manager)
         self.ownership = Ownership(etcd, membership, self.view, manager, self.definitions, assigner)
+        self.replicator = Replicator(etcd, membership, self.view, manager, self.definitions, assigner)
         self.forwarder = Forwarder(self.view, membership, manager)
         self.load = LoadReport(etcd, membership, self.view, manager)
         #: Proxy routing's consumer side (None in direct mode).
@@ -50,10 +53,12 @@ class Coordinator:
         self.membership.on_change.append(self._nodes_changed)
         view.on_definitions.append(ownership.wake)
         ownership.on_change += [self.manager.refresh_sources, self.forwarder.retry_held]
+        self.replicator.on_change += [self.manager.refresh_sources, self.forwarder.retry_held]
         ownership.after_reconcile.append(self.load.report)
         if self.router is not None:
             self.manager.on_consumers_changed = self.router.consumers_changed
         ownership.attach()  # (first on the owners' callbacks: lost partitions go before anything reads them)
+        self.replicator.attach()
         if self.router is not None:
             view.on_owners.append(self.router.prune)
         view.on_owners.append(self.forwarder.retry_held)
@@ -61,16 +66,19 @@ class Coordinator:
         await self.definitions.check_local_queues()
         self.manager.refresh_sources()  # nothing is owned yet: deliver nothing until claimed
         ownership.start()
+        self.replicator.start()
         self.started = True
 
     async def stop(self) -> None:
         await self.ownership.stop()
+        await self.replicator.stop()
         self.view.stop()
         await self.forwarder.stop()
         if self.router is not None:
             await self.router.close()
 
     async def leave(self, timeout: float = 30.0) -> None:
+        await self.replicator.leave()
         await self.ownership.leave(timeout)
 
     def _nodes_changed(self, nodes: dict[str, dict[str, Any]]) -> None:
@@ -105,4 +113,7 @@ class Coordinator:
     # -- and its Ownership interface (forwarded batches) --------------------------------------------------------
 
     def check(self, queue: str, partition: int, epoch: int) -> None:
-        self.ownership.check(queue, partition, epoch)
+        if self.replicator.replicated(queue):
+            self.replicator.check(queue, partition, epoch)
+        else:
+            self.ownership.check(queue, partition, epoch)

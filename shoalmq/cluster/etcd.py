@@ -191,6 +191,20 @@ class Etcd:
         })
         return bool(result.get("succeeded"))
 
+    def put_if_revision_sync(self, key: bytes, value: bytes, mod_revision: int) -> tuple[int, KeyValue | None]:
+        """Write ``key`` (no lease) only if its last change was at ``mod_revision`` (0: only if it does not exist):
+        the compare-and-swap every replicated partition record is changed with. Returns (the revision written, None)
+        or (0, the entry as it is now; None if absent)."""
+        result = self.request_sync("/kv/txn", {
+            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(mod_revision)}],
+            "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}],
+            "failure": [{"request_range": {"key": _b64(key)}}],
+        })
+        if result.get("succeeded"):
+            return int(result["header"]["revision"]), None
+        kvs = result["responses"][0]["response_range"].get("kvs", [])
+        return 0, (_kv(kvs[0]) if kvs else None)
+
     def delete_if_created_at_sync(self, key: bytes, create_revision: int) -> bool:
         """Delete ``key`` only if it is still the key created at ``create_revision`` (nobody else's since)."""
         result = self.request_sync("/kv/txn", {

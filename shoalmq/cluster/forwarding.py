@@ -72,6 +72,11 @@ class Forwarder:
         self._forward_seq = 0
         self._retry_handle: asyncio.Handle | None = None
 
+    def holds(self, part: Partition) -> bool:
+        """This node may append to the partition itself (``Ownership.holds``)."""
+        view = self.view
+        return part in view.mine and (part in view.unleased or self.membership.lease_valid())
+
     def unsettled(self, part: Partition) -> bool:
         """Forwarded publishes to the partition are not stored yet (a local publish must wait behind them)."""
         return part in self._unsettled
@@ -129,7 +134,7 @@ class Forwarder:
             if part in blocked:
                 held[part] = records
                 continue
-            if part in self.view.mine and self.membership.lease_valid():
+            if self.holds(part):
                 if on_the_way is not None:
                     held[part] = records
                     blocked.add(part)

@@ -74,13 +74,14 @@ class Ownership:
     # -- the answers ------------------------------------------------------------------------------------------
 
     def holds(self, part: Partition) -> bool:
-        """This node may write the partition now (it holds the key, and its lease is certainly alive)."""
-        return part in self.view.mine and self.membership.lease_valid()
+        """This node may write the partition now (it holds the key, and its lease is certainly alive; or it leads
+        the replicated partition: ``replication``, where the in-sync set fences, not the lease)."""
+        return part in self.view.mine and (part in self.view.unleased or self.membership.lease_valid())
 
     def check(self, queue: str, partition: int, epoch: int) -> None:
         """For forwarded batches: NotOwner or StaleEpoch unless this node owns the partition at ``epoch``."""
         mine = self.view.mine.get((queue, partition))
-        if mine is None or not self.membership.lease_valid():
+        if mine is None or not ((queue, partition) in self.view.unleased or self.membership.lease_valid()):
             raise NotOwner(f"node {self.node_id} does not own {queue}/{partition}")
         if mine != epoch:
             raise StaleEpoch(f"{queue}/{partition} is at epoch {mine} on {self.node_id}, not {epoch}")
@@ -133,17 +134,19 @@ class Ownership:
             callback()
 
     def _lease_lost(self) -> None:
-        mine = self.view.mine
-        if mine:
-            log.error("lease lost: giving up %d partition(s) until registered again", len(mine))
-            mine.clear()
+        mine, unleased = self.view.mine, self.view.unleased
+        leased = [p for p in mine if p not in unleased]
+        if leased:
+            log.error("lease lost: giving up %d partition(s) until registered again", len(leased))
+            for part in leased:
+                del mine[part]
             self._changed()
 
     def _owners_updated(self) -> None:
         # A key of ours that is gone (or now someone else's) is no longer ours, whatever we thought.
-        owners, mine = self.view.owners, self.view.mine
-        lost = [p for p, epoch in mine.items()
-                if (o := owners.get(p)) is None or o.node != self.node_id or o.epoch != epoch]
+        owners, mine, unleased = self.view.owners, self.view.mine, self.view.unleased
+        lost = [p for p, epoch in mine.items() if p not in unleased
+                and ((o := owners.get(p)) is None or o.node != self.node_id or o.epoch != epoch)]
         gone = False
         for part in lost:
             if owners.get(part) is None and part in self._claimed_recently:
@@ -183,8 +186,8 @@ class Ownership:
         changed = False
         handoffs: list[tuple[Partition, str, int]] = []
         for name, config in list(view.definitions.items()):
-            if not self.definitions.servable(name):
-                continue
+            if config.replication_factor > 1 or not self.definitions.servable(name):
+                continue  # (replicated queues are ``replication``'s)
             for index, wanted in enumerate(self.assigner.assign(name, config.partitions, live)):
                 if self._stopping or not self.membership.lease_valid():
                     return
@@ -267,7 +270,7 @@ class Ownership:
                 continue
             async with self._lock:
                 await self._reconcile()
-            if not self.view.mine and not self._stored_here():
+            if not [p for p in self.view.mine if p not in self.view.unleased] and not self._stored_here():
                 log.info("left the cluster: every partition handed over")
                 return
             if not [n for n in self.view.nodes if n != self.node_id]:
@@ -281,4 +284,7 @@ class Ownership:
                     "this node comes back", len(self.view.mine), self._stored_here())
 
     def _stored_here(self) -> int:
-        return sum(sum(depths) for depths in self.manager.depths().values())
+        """Messages stored here of queues that are not replicated (replicas stay where they are)."""
+        definitions = self.view.definitions
+        return sum(sum(depths) for name, depths in self.manager.depths().items()
+                   if (config := definitions.get(name)) is None or config.replication_factor < 2)

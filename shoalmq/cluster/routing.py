@@ -219,6 +219,9 @@ class RemoteMessage:
 class RemotePartition:
     """Messages pushed by the owner of one partition, held for this node's consumers (a dispatch source)."""
 
+    #: (The owner replicates its acks, not this node: see ``PartitionLog.replicated``.)
+    replicated = False
+
     def __init__(self, client: RouteClient, queue: str, index: int, epoch: int) -> None:
         self.client = client
         self.queue = queue

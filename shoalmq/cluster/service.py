@@ -1,4 +1,4 @@
-"""The gRPC service a clustered node serves: forwarded publishes, route streams and handoffs."""
+"""The gRPC service a clustered node serves: forwarded publishes, route streams, handoffs and replication."""
 
 from __future__ import annotations
 
@@ -35,4 +35,9 @@ class NodeServicer(broker_pb2_grpc.BrokerServicer):
                                 context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.RouteDeliveries]:
         async for message in serve_route_stream(self.manager, self.coordinator.view, request_iterator,
                                                 context.peer()):
+            yield message
+
+    async def Replicate(self, request_iterator: AsyncIterator[broker_pb2.ReplicaRequest],  # noqa: N802
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.ReplicaData]:
+        async for message in self.coordinator.replicator.serve(request_iterator, context.peer()):
             yield message

@@ -7,7 +7,9 @@ forwarder (where does a publish go), the router (which proxies are stale), the l
 - ``/<cluster>/queues/<name>``: a queue's settings, written once by whichever node first sees the queue
   (create-if-absent), so every node agrees on its partition count and limits;
 - ``/<cluster>/partitions/<queue>/<p>``: the owner of a partition, on the owner's lease. The key's create revision
-  is the partition's **epoch**: every ownership is a new key, so a new owner always has a higher epoch;
+  is the partition's **epoch**: every ownership is a new key, so a new owner always has a higher epoch. For a
+  replicated queue, the key holds instead the partition's record (leader, epoch, replicas, in-sync set; no lease),
+  kept in ``records``, and its leader shows in ``owners`` as the owner;
 - ``/<cluster>/nodes/<id>``: the live nodes (``Membership`` watches those).
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 
 from shoalmq.cluster.etcd import Etcd, KeyValue, PrefixWatch, WatchEvent
 from shoalmq.cluster.membership import Membership
+from shoalmq.cluster.replication_record import Record, parse_record
 from shoalmq.errors import ShoalError
 from shoalmq.queue.config import QueueConfig
 
@@ -58,6 +61,10 @@ class ClusterView:
         #: (queue, partition) -> epoch, for the partitions this node holds the key of and writes to (kept by
         #: ``Ownership``: a partition is here only while this node may write it, lease permitting).
         self.mine: dict[Partition, int] = {}
+        #: The partitions of ``mine`` held as a replicated partition's leader (``Replicator``), not on the lease.
+        self.unleased: set[Partition] = set()
+        #: (queue, partition) -> the record of a replicated partition (leader, epoch, replicas, in-sync set).
+        self.records: dict[Partition, Record] = {}
         #: Called after the definitions change.
         self.on_definitions: list[Callable[[], None]] = []
         #: Called after the owners change.
@@ -106,6 +113,7 @@ class ClusterView:
 
     def _owners_snapshot(self, kvs: list[KeyValue]) -> None:
         self.owners = {}
+        self.records = {}
         for kv in kvs:
             self._owner_put(kv)
         self._owners_changed()
@@ -115,7 +123,9 @@ class ClusterView:
             if event.kind == "put":
                 self._owner_put(event.kv)
             else:
-                self.owners.pop(self._partition_of(event.kv.key), None)
+                part = self._partition_of(event.kv.key)
+                self.owners.pop(part, None)
+                self.records.pop(part, None)
         self._owners_changed()
 
     def _partition_of(self, key: bytes) -> Partition:
@@ -123,6 +133,10 @@ class ClusterView:
         return queue, int(index) if index.isdigit() else -1
 
     def _owner_put(self, kv: KeyValue) -> None:
+        record = parse_record(kv.value, kv.mod_revision)
+        if record is not None:
+            self.record_replica(self._partition_of(kv.key), record)
+            return
         try:
             owner = json.loads(kv.value)["owner"]
         except (ValueError, KeyError, TypeError):
@@ -134,6 +148,15 @@ class ClusterView:
         """An owner this node learned of (from the watch, or its own claim before the watch shows it)."""
         self.owners[part] = owner
         self.max_epoch[part] = max(self.max_epoch.get(part, 0), owner.epoch)
+
+    def record_replica(self, part: Partition, record: Record) -> None:
+        """A replicated partition's record (from the watch, or a swap of ours before the watch shows it); an older
+        revision than the one known is ignored. Its leader shows in ``owners`` as the owner, at its epoch."""
+        known = self.records.get(part)
+        if known is not None and known.revision > record.revision:
+            return
+        self.records[part] = record
+        self.record_owner(part, Owner(record.leader, record.epoch, 0))
 
     def _owners_changed(self) -> None:
         for callback in self.on_owners:

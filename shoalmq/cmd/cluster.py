@@ -51,7 +51,11 @@ def read_status(etcd: Any, cluster: str) -> dict[str, Any]:
         elif kind == "queues":
             queues[rest] = value
         elif kind == "partitions":
-            partitions[rest] = {"owner": value.get("owner"), "epoch": kv.create_revision}
+            if "leader" in value:  # a replicated partition's record
+                partitions[rest] = {"owner": value.get("leader"), "epoch": value.get("epoch"),
+                                    "replicas": value.get("replicas", []), "isr": value.get("isr", [])}
+            else:
+                partitions[rest] = {"owner": value.get("owner"), "epoch": kv.create_revision}
         elif kind == "load":
             loads[rest] = value
     for name, entry in partitions.items():
@@ -97,15 +101,20 @@ def render(status: dict[str, Any]) -> str:
         known = [e["messages"] for e in mine if e["messages"] is not None]
         rows.append([queue, str(count), f"{len(mine)}/{count}", str(sum(known)) if known else "?"])
     out += [_table(rows), ""]
-    rows = [["PARTITION", "OWNER", "EPOCH", "MESSAGES"]]
+    rows = [["PARTITION", "LEADER", "EPOCH", "REPLICAS", "IN SYNC", "MESSAGES"]]
     for queue, settings in sorted(status["queues"].items()):
         for index in range(settings.get("partitions", 0)):
             entry = partitions.get(f"{queue}/{index}")
             if entry is None:
-                rows.append([f"{queue}/{index}", "(none)", "-", "-"])
+                rows.append([f"{queue}/{index}", "(none)", "-", "-", "-", "-"])
             else:
                 messages = entry["messages"]
-                rows.append([f"{queue}/{index}", str(entry["owner"]), str(entry["epoch"]),
+                replicas = ",".join(entry.get("replicas", [])) or "-"
+                isr = entry.get("isr")
+                in_sync = "-" if isr is None else ",".join(isr) or "(none)"
+                if isr is not None and len(isr) < len(entry.get("replicas", [])):
+                    in_sync += " (behind: " + ",".join(n for n in entry["replicas"] if n not in isr) + ")"
+                rows.append([f"{queue}/{index}", str(entry["owner"]), str(entry["epoch"]), replicas, in_sync,
                              "?" if messages is None else str(messages)])
     out.append(_table(rows))
     for node, queues in sorted(status["stored_not_owned"].items()):

@@ -94,3 +94,67 @@ class RouteDeliveries(_message.Message):
     deliveries: bytes
     returned: bytes
     def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., records: _Optional[bytes] = ..., offsets: _Optional[_Iterable[int]] = ..., deliveries: _Optional[bytes] = ..., returned: _Optional[bytes] = ...) -> None: ...
+
+class ReplicaRequest(_message.Message):
+    __slots__ = ("partitions", "node")
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedCompositeFieldContainer[FollowerState]
+    node: str
+    def __init__(self, partitions: _Optional[_Iterable[_Union[FollowerState, _Mapping]]] = ..., node: _Optional[str] = ...) -> None: ...
+
+class FollowerState(_message.Message):
+    __slots__ = ("queue", "partition", "epoch", "subscribe", "last_epoch", "end_offset", "durable_offset")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
+    LAST_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    partition: int
+    epoch: int
+    subscribe: bool
+    last_epoch: int
+    end_offset: int
+    durable_offset: int
+    def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., subscribe: _Optional[bool] = ..., last_epoch: _Optional[int] = ..., end_offset: _Optional[int] = ..., durable_offset: _Optional[int] = ...) -> None: ...
+
+class ReplicaData(_message.Message):
+    __slots__ = ("partitions",)
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedCompositeFieldContainer[PartitionData]
+    def __init__(self, partitions: _Optional[_Iterable[_Union[PartitionData, _Mapping]]] = ...) -> None: ...
+
+class PartitionData(_message.Message):
+    __slots__ = ("queue", "partition", "epoch", "status", "has_history", "history", "records", "offsets", "end_offset", "commit_offset", "acks")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OK: _ClassVar[PartitionData.Status]
+        NOT_LEADER: _ClassVar[PartitionData.Status]
+    OK: PartitionData.Status
+    NOT_LEADER: PartitionData.Status
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    HAS_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    partition: int
+    epoch: int
+    status: PartitionData.Status
+    has_history: bool
+    history: _containers.RepeatedScalarFieldContainer[int]
+    records: bytes
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    end_offset: int
+    commit_offset: int
+    acks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., status: _Optional[_Union[PartitionData.Status, str]] = ..., has_history: _Optional[bool] = ..., history: _Optional[_Iterable[int]] = ..., records: _Optional[bytes] = ..., offsets: _Optional[_Iterable[int]] = ..., end_offset: _Optional[int] = ..., commit_offset: _Optional[int] = ..., acks: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class BrokerStub:
                 request_serializer=broker__pb2.EnqueueBatch.SerializeToString,
                 response_deserializer=broker__pb2.EnqueueAck.FromString,
                 _registered_method=True)
+        self.Replicate = channel.stream_stream(
+                '/shoalmq.v1.Broker/Replicate',
+                request_serializer=broker__pb2.ReplicaRequest.SerializeToString,
+                response_deserializer=broker__pb2.ReplicaData.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -80,6 +85,17 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replicate(self, request_iterator, context):
+        """Replication: a node that follows partitions led by a peer opens one stream to it for all of them. It says,
+        per partition, which leader epoch it follows and where its log ends and is durable; the leader pushes what
+        the follower lacks (from memory, or from disk for a follower catching up), its consumers' acks and its commit
+        offset, in one message per loop turn, and an empty message (a heartbeat) when it has nothing to say for
+        HEARTBEAT_INTERVAL. See shoalmq/cluster/replication.py.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +113,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.TransferPartition,
                     request_deserializer=broker__pb2.EnqueueBatch.FromString,
                     response_serializer=broker__pb2.EnqueueAck.SerializeToString,
+            ),
+            'Replicate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=broker__pb2.ReplicaRequest.FromString,
+                    response_serializer=broker__pb2.ReplicaData.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +201,33 @@ class Broker:
             '/shoalmq.v1.Broker/TransferPartition',
             broker__pb2.EnqueueBatch.SerializeToString,
             broker__pb2.EnqueueAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoalmq.v1.Broker/Replicate',
+            broker__pb2.ReplicaRequest.SerializeToString,
+            broker__pb2.ReplicaData.FromString,
             options,
             channel_credentials,
             insecure,

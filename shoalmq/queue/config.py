@@ -14,6 +14,9 @@ from shoalmq.errors import ConfigError
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DLQ_SUFFIX = ".dlq"
 DISPATCH_STRATEGIES = ("least_inflight", "round_robin", "random")
+REPLICATION_MODES = ("sync", "async")
+#: Most replicas of a partition.
+MAX_REPLICATION_FACTOR = 7
 
 
 @dataclass(frozen=True)
@@ -34,14 +37,38 @@ class QueueConfig:
     #: How a message picks among the consumers with room: ``least_inflight`` (fewest unacknowledged, ties in
     #: turn), ``round_robin`` (in turn), ``random``.
     dispatch: str = "least_inflight"
+    #: Copies of each partition on different nodes (a leader and followers); 1: the partition lives on its
+    #: owner's disk alone. Capped at the live nodes when a partition is placed, grown back as nodes join.
+    replication_factor: int = 1
+    #: Replicas (the leader included) that must have a message on disk before it is acknowledged; 0: 2 when the
+    #: replication factor is 2 or more (capped at the replicas a partition has).
+    min_insync: int = 0
+    #: ``sync``: acknowledge once ``min_insync`` replicas have the message on disk; ``async``: once the leader has
+    #: (faster; a leader that dies with its disk loses what its followers had not copied yet).
+    replication: str = "sync"
+    #: Milliseconds an in-sync follower may stay behind its leader before it leaves the in-sync set.
+    replica_lag_ms: int = 1000
+
+    @property
+    def min_insync_replicas(self) -> int:
+        """``min_insync`` with its default applied (not capped at a partition's replicas)."""
+        if self.min_insync:
+            return self.min_insync
+        return 2 if self.replication_factor >= 2 else 1
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCH_STRATEGIES:
             raise ConfigError(f"dispatch must be one of {', '.join(DISPATCH_STRATEGIES)}, got {self.dispatch!r}")
+        if self.replication not in REPLICATION_MODES:
+            raise ConfigError(f"replication must be one of {', '.join(REPLICATION_MODES)}, "
+                              f"got {self.replication!r}")
         checks = [
             (self.partitions, 1, 4096, "partitions"),
             (self.max_deliveries, 0, 254, "max_deliveries"),
             (self.max_payload, 0, 256 << 20, "max_payload"),
+            (self.replication_factor, 1, MAX_REPLICATION_FACTOR, "replication_factor"),
+            (self.min_insync, 0, MAX_REPLICATION_FACTOR, "min_insync"),
+            (self.replica_lag_ms, 100, 600_000, "replica_lag_ms"),
         ]
         for value, low, high, name in checks:
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -55,6 +82,9 @@ class QueueConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.min_insync > self.replication_factor:
+            raise ConfigError(f"min_insync ({self.min_insync}) cannot exceed replication_factor "
+                              f"({self.replication_factor})")
 
     @classmethod
     def from_mapping(cls, values: dict, base: QueueConfig | None = None) -> QueueConfig:

@@ -283,6 +283,8 @@ class QueueManager:
         #: Called with (queue, the window of its consumers on this node together) when they change (proxy routing).
         self.on_consumers_changed: Any = None
         self._ack_timer: asyncio.TimerHandle | None = None
+        #: The replicated partitions' side (``shoalmq.cluster.replication.Replicator``; None: none here).
+        self.replication: Any = None
         #: Checked ``$queue/`` topics: topic -> (queue name, key, record head ``u16 key length | key``).
         self._topics: dict[str, tuple[str, str, bytes]] = {}
         store.on_readable = self._on_readable
@@ -435,8 +437,13 @@ class QueueManager:
 
     def append(self, queue_name: str, index: int, records: list[bytes]) -> asyncio.Future[None]:
         """Append records in the stored form to one partition of this node, in order, all or none; the future
-        resolves once they are durable. For forwarded publishes that found this node their partition's owner."""
-        return self.queue(queue_name).partition(index).enqueue_many(records)
+        resolves once they are durable (committed, for a replicated partition). For forwarded publishes that found
+        this node their partition's owner."""
+        part = self.queue(queue_name).partition(index)
+        flush = part.enqueue_many(records)
+        if part.replicated:
+            return self.replication.committed(part, part.last_offset, flush)
+        return flush
 
     def export(self, queue_name: str, index: int, max_count: int) -> list[Message]:
         """Take up to ``max_count`` ready messages of a partition out to move them to another node (a handoff, or
@@ -527,7 +534,11 @@ class QueueManager:
         index = queue.partition_for(key)
         cluster = self.cluster
         if cluster is None or cluster.writable(name, index):
-            return queue.partitions[index].enqueue_many(records)
+            part = queue.partitions[index]
+            flush = part.enqueue_many(records)
+            if part.replicated:  # acknowledged once the in-sync replicas have it
+                return self.replication.committed(part, part.last_offset, flush)
+            return flush
         return cluster.forward(name, index, records)
 
     def _check_topic(self, topic: str) -> tuple[str, str, bytes]:
@@ -610,6 +621,7 @@ class QueueManager:
         for part, count in counts.items():
             part.check_room(count)
         flush: asyncio.Future[None] | None = None
+        waits: list[asyncio.Future[None]] = []
         for (queue, part, records), batch in zip(targets, batches):
             offsets = getattr(batch, "offsets", ())
             if getattr(batch, "next_offset", 0) > part.next_offset:
@@ -618,6 +630,10 @@ class QueueManager:
                 flush = self._append_moved(part, records, offsets, batch.deliveries)
             elif records:
                 flush = part.enqueue_many(records if type(records) is list else list(records))
+                if part.replicated:
+                    waits.append(self.replication.committed(part, part.last_offset, flush))
+        if waits:
+            return _all_of(self._loop, waits)
         if flush is None:
             flush = self._loop.create_future()
             flush.set_result(None)
@@ -732,6 +748,8 @@ class QueueManager:
             entry[1].append(delivery.message.offset)
         for part, (queue, offsets) in by_part.items():
             done += part.ack(offsets)
+            if part.replicated:
+                self.replication.acked(part, offsets)
         # The room freed in a consumer's window is for any of its queues (a window is shared by them): each is
         # dispatched, the one served longest ago first.
         queues = self._queues
@@ -847,6 +865,8 @@ class QueueManager:
                 for d in deliveries:
                     del state.inflight[d]
                     d.partition.ack((d.message.offset,))
+                    if d.partition.replicated:
+                        self.replication.acked(d.partition, (d.message.offset,))
             state.consumer.deliver(deliveries)
         if any(s.queues and len(s.inflight) < s.consumer.window for s in consumers):
             # Room left and maybe more on disk: continue on the next loop iteration.
@@ -904,6 +924,8 @@ class QueueManager:
         def settle(future: asyncio.Future[None]) -> None:
             if future.exception() is None:
                 part.ack((message.offset,))
+                if part.replicated:
+                    self.replication.acked(part, (message.offset,))
                 queue.dead_lettered += 1
                 log.warning("message %d of %s/%d moved to %s%s after %d delivery attempt(s) without an ack "
                             "(max_deliveries %d; last consumer: %s)", message.offset, queue.name, part.index,

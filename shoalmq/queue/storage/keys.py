@@ -16,17 +16,20 @@ Three named databases, all keys big-endian so that byte order is numeric order:
 ``queues``     key: queue name (UTF-8)
                value: JSON, at least ``{"partitions": N}``: a queue's partition count, fixed once written.
 ``partitions`` key: queue name (UTF-8) | 0x00 | partition u32
-               value: pid u32 | next_offset u64 | epoch u64
+               value: pid u32 | next_offset u64 | epoch u64 | (epoch u64 | start u64)[n]
                pid is a node-local id that keeps message keys short; next_offset is the high-water mark
                that keeps offsets growing after every message below it was acked and deleted (it may lie
                past the last segment: offsets skipped by ``append_at`` or ``advance_to`` are never used);
-               epoch is the partition's leader epoch (``set_epoch``). A value of the older 12-byte form
-               (pid | next_offset) reads as epoch 0.
+               epoch is the partition's leader epoch (``set_epoch``); the pairs after it are the epoch
+               history (``PartitionLog.epochs``: each leader epoch with the first offset written in it, both
+               increasing), none for a partition that has none (a 20-byte value). A value of the older
+               12-byte form (pid | next_offset) reads as epoch 0, with no history.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 from shoalmq._native import segment
 
@@ -43,6 +46,7 @@ _SEGMENT_KEY = struct.Struct(">IQ")
 _STATE_HEADER = struct.Struct(">QI")
 _PARTITION_VALUE = struct.Struct(">IQQ")
 _PARTITION_VALUE_V0 = struct.Struct(">IQ")  # before the epoch was stored
+_EPOCH_ENTRY = struct.Struct(">QQ")  # one entry of the epoch history, after the 20-byte partition value
 _U32 = struct.Struct(">I")
 
 SEGMENT_KEY_SIZE = _SEGMENT_KEY.size
@@ -118,14 +122,20 @@ def parse_partition_key(key: bytes) -> tuple[str, int]:
     return key[:-5].decode(), _U32.unpack(key[-4:])[0]
 
 
-def pack_partition(pid: int, next_offset: int, epoch: int = 0) -> bytes:
-    return _PARTITION_VALUE.pack(pid, next_offset, epoch)
+def pack_partition(pid: int, next_offset: int, epoch: int = 0, epochs: Iterable[tuple[int, int]] = ()) -> bytes:
+    """The ``partitions`` value: ``epochs`` is the epoch history, (epoch, start offset) pairs (none: 20 bytes)."""
+    return _PARTITION_VALUE.pack(pid, next_offset, epoch) + b"".join(_EPOCH_ENTRY.pack(*entry) for entry in epochs)
 
 
-def unpack_partition(value: bytes) -> tuple[int, int, int]:
-    """(pid, next_offset, epoch); the older 12-byte value (no epoch) reads as epoch 0."""
-    if len(value) == _PARTITION_VALUE_V0.size:
-        return (*_PARTITION_VALUE_V0.unpack(value), 0)
-    if len(value) != _PARTITION_VALUE.size:
-        raise ValueError(f"corrupt partition record: {len(value)} bytes, expected {_PARTITION_VALUE.size}")
-    return _PARTITION_VALUE.unpack(value)
+def unpack_partition(value: bytes) -> tuple[int, int, int, list[tuple[int, int]]]:
+    """(pid, next_offset, epoch, epoch history as (epoch, start) pairs); the older 12-byte value (no epoch) reads
+    as epoch 0, it and the 20-byte one (no history) with an empty history."""
+    size = len(value)
+    if size == _PARTITION_VALUE_V0.size:
+        return (*_PARTITION_VALUE_V0.unpack(value), 0, [])
+    if size < _PARTITION_VALUE.size or (size - _PARTITION_VALUE.size) % _EPOCH_ENTRY.size:
+        raise ValueError(f"corrupt partition record: {size} bytes, expected {_PARTITION_VALUE.size} plus "
+                         f"{_EPOCH_ENTRY.size} a history entry")
+    pid, next_offset, epoch = _PARTITION_VALUE.unpack_from(value, 0)
+    epochs = list(_EPOCH_ENTRY.iter_unpack(value[_PARTITION_VALUE.size:]))
+    return pid, next_offset, epoch, epochs

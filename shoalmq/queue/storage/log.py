@@ -30,10 +30,17 @@ not acked is ready again, in offset order, with its delivery count; offsets cont
 Replication's seam (a leader's log copied to followers). ``append_at`` writes records at given offsets (a gap
 allowed: the skipped offsets are never used), with their delivery counts; ``advance_to`` raises the high-water mark;
 ``truncate`` removes every message from an offset on (a follower's diverged tail); ``committed_offset`` and
-``wait_committed`` say what is durable; ``epoch``/``set_epoch`` keep the partition's leader epoch with it;
-``first_offset`` and ``read_messages`` are what a leader sends a follower catching up. None of it costs the hot path
-(``enqueue``, ``take``, ``ack``) anything: a pending run with a gap before it or delivery counts is kept apart from the
-open run ``enqueue`` extends, and uncommitted messages are counted as offsets less the skipped ones.
+``wait_committed`` say what is durable; ``epoch``/``set_epoch`` keep the partition's leader epoch with it, and
+``epochs`` its epoch history ((epoch, start offset) pairs: ``begin_epoch``, ``set_epochs``, ``epoch_end`` to find
+where a follower diverged, cut by ``truncate``), stored in the partition's record; ``first_offset`` and
+``read_messages`` are what a leader sends a follower catching up, and ``Store.on_durable`` hands it each commit's
+appends to its ``replicated`` partitions. A read limit, ``set_visible`` (a leader's replicated offset; 0 on a
+follower), keeps committed messages at or above it on disk, hidden: not loaded, not taken, not counted in ``ready``
+(a count of them keeps it O(1)); ``ack_stored`` applies a leader's acks to them on a follower, and ``reset_reads``
+drops the ring and the in-flight messages to read the partition over from disk (a leader demoted, a follower
+promoted). None of it costs the hot path (``enqueue``, ``take``, ``ack``) anything beyond a constant check: a pending
+run with a gap before it or delivery counts is kept apart from the open run ``enqueue`` extends, uncommitted messages
+are counted as offsets less the skipped ones, and the default read limit is past every offset.
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ from shoalmq.queue.storage.backend import Backend, Delete, Put
 log = logging.getLogger(__name__)
 
 SyncMode = Literal["fsync", "async"]
+#: One commit's appends to one partition, in offset order (gaps between them perhaps): (first offset, batches of
+#: stored payloads, one per segment written, and their delivery counts, one bytes per batch, or None if all 0).
+Runs = list[tuple[int, list[list[bytes]], list[bytes] | None]]
 
 #: Seconds between retries after a failed commit (a full disk, say).
 RETRY_INTERVAL = 0.2
@@ -105,6 +115,14 @@ class Truncated(ShoalError):
 
 #: Tie-breakers for the committed-offset waiters of equal offsets (futures do not compare).
 _waiter_ids = itertools.count()
+
+
+def _entry_epoch(entry: tuple[int, int]) -> int:
+    return entry[0]
+
+
+def _entry_start(entry: tuple[int, int]) -> int:
+    return entry[1]
 
 
 def now_ms() -> int:
@@ -173,7 +191,7 @@ class PartitionLog:
     """One partition of one queue: an ordered log of messages with offsets, a ring-buffer head and ack state."""
 
     def __init__(self, store: Store, queue: str, index: int, pid: int, next_offset: int, limits: Limits,
-                 epoch: int = 0) -> None:
+                 epoch: int = 0, epochs: list[tuple[int, int]] | None = None) -> None:
         self.store = store
         self.queue = queue
         self.index = index
@@ -201,6 +219,15 @@ class PartitionLog:
         # wait_committed futures, a heap by offset.
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._epoch = epoch
+        # The epoch history: (leader epoch, first offset written in it), both increasing (see `begin_epoch`).
+        self._epochs: list[tuple[int, int]] = list(epochs) if epochs else []
+        # The read limit (`set_visible`): only offsets below it enter the ring, are taken or count as ready.
+        # Committed messages at or above it, not acked, are hidden: `_hidden` counts them (0 at the default limit,
+        # which nothing reaches), so that `ready` stays O(1).
+        self._visible = NEVER
+        self._hidden = 0
+        #: The store's ``on_durable`` reports this partition's committed appends (a leader's, for its followers).
+        self.replicated = False
         self._segments: dict[int, _Segment] = {}
         self._segment_starts: list[int] = []
         self._dirty_segments: set[_Segment] = set()
@@ -234,8 +261,9 @@ class PartitionLog:
 
     @property
     def ready(self) -> int:
-        """Committed messages waiting for delivery (in the ring or on disk)."""
-        return self._depth - len(self._inflight) - (self._next_offset - self._committed_end - self._skipped)
+        """Committed messages waiting for delivery (in the ring or on disk), below the read limit. O(1)."""
+        return (self._depth - len(self._inflight) - (self._next_offset - self._committed_end - self._skipped)
+                - self._hidden)
 
     @property
     def next_offset(self) -> int:
@@ -273,8 +301,21 @@ class PartitionLog:
 
     @property
     def epoch(self) -> int:
-        """The partition's leader epoch, stored with it (0 until ``set_epoch``)."""
+        """The partition's leader epoch, stored with it (0 until ``set_epoch`` or ``begin_epoch``)."""
         return self._epoch
+
+    @property
+    def epochs(self) -> list[tuple[int, int]]:
+        """The epoch history, stored with the partition: (leader epoch, first offset written in it) pairs, both in
+        increasing order (a start may repeat: an epoch in which nothing was written); empty for a new partition.
+        A copy: change it with ``begin_epoch``, ``set_epochs`` or ``truncate``."""
+        return list(self._epochs)
+
+    @property
+    def visible_offset(self) -> int:
+        """The read limit: only messages at offsets below it enter the ring, are taken or count in ``ready`` (see
+        ``set_visible``). A huge number (everything visible) unless set; 0 on a follower."""
+        return self._visible
 
     # -- writing ----------------------------------------------------------------------------------------
 
@@ -424,12 +465,18 @@ class PartitionLog:
         writing at or above ``offset`` is cut out of it, and the next commit deletes (or rewrites, for a segment
         that straddles ``offset``) what reached the disk; that commit also records the new high-water mark, and
         until it is durable a restart shows the log as it was. ``wait_committed`` futures for offsets at or above
-        ``offset`` fail with ``Truncated``. An ``offset`` at or above ``next_offset`` changes nothing."""
+        ``offset`` fail with ``Truncated``. The epoch history loses its entries that start at ``offset`` or above
+        (written by the same commit). An ``offset`` at or above ``next_offset`` changes nothing else."""
         if offset < 0:
             raise ValueError(f"cannot truncate at a negative offset ({offset})")
+        store = self.store
+        epochs = self._epochs
+        if epochs and epochs[-1][1] >= offset:
+            del epochs[bisect.bisect_left(epochs, offset, key=_entry_start):]
+            self._meta_dirty = True
+            store._mark_dirty(self)
         if offset >= self._next_offset:
             return 0
-        store = self.store
         acked = K.ACKED
         # Pending: the open run, then the closed runs before it.
         pending_removed = 0
@@ -464,6 +511,7 @@ class PartitionLog:
                     uncommitted += kept
                     break
         # Committed segments: those at or above the offset go, the one straddling it loses its tail.
+        uncommitted_removed = removed
         starts, segments = self._segment_starts, self._segments
         i = bisect.bisect_left(starts, offset)
         for first in starts[i:]:
@@ -485,6 +533,10 @@ class PartitionLog:
                 segment.count = keep
                 self._dirty_segments.add(segment)
                 self._truncated.add(segment.first)
+        if self._hidden:
+            # The committed messages removed lie at or above the offset: all hidden if it is at or above the read
+            # limit, and every hidden one is removed if it is not.
+            self._hidden = self._hidden - (removed - uncommitted_removed) if offset >= self._visible else 0
         # In flight, handed back, in the ring.
         for message_offset in [o for o in self._inflight if o >= offset]:
             del self._inflight[message_offset]
@@ -590,6 +642,153 @@ class PartitionLog:
             self._meta_dirty = True
             self.store._mark_dirty(self)
 
+    def begin_epoch(self, epoch: int, start: int | None = None) -> None:
+        """Start leader epoch ``epoch`` at offset ``start`` (``next_offset`` if None): the entry (epoch, start) is
+        appended to the epoch history, and the partition's ``epoch`` is raised to it (as ``set_epoch``; never
+        lowered). ValueError, nothing changed, unless ``epoch`` is above the last entry's epoch and ``start`` at
+        least its start (neither negative). Written with the next commit."""
+        if start is None:
+            start = self._next_offset
+        epochs = self._epochs
+        if epoch < 0 or start < 0 or epochs and (epoch <= epochs[-1][0] or start < epochs[-1][1]):
+            last = f"the last entry {epochs[-1]}" if epochs else "no entry"
+            raise ValueError(f"cannot begin epoch {epoch} at offset {start} on queue {self.queue!r} partition "
+                             f"{self.index}: {last}")
+        epochs.append((epoch, start))
+        self._epoch = max(self._epoch, epoch)
+        self._meta_dirty = True
+        self.store._mark_dirty(self)
+
+    def set_epochs(self, entries: Iterable[tuple[int, int]]) -> None:
+        """Replace the epoch history (a follower adopting its leader's): (epoch, start) pairs, epochs strictly
+        increasing, starts never decreasing, neither negative (ValueError otherwise, nothing changed). The partition's
+        ``epoch`` is left as it is. Written with the next commit."""
+        history = [(int(epoch), int(start)) for epoch, start in entries]
+        for (epoch, start), (next_epoch, next_start) in itertools.pairwise(history):
+            if next_epoch <= epoch or next_start < start:
+                raise ValueError(f"epoch history of queue {self.queue!r} partition {self.index} not increasing: "
+                                 f"{(epoch, start)} then {(next_epoch, next_start)}")
+        if history and min(history[0]) < 0:
+            raise ValueError(f"epoch history of queue {self.queue!r} partition {self.index}: a negative entry "
+                             f"{history[0]}")
+        if history != self._epochs:
+            self._epochs = history
+            self._meta_dirty = True
+            self.store._mark_dirty(self)
+
+    def epoch_end(self, epoch: int) -> tuple[int, int]:
+        """What a follower asks its leader to find where their logs diverge (KIP-101/KIP-279): ``(e, end)``, ``e``
+        the largest epoch of the history at or below ``epoch`` and ``end`` the start of the entry after it, or
+        ``next_offset`` if it is the last. No entry at or below ``epoch``: ``(0, start of the first entry)``, or
+        ``(0, next_offset)`` if the history is empty."""
+        epochs = self._epochs
+        if not epochs:
+            return 0, self._next_offset
+        i = bisect.bisect_right(epochs, epoch, key=_entry_epoch)
+        if not i:
+            return 0, epochs[0][1]
+        return epochs[i - 1][0], epochs[i][1] if i < len(epochs) else self._next_offset
+
+    # -- replication: what a partition lets be read (a leader's committed messages, none on a follower) -------
+
+    def set_visible(self, offset: int) -> None:
+        """Raise the read limit to ``offset`` (a lower one is ignored): only messages below it enter the ring, are
+        taken or count in ``ready``; committed ones at or above it wait on disk, hidden. What becomes visible is
+        loaded into the ring as its room and the byte budgets allow (the rest as it drains), and
+        ``store.on_readable`` is told of this partition (at once) if any message became ready."""
+        old = self._visible
+        if offset <= old:
+            return
+        self._visible = offset
+        shown = 0
+        if self._hidden:
+            shown = self._live_between(old, min(offset, self._committed_end))
+            self._hidden -= shown
+        if self._loaded_upto < self._committed_end and self._loaded_upto < offset:
+            self._refill()
+        if shown:
+            self._tell_readable()
+
+    def reset_reads(self, visible: int) -> list[int]:
+        """Start reading the partition over from disk with the read limit ``visible`` (which may be below the
+        current one): 0 on a leader that becomes a follower, everything (``NEVER``) or the replicated offset on a
+        follower promoted. The ring, the in-flight messages and those handed back are dropped: every committed
+        message not acked is ready again from disk, with the delivery count of its segment state (a late ``ack``
+        or ``nack`` of one dropped counts for nothing). Then what is visible is loaded as ``set_visible`` does
+        (``store.on_readable`` told if anything is ready). Returns the offsets that were in flight, in order."""
+        if visible < 0:
+            raise ValueError(f"cannot set a negative read limit ({visible})")
+        dropped = sorted(self._inflight)
+        self._inflight = {}
+        self._requeued = []
+        self.ring.clear()
+        starts = self._segment_starts
+        self._loaded_upto = starts[0] if starts else self._committed_end
+        self._visible = visible
+        self._hidden = self._live_between(visible, self._committed_end)
+        if self._loaded_upto < self._committed_end and self._loaded_upto < visible:
+            self._refill()
+        if self.ready:
+            self._tell_readable()
+        return dropped
+
+    def ack_stored(self, offsets: Iterable[int]) -> list[int]:
+        """Apply acks of messages that are hidden here (a follower applying its leader's consumer acks): each
+        committed message at or above the read limit and not acked yet is acked (its segment deleted once all of
+        it is, as ``ack`` does), written with the next commit. Returns the offsets at or above
+        ``committed_offset`` (pending or being committed, or not appended yet: no segment holds them), for the
+        caller to apply after the next commit; others (acked, unknown or truncated, and visible ones, whose
+        deliveries this partition tracks itself) are ignored."""
+        later: list[int] = []
+        committed_end, visible = self._committed_end, self._visible
+        starts, segments, dirty, acked = self._segment_starts, self._segments, self._dirty_segments, K.ACKED
+        done = 0
+        for offset in offsets:
+            if offset >= committed_end:
+                later.append(offset)
+                continue
+            if offset < visible:
+                continue
+            i = bisect.bisect_right(starts, offset) - 1
+            if i < 0:
+                continue
+            segment = segments[starts[i]]
+            index = offset - segment.first
+            if index >= segment.count or segment.state[index] == acked:
+                continue
+            segment.state[index] = acked  # what _settle does
+            segment.remaining -= 1
+            dirty.add(segment)
+            done += 1
+        if done:
+            self._depth -= done
+            self._hidden -= done
+            self.store._mark_dirty(self)
+        return later
+
+    def _live_between(self, low: int, high: int) -> int:
+        """How many committed messages at offsets ``low`` .. ``high - 1`` are not acked (bytearray counts of the
+        segment states involved)."""
+        if low >= high:
+            return 0
+        starts, segments, acked = self._segment_starts, self._segments, K.ACKED
+        i = max(bisect.bisect_right(starts, low) - 1, 0)
+        live = 0
+        while i < len(starts) and starts[i] < high:
+            segment = segments[starts[i]]
+            i += 1
+            first = segment.first
+            begin, stop = max(low - first, 0), min(high - first, segment.count)
+            if begin < stop:
+                live += stop - begin - segment.state.count(acked, begin, stop)
+        return live
+
+    def _tell_readable(self) -> None:
+        """Messages became ready outside a commit: tell the store's reader, as ``_commit_done`` does."""
+        on_readable = self.store.on_readable
+        if on_readable is not None:
+            on_readable([self])
+
     def read_messages(self, start: int, max_count: int) -> list[tuple[int, bytes, int]]:
         """Up to ``max_count`` committed messages not acked, from offset ``start`` on, in offset order, as (offset,
         payload, delivery count): what a leader sends a follower catching up. Read from the segments on disk; the
@@ -650,7 +849,8 @@ class PartitionLog:
             self._inflight[message.offset] = message
             out.append(message)
         while len(out) < max_count:
-            if len(self.ring) < max_count - len(out) and self._loaded_upto < self._committed_end:
+            if (len(self.ring) < max_count - len(out) and self._loaded_upto < self._committed_end
+                    and self._loaded_upto < self._visible):
                 self._refill(max_count - len(out) - len(self.ring))
             ring = self.ring
             if not ring:
@@ -765,7 +965,8 @@ class PartitionLog:
     def _refill(self, at_least: int = 0) -> None:
         """Load messages waiting on disk into the ring, oldest first, while it has room: ``at_least`` of them
         whatever the byte budgets (``take`` hands them out at once), then more while the budgets, counting those
-        too, allow (an empty ring takes one message larger than the partition's budget, within the node's).
+        too, allow (an empty ring takes one message larger than the partition's budget, within the node's). Only
+        those below the read limit (``set_visible``).
 
         A segment whose rest fits is copied and unpacked whole; of one that does not, only the payloads that fit
         are read (through a view of the value: a large segment costs what is loaded, not its size)."""
@@ -777,10 +978,14 @@ class PartitionLog:
         backend = store.backend
         acked = K.ACKED
         overhead = RECORD_OVERHEAD
-        while i < len(starts) and self._loaded_upto < self._committed_end:
+        limit = min(self._committed_end, self._visible)
+        while i < len(starts) and self._loaded_upto < limit:
             segment = self._segments[starts[i]]
+            first = segment.first
+            if first >= limit:
+                break  # hidden: what lies between here and the limit are unused offsets
             i += 1
-            first, count = segment.first, segment.count
+            count = min(segment.count, limit - first)  # (the part below the read limit)
             start = self._loaded_upto - first
             if start >= count:
                 continue
@@ -799,7 +1004,7 @@ class PartitionLog:
                 left = count - start
                 rest = sum(lengths[start:count])  # (a truncated segment's value may be longer until rewritten)
                 if (left <= free and (left <= at_least or rest + overhead * left <= min(part_room, node_room))
-                        and (start == 0 or rest * 2 >= len(value))):
+                        and (start == 0 and count == segment.count or rest * 2 >= len(value))):
                     # The rest of the segment fits and is most of it: unpack it whole, in C.
                     payloads = K.unpack_segment(bytes(value))
                     for index in range(start, count):
@@ -825,39 +1030,48 @@ class PartitionLog:
                             node_room -= cost
                         position += length
             self._loaded_upto = first + count
-        if i >= len(starts):
-            # Every segment is loaded; what lies between here and committed_end are unused offsets (failed commits,
-            # gaps, truncated).
-            self._loaded_upto = self._committed_end
+        if i >= len(starts) or starts[i] >= limit:
+            # Every segment below the limit is loaded; what lies between here and the limit (committed_end, or the
+            # read limit) are unused offsets (failed commits, gaps, truncated).
+            self._loaded_upto = max(self._loaded_upto, limit)
 
     def _on_committed(self, runs: list[tuple[int, list[list[bytes]], list[bytes] | None]], enqueued_at: int) -> None:
         """Segments appended by a successful commit become readable: each enters the ring if nothing older waits on
         disk, as far as the ring's room and the byte budgets allow (an empty ring takes one message larger than
-        the partition's budget, within the node's); the rest waits on disk for ``_refill``. ``runs``: (first
-        offset, batches, delivery counts per batch or None), in offset order, with gaps between them perhaps."""
+        the partition's budget, within the node's); the rest waits on disk for ``_refill``. Only messages below the
+        read limit enter; those at or above it are counted hidden. ``runs``: (first offset, batches, delivery counts
+        per batch or None), in offset order, with gaps between them perhaps."""
         ring = self.ring
         store = self.store
+        visible = self._visible
         # The end of what is committed so far: offsets between it and the next segment are unused.
         end = previous = self._committed_end
         count = 0
         for first, batches, deliveries in runs:
             offset = first
             for j, payloads in enumerate(batches):
+                n = len(payloads)
                 segment = _Segment(offset, enqueued_at,
-                                   bytearray(len(payloads)) if deliveries is None else bytearray(deliveries[j]))
+                                   bytearray(n) if deliveries is None else bytearray(deliveries[j]))
                 self._add_segment(segment)
-                if self._loaded_upto == end:  # nothing older waits on disk
+                if offset + n > visible:  # (a new segment has nothing acked: all of it at or above the limit hides)
+                    self._hidden += offset + n - max(offset, visible)
+                if self._loaded_upto == end and offset < visible:  # nothing older waits on disk
                     if ring:
                         room = store.ring_bytes - ring.nbytes - RECORD_OVERHEAD * len(ring)
                     else:
                         room = max(store.ring_bytes, len(payloads[0]) + RECORD_OVERHEAD)
                     room = min(room, store.memory_budget - store.pool.cost)
-                    if deliveries is None:
+                    counts = deliveries[j] if deliveries is not None else None
+                    if offset + n > visible:  # only the part below the read limit enters
+                        payloads = payloads[:visible - offset]
+                        counts = counts[:visible - offset] if counts is not None else None
+                    if counts is None:
                         pushed = ring.push_upto(offset, payloads, enqueued_at, room, RECORD_OVERHEAD)
                     else:
-                        pushed = self._push_counted(offset, payloads, deliveries[j], enqueued_at, room)
+                        pushed = self._push_counted(offset, payloads, counts, enqueued_at, room)
                     self._loaded_upto = offset + pushed
-                offset += len(payloads)
+                offset += n
                 end = offset
             count += offset - first
         self._committed(previous, end, count)
@@ -947,12 +1161,17 @@ class Store:
         self._stopped = False
         #: The error of the last failed commit, raised by enqueue until a commit succeeds again.
         self.failure: StorageError | None = None
-        #: Called after each successful commit with the partitions it made new messages readable in.
+        #: Called after each successful commit with the partitions it made new messages readable in (and by
+        #: ``set_visible``/``reset_reads`` with the partition they made messages ready in).
         self.on_readable: Callable[[list[PartitionLog]], None] | None = None
+        #: Called after each successful commit that appended to partitions whose ``replicated`` is set, once, with
+        #: (partition, runs) for each of them (``Runs``: its appends of the commit, as ``_on_committed`` got them):
+        #: what a leader sends its followers. Called after the partitions made them readable.
+        self.on_durable: Callable[[list[tuple[PartitionLog, Runs]]], None] | None = None
         self._queue_definitions: dict[str, dict] = {}
         self._pending_definitions: list[tuple[str, dict]] = []
         self.commits = 0
-        self._recovered: dict[tuple[str, int], tuple[int, int, int, list[_Segment]]] = {}
+        self._recovered: dict[tuple[str, int], tuple[int, int, int, list[tuple[int, int]], list[_Segment]]] = {}
         self._recover()
 
     # -- opening and recovery -------------------------------------------------------------------------------
@@ -961,11 +1180,11 @@ class Store:
         started = time.perf_counter()
         for key, value in self.backend.scan(K.QUEUES):
             self._queue_definitions[key.decode()] = json.loads(value)
-        by_pid: dict[int, tuple[str, int, int, int]] = {}
+        by_pid: dict[int, tuple[str, int, int, int, list[tuple[int, int]]]] = {}
         for key, value in self.backend.scan(K.PARTITIONS):
             queue, index = K.parse_partition_key(key)
-            pid, next_offset, epoch = K.unpack_partition(value)
-            by_pid[pid] = (queue, index, next_offset, epoch)
+            pid, next_offset, epoch, epochs = K.unpack_partition(value)
+            by_pid[pid] = (queue, index, next_offset, epoch, epochs)
             self._next_pid = max(self._next_pid, pid + 1)
         segments: dict[int, list[_Segment]] = {pid: [] for pid in by_pid}
         for key, value in self.backend.scan(K.STATES):
@@ -973,8 +1192,8 @@ class Store:
             enqueued_at, state = K.unpack_state(value)
             if pid in segments:
                 segments[pid].append(_Segment(first, enqueued_at, state))
-        for pid, (queue, index, next_offset, epoch) in by_pid.items():
-            self._recovered[(queue, index)] = (pid, next_offset, epoch, segments[pid])
+        for pid, (queue, index, next_offset, epoch, epochs) in by_pid.items():
+            self._recovered[(queue, index)] = (pid, next_offset, epoch, epochs, segments[pid])
         #: Messages not acked that recovery found, and how long reading them took (seconds).
         self.recovered_messages = sum(s.remaining for parts in segments.values() for s in parts)
         self.recovery_seconds = time.perf_counter() - started
@@ -1008,11 +1227,11 @@ class Store:
             return existing
         recovered = self._recovered.pop(key, None)
         if recovered is None:
-            pid, next_offset, epoch, segments = self._next_pid, 0, 0, []
+            pid, next_offset, epoch, epochs, segments = self._next_pid, 0, 0, [], []
             self._next_pid += 1
         else:
-            pid, next_offset, epoch, segments = recovered
-        part = PartitionLog(self, queue, index, pid, next_offset, limits, epoch)
+            pid, next_offset, epoch, epochs, segments = recovered
+        part = PartitionLog(self, queue, index, pid, next_offset, limits, epoch, epochs)
         part._registered = recovered is not None
         if segments:
             first = segments[0].first
@@ -1185,7 +1404,7 @@ class Store:
         if part._meta_dirty or not part._registered:
             part._meta_dirty = False
             puts.append((K.PARTITIONS, K.partition_key(part.queue, part.index),
-                         K.pack_partition(part.pid, part._next_offset, part._epoch)))
+                         K.pack_partition(part.pid, part._next_offset, part._epoch, part._epochs)))
             commit.registered.append(part)
 
     def _collect_truncated(self, part: PartitionLog, commit: _Commit,
@@ -1231,6 +1450,8 @@ class Store:
                 part._registered = True
             for part, runs, _ in commit.appended:
                 part._on_committed(runs, commit.enqueued_at)
+            if self.on_durable is not None and commit.appended:
+                self._tell_durable(commit)
             for part, segments in commit.states:
                 for segment in segments:
                     if segment.remaining == 0 and part._segments.get(segment.first) is segment:
@@ -1238,7 +1459,10 @@ class Store:
             if not commit.flush.done():
                 commit.flush.set_result(None)
             if self.on_readable is not None and commit.appended:
-                self.on_readable([part for part, _, _ in commit.appended])
+                # (Not the partitions whose appends all lie at or above their read limit: hidden, none readable.)
+                readable = [part for part, runs, _ in commit.appended if not runs or runs[0][0] < part._visible]
+                if readable:
+                    self.on_readable(readable)
             pool = self.pool
             if pool.peak - pool.cost >= TRIM_AFTER_FREED and pool.cost * 4 <= pool.peak:
                 self._arm_trim()
@@ -1252,6 +1476,16 @@ class Store:
                 self._gather()
             else:
                 self._loop.call_soon(self._start_commit)
+
+    def _tell_durable(self, commit: _Commit) -> None:
+        """Give ``on_durable`` the appends of a successful commit to its replicated partitions (if any). An error
+        it raises is logged: it must not stop the commit from completing."""
+        durable = [(part, runs) for part, runs, _ in commit.appended if part.replicated and runs]
+        if durable:
+            try:
+                self.on_durable(durable)  # type: ignore[misc]
+            except Exception:
+                log.exception("on_durable failed")
 
     def _commit_failed(self, commit: _Commit, error: BaseException) -> None:
         if not isinstance(error, StorageError):

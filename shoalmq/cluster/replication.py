@@ -1,0 +1,1050 @@
+"""Replicated partitions: one leader and R-1 followers per partition, commit on the in-sync set, failover by epoch.
+
+A queue whose ``replication_factor`` is 2 or more keeps each partition on several nodes. Its etcd record
+``/<cluster>/partitions/<queue>/<p>`` (no lease: it outlives any node) holds ``leader``, ``epoch``, ``replicas``
+and ``isr`` (the in-sync set), and is only ever changed by a compare-and-swap on its mod revision
+(``Etcd.put_if_revision_sync``). The leader appends publishes to its log; every follower opens one ``Replicate``
+stream to each node it follows partitions of, and the leader pushes what each lacks (after its own group commit),
+its consumers' acks and its commit offset, one stream message per loop turn for all partitions, and a heartbeat
+when idle. A follower appends what it gets at the leader's offsets (``PartitionLog.append_at``), and reports its
+durable offset after each of its own group commits.
+
+The invariants (docs/design.md gives the argument at length):
+
+1. **Commit.** A leader's commit offset (``hw``) rises only to what its own disk and every member of the ISR (and
+   any member being added) have on disk, and only while the ISR has at least ``min_insync`` members (``async``
+   queues: the leader's disk alone). A publish is acknowledged, and a message delivered, only below it. So every
+   acknowledged message is on the disk of every ISR member.
+2. **The record.** Leader, epoch and ISR change only by compare-and-swap on the record's revision; a new leader
+   takes epoch + 1. A leader shrinks the ISR only by such a swap, never below ``min_insync``.
+3. **Fencing.** A follower acknowledges writes only of the highest epoch it knows, and one that proposes itself
+   stops acknowledging the old leader first. The winner was in the old leader's ISR, so the old leader can commit
+   nothing more (it needs the winner's acks, or a swap that the moved record refuses): a leader frozen past its
+   lease, or cut off by a network partition, that comes back can never get a write acknowledged.
+4. **Who may lead.** A node leads only an epoch it began: by its own swap (creating the record, a failover, or
+   re-claiming after a restart: always a new epoch), or a handoff that names it at an epoch above its own history.
+   Only an ISR member whose log is synced (its stored epoch is not 0: a new or wiped disk is 0 until it catches
+   up) may, so a node back with an empty disk never leads, nor truncates the others.
+5. **Truncation.** Each log keeps its history of leader epochs (epoch, first offset). A follower starting to follow
+   gets the leader's history and cuts its log where they part (Kafka's KIP-101/279), so no two replicas differ
+   below the commit offset; then it adopts the leader's history.
+
+Failover: a follower in the ISR that hears nothing from its leader (data or heartbeat) for ``FAILOVER_TIMEOUT``
+(plus ``RANK_DELAY`` per rank, so the ISR's members do not all race) proposes itself. A follower behind catches up
+from the leader's memory (recent commits) or disk (``read_messages``: live messages only, gaps where acked), and
+joins the ISR once it has everything committed; an ISR member behind for ``replica_lag_ms`` leaves it. A graceful
+leave hands each led partition to an in-sync follower once it has everything (``leave``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from shoalmq._native import segment
+from shoalmq.cluster.transport import PeerGone, PeerStream
+from shoalmq.errors import NotOwner, ShoalError, StaleEpoch
+from shoalmq.proto import broker_pb2
+from shoalmq.cluster.replication_record import Record, parse_record
+from shoalmq.queue.config import QueueConfig
+
+if TYPE_CHECKING:
+    from shoalmq.cluster.assignment import PartitionAssigner
+    from shoalmq.cluster.definitions import QueueDefinitions
+    from shoalmq.cluster.etcd import Etcd
+    from shoalmq.cluster.membership import Membership
+    from shoalmq.cluster.view import ClusterView
+    from shoalmq.queue.manager import QueueManager
+    from shoalmq.queue.storage.log import PartitionLog
+
+log = logging.getLogger(__name__)
+
+Partition = tuple[str, int]
+PartitionData = broker_pb2.PartitionData
+
+#: Seconds between heartbeats on an idle replication stream.
+HEARTBEAT_INTERVAL = 0.1
+#: Seconds a follower waits, hearing nothing from its leader, before it proposes itself.
+FAILOVER_TIMEOUT = 0.6
+#: Extra seconds per rank among the in-sync followers (the first in id order goes first).
+RANK_DELAY = 0.15
+#: Seconds between the checks of leaders' silence, of lagging followers and of records to create.
+TICK = 0.05
+#: Bytes of recent commits a leader keeps in memory per partition for its followers (older ones are read from
+#: disk).
+BUFFER_BYTES = 8 << 20
+#: Most messages and bytes of one partition read from disk for a follower catching up, per message sent.
+CATCHUP_MESSAGES = 4096
+CATCHUP_BYTES = 4 << 20
+#: Stream messages a leader may have queued for one follower before it stops sending it data (it catches up from
+#: disk when it drains).
+SESSION_BACKLOG = 32
+#: Seconds a graceful leave waits for a follower to have everything before it hands leadership over anyway.
+HANDOFF_WAIT = 3.0
+
+
+class Progress:
+    """What a leader knows of one follower of one partition."""
+
+    __slots__ = ("caught_up_at", "durable", "following", "sent", "sent_commit", "session")
+
+    def __init__(self, session: FollowerSession) -> None:
+        self.session = session
+        #: True once the follower truncated to our history and said where its log continues.
+        self.following = False
+        #: The offset the next data for it starts at.
+        self.sent = 0
+        #: Everything below is on its disk.
+        self.durable = 0
+        #: The commit offset last sent to it.
+        self.sent_commit = -1
+        self.caught_up_at = time.monotonic()
+
+
+class Leader:
+    """This node leads a partition at ``epoch``."""
+
+    def __init__(self, replicator: Replicator, part: PartitionLog, config: QueueConfig, record: Record,
+                 hw: int) -> None:
+        self.replicator = replicator
+        self.part = part
+        self.key: Partition = (part.queue, part.index)
+        self.config = config
+        self.record = record
+        self.epoch = record.epoch
+        #: The commit offset: everything below it is on every in-sync replica's disk.
+        self.hw = hw
+        self.followers: dict[str, Progress] = {}
+        #: (first offset, records) of recent commits, oldest first, for followers (BUFFER_BYTES at most).
+        self.buffer: collections.deque[tuple[int, list[bytes]]] = collections.deque()
+        self.buffer_bytes = 0
+        #: Offsets acked since the last pump.
+        self.acks: list[int] = []
+        #: [offset, future] waiting for the commit offset to pass offset, in offset order.
+        self.waiters: collections.deque[list[Any]] = collections.deque()
+        self._waiter_turn = -1
+        #: A record change (ISR) under way.
+        self.changing = False
+        #: Set while leadership is being handed over (a leave): no new writes.
+        self.closing = False
+        #: Nodes being added to the ISR (counted for the commit before the record shows them).
+        self.adding: set[str] = set()
+        self.reason_logged = ""
+        #: When this node began leading (members not following since count as behind from then).
+        self.since = time.monotonic()
+
+    # -- writes ---------------------------------------------------------------------------------------------
+
+    def committed(self, offset: int, flush: asyncio.Future[None]) -> asyncio.Future[None]:
+        """A future resolved once the message at ``offset`` is committed (on every in-sync replica), failed if
+        its local commit fails or leadership moves first. Publishes of one loop turn share one future."""
+        waiters = self.waiters
+        turn = self.replicator.turn
+        if waiters and self._waiter_turn == turn and not waiters[-1][1].done():
+            entry = waiters[-1]
+            entry[0] = offset
+            if flush is not entry[2]:
+                flush.add_done_callback(lambda f, e=entry: self._local_done(f, e))
+            return entry[1]
+        future = self.replicator.loop.create_future()
+        entry = [offset, future, flush]
+        if offset < self.hw:
+            future.set_result(None)
+            return future
+        waiters.append(entry)
+        self._waiter_turn = turn
+        flush.add_done_callback(lambda f, e=entry: self._local_done(f, e))
+        return future
+
+    @staticmethod
+    def _local_done(flush: asyncio.Future[None], entry: list[Any]) -> None:
+        if flush.cancelled() or flush.exception() is None:
+            return
+        future = entry[1]
+        if not future.done():
+            future.set_exception(flush.exception())  # type: ignore[arg-type]
+
+    def durable(self, runs: list[tuple[int, list[list[bytes]], Any]]) -> None:
+        """Our own commit wrote these runs: keep them for the followers, and see if the commit offset moves."""
+        buffer = self.buffer
+        for first, batches, _ in runs:
+            offset = first
+            for payloads in batches:
+                buffer.append((offset, payloads))
+                offset += len(payloads)
+                self.buffer_bytes += sum(map(len, payloads))
+        while self.buffer_bytes > BUFFER_BYTES and len(buffer) > 1:
+            _, payloads = buffer.popleft()
+            self.buffer_bytes -= sum(map(len, payloads))
+        self.advance()
+        self.replicator.wake_pump()
+
+    def advance(self) -> None:
+        """Raise the commit offset to what the in-sync set has on disk (invariant 1)."""
+        part = self.part
+        end = part.committed_offset
+        if self.config.replication != "async":
+            record = self.record
+            if len(record.isr) < record.min_insync(self.config):
+                self._hold(f"{len(record.isr)} of {record.min_insync(self.config)} in-sync replicas")
+                return
+            me = self.replicator.node_id
+            for node in set(record.isr) | self.adding:
+                if node == me:
+                    continue
+                progress = self.followers.get(node)
+                if progress is None or not progress.following:
+                    self._hold(f"in-sync replica {node} is not following")
+                    return
+                end = min(end, progress.durable)
+        if end <= self.hw:
+            return
+        if self.reason_logged:
+            log.info("partition %s/%d acknowledges again", *self.key)
+            self.reason_logged = ""
+        self.hw = end
+        part.set_visible(end)
+        waiters = self.waiters
+        while waiters and waiters[0][0] < end:
+            future = waiters.popleft()[1]
+            if not future.done():
+                future.set_result(None)
+        self.replicator.wake_pump()
+
+    def _hold(self, reason: str) -> None:
+        if self.reason_logged != reason and self.waiters:
+            log.warning("partition %s/%d holds publishes: %s", self.key[0], self.key[1], reason)
+            self.reason_logged = reason
+
+    def acked(self, offsets: Iterable[int]) -> None:
+        self.acks.extend(offsets)
+        self.replicator.wake_pump()
+
+    def fail_waiters(self, error: ShoalError) -> None:
+        waiters, self.waiters = self.waiters, collections.deque()
+        for entry in waiters:
+            if not entry[1].done():
+                entry[1].set_exception(error)
+                entry[1].exception()
+
+    # -- followers ------------------------------------------------------------------------------------------
+
+    def history(self) -> list[int]:
+        return [n for entry in self.part.epochs for n in entry]
+
+    def data_for(self, node: str, progress: Progress, budget: list[int]) -> PartitionData | None:
+        """The next message for one follower: what it lacks (from memory, else from disk, within ``budget``),
+        the acks since the last pump, the commit offset if it moved; None if it has nothing to get."""
+        part = self.part
+        end = part.committed_offset
+        records: list[bytes] = []
+        offsets: list[int] = []
+        new_end = 0
+        if progress.sent < end and budget[0] > 0:
+            start = progress.sent
+            buffer = self.buffer
+            if buffer and buffer[0][0] <= start:
+                i = len(buffer) - 1
+                while buffer[i][0] > start:  # (followers are usually at the tail: scan back from it)
+                    i -= 1
+                size = 0
+                while i < len(buffer) and size < CATCHUP_BYTES:
+                    first, payloads = buffer[i]
+                    skip = max(start - first, 0)
+                    chunk = payloads[skip:] if skip else payloads
+                    records.extend(chunk)
+                    offsets.extend(range(first + skip, first + len(payloads)))
+                    size += sum(map(len, chunk))
+                    i += 1
+                new_end = end if i >= len(buffer) or not offsets else offsets[-1] + 1
+            else:
+                read = part.read_messages(start, CATCHUP_MESSAGES)
+                size = 0
+                for offset, payload, _ in read:
+                    records.append(payload)
+                    offsets.append(offset)
+                    size += len(payload)
+                    if size >= CATCHUP_BYTES:
+                        break
+                full = len(offsets) == CATCHUP_MESSAGES or size >= CATCHUP_BYTES
+                new_end = offsets[-1] + 1 if full else end
+            budget[0] -= size
+            progress.sent = new_end
+        commit = self.hw if self.hw != progress.sent_commit else 0
+        if not records and not new_end and not self.acks and not commit:
+            return None
+        progress.sent_commit = self.hw
+        return PartitionData(queue=self.key[0], partition=self.key[1], epoch=self.epoch,
+                             records=segment.pack(records) if records else b"", offsets=offsets,
+                             end_offset=new_end, commit_offset=self.hw, acks=self.acks)
+
+    def check_isr(self, now: float) -> None:
+        """Shrink the ISR of members behind for ``replica_lag_ms``, add replicas that caught up, and grow the
+        replicas towards the replication factor (each a compare-and-swap; one at a time)."""
+        if self.changing or self.closing:
+            return
+        record = self.record
+        me = self.replicator.node_id
+        end = self.part.committed_offset
+        lag = self.config.replica_lag_ms / 1000
+        minimum = record.min_insync(self.config)
+        for node in record.replicas:
+            if node == me:
+                continue
+            progress = self.followers.get(node)
+            if progress is not None and progress.following and progress.durable >= end:
+                progress.caught_up_at = now
+            if node in record.isr:
+                behind_since = progress.caught_up_at if progress is not None else self.since
+                if now - behind_since > lag and len(record.isr) > minimum:
+                    isr = tuple(n for n in record.isr if n != node)
+                    log.warning("partition %s/%d: replica %s is %s, leaving the in-sync set", *self.key, node,
+                                "behind" if progress is not None else "not following")
+                    self.replicator.change(self, replace(record, isr=isr))
+                    return
+            elif (progress is not None and progress.following and progress.durable >= self.hw
+                  and progress.durable >= self._epoch_start):
+                self.adding.add(node)
+                isr = tuple(n for n in record.replicas if n in record.isr or n == node)
+                log.info("partition %s/%d: replica %s caught up, joining the in-sync set", *self.key, node)
+                self.replicator.change(self, replace(record, isr=isr))
+                return
+        wanted = self.replicator.wanted_replicas(self.key, self.config)
+        missing = [n for n in wanted if n not in record.replicas]
+        if len(record.replicas) < self.config.replication_factor and missing:
+            self.replicator.change(self, replace(record, replicas=(*record.replicas, missing[0])))
+
+    @property
+    def _epoch_start(self) -> int:
+        epochs = self.part.epochs
+        return epochs[-1][1] if epochs else 0
+
+
+class Follower:
+    """This node follows a partition led by ``leader`` at ``epoch``."""
+
+    def __init__(self, replicator: Replicator, part: PartitionLog, record: Record) -> None:
+        self.replicator = replicator
+        self.part = part
+        self.key: Partition = (part.queue, part.index)
+        self.record = record
+        self.leader = record.leader
+        self.epoch = record.epoch
+        self.subscribed = False
+        #: The leader's commit offset, as last heard.
+        self.leader_commit = 0
+        #: The leader's epoch history (pairs), from its answer to our subscribe.
+        self.history: list[tuple[int, int]] = []
+        #: Set while proposing itself: nothing from the old leader is acknowledged any more.
+        self.candidate = False
+        #: The leader said it does not lead the partition: treat it as silent.
+        self.refused = False
+        self.started = time.monotonic()
+        #: Acks of messages not yet durable here (applied after the next commit).
+        self.deferred_acks: list[int] = []
+        self.reported = -1
+
+    def state(self, subscribe: bool = False) -> broker_pb2.FollowerState:
+        part = self.part
+        epochs = part.epochs
+        return broker_pb2.FollowerState(queue=self.key[0], partition=self.key[1], epoch=self.epoch,
+                                        subscribe=subscribe, last_epoch=epochs[-1][0] if epochs else 0,
+                                        end_offset=part.next_offset, durable_offset=part.committed_offset)
+
+    def receive(self, data: PartitionData) -> None:
+        part = self.part
+        if data.status == PartitionData.NOT_LEADER:
+            self.refused = True
+            self.subscribed = False
+            return
+        if data.epoch < self.epoch or self.candidate:
+            return  # a stale leader (invariant 3): nothing of it is acknowledged
+        self.refused = False
+        if data.epoch > self.epoch:  # the leader moved on before our view of the record did
+            self.epoch = data.epoch
+            if not data.has_history:
+                self.subscribed = False
+                self.replicator.resubscribe(self)
+                return
+        if data.has_history:
+            self._truncate(data)
+        if not self.subscribed:
+            return
+        if data.records:
+            records = segment.unpack(data.records)
+            offsets = list(data.offsets)
+            if len(offsets) != len(records):
+                log.error("replication data for %s/%d is malformed (%d offsets for %d records): resubscribing",
+                          *self.key, len(offsets), len(records))
+                self.subscribed = False
+                self.replicator.resubscribe(self)
+                return
+            start = 0
+            flush = None
+            n = len(offsets)
+            while start < n and offsets[start] < part.next_offset:
+                start += 1  # sent twice (a resubscribe crossed data on the way)
+            i = start
+            while i < n:
+                j = i + 1
+                while j < n and offsets[j] == offsets[j - 1] + 1:
+                    j += 1
+                flush = part.append_at(offsets[i], records[i:j])
+                i = j
+            if flush is not None:
+                flush.add_done_callback(self._flushed)
+        if data.end_offset > part.next_offset:
+            part.advance_to(data.end_offset)
+            self.replicator.report_soon(self)
+        self._adopt_history()
+        if data.acks:
+            self.deferred_acks.extend(part.ack_stored(data.acks))
+        if data.commit_offset > self.leader_commit:
+            self.leader_commit = data.commit_offset
+        self._mark_synced()
+
+    def _truncate(self, data: PartitionData) -> None:
+        """Cut the log where it parts from the leader's history (invariant 5), adopt the history, report."""
+        part = self.part
+        flat = list(data.history)
+        history = [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
+        self.history = history
+        epochs = part.epochs
+        cut = part.next_offset if epochs else 0  # (a log with no history keeps nothing it cannot place)
+        if epochs:
+            mine = epochs[-1][0]
+            # The leader's end of the largest of its epochs not above our last one.
+            theirs_epoch, theirs_end = 0, history[0][1] if history else 0
+            for k, (epoch, start) in enumerate(history):
+                if epoch <= mine:
+                    theirs_epoch = epoch
+                    theirs_end = history[k + 1][1] if k + 1 < len(history) else (1 << 63)
+            _, my_end = part.epoch_end(theirs_epoch)
+            cut = min(cut, my_end, theirs_end)
+        if cut < part.next_offset:
+            removed = part.truncate(cut)
+            log.info("partition %s/%d: log cut at offset %d where it parts from leader %s's (%d message(s) "
+                     "removed)", *self.key, cut, self.leader, removed)
+        self.subscribed = True
+        self._adopt_history(force=True)
+        self.replicator.report_soon(self)
+
+    def _adopt_history(self, force: bool = False) -> None:
+        part = self.part
+        end = part.next_offset
+        entries = [(e, s) for e, s in self.history if s < end or (s == end and (e, s) == self.history[-1])]
+        if force or entries != part.epochs and len(entries) >= len(part.epochs):
+            if entries != part.epochs:
+                try:
+                    part.set_epochs(entries)
+                except ValueError as exc:
+                    log.error("partition %s/%d: cannot adopt the leader's epochs %r: %s", *self.key, entries, exc)
+
+    def _mark_synced(self) -> None:
+        """Our log has everything the leader committed: it may lead (invariant 4) from now on."""
+        part = self.part
+        if part.epoch < self.epoch and self.subscribed and part.committed_offset >= self.leader_commit:
+            part.set_epoch(self.epoch)
+
+    def _flushed(self, flush: asyncio.Future[None]) -> None:
+        if flush.cancelled() or flush.exception() is not None:
+            return
+        if self.deferred_acks:
+            acks, self.deferred_acks = self.deferred_acks, []
+            self.deferred_acks = self.part.ack_stored(acks)
+        self._mark_synced()
+        self.replicator.report_soon(self)
+
+    def eligible(self, record: Record) -> bool:
+        """May this node lead the partition (invariant 4)?"""
+        part = self.part
+        return self.replicator.node_id in record.isr and part.epoch > 0 and bool(part.epochs)
+
+
+class FollowerSession:
+    """The leader's end of one follower node's ``Replicate`` stream."""
+
+    def __init__(self, replicator: Replicator, peer: str) -> None:
+        self.replicator = replicator
+        self.peer = peer
+        self.node = ""
+        self.outgoing: asyncio.Queue[broker_pb2.ReplicaData | None] = asyncio.Queue()
+        self.pending: list[PartitionData] = []
+        #: (queue, partition) this stream follows here.
+        self.partitions: set[Partition] = set()
+
+    @property
+    def backed_up(self) -> bool:
+        return self.outgoing.qsize() >= SESSION_BACKLOG
+
+    def send(self, data: PartitionData) -> None:
+        self.pending.append(data)
+
+    def flush(self) -> None:
+        if self.pending:
+            pending, self.pending = self.pending, []
+            self.outgoing.put_nowait(broker_pb2.ReplicaData(partitions=pending))
+
+    async def read(self, requests: AsyncIterator[broker_pb2.ReplicaRequest]) -> None:
+        try:
+            async for request in requests:
+                if request.node:
+                    self.node = request.node
+                if not self.node:
+                    continue
+                for state in request.partitions:
+                    self.replicator.follower_state(self, state)
+                self.flush()
+        finally:
+            self.outgoing.put_nowait(None)
+
+
+class FollowerLink:
+    """This node's stream to one leader node, for every partition it follows there."""
+
+    def __init__(self, replicator: Replicator, node: str, target: str) -> None:
+        self.replicator = replicator
+        self.node = node
+        self.target = target
+        self.partitions: dict[Partition, Follower] = {}
+        self.last_heard = time.monotonic()
+        self.stream = PeerStream(target, "Replicate", self._received, self._lost, reconnect_delay=0.05,
+                                 first=self._first)
+
+    def _first(self) -> list[broker_pb2.ReplicaRequest]:
+        states = []
+        for follower in self.partitions.values():
+            follower.subscribed = False
+            states.append(follower.state(subscribe=True))
+        return [broker_pb2.ReplicaRequest(node=self.replicator.node_id, partitions=states)]
+
+    def start(self) -> None:
+        self.stream.start()
+
+    def _received(self, message: broker_pb2.ReplicaData) -> None:
+        self.last_heard = time.monotonic()
+        partitions = self.partitions
+        for data in message.partitions:
+            follower = partitions.get((data.queue, data.partition))
+            if follower is not None:
+                follower.receive(data)
+
+    def _lost(self, error: PeerGone) -> None:
+        for follower in self.partitions.values():
+            follower.subscribed = False
+        log.debug("replication stream to %s lost: %s", self.node, error)
+
+    def send(self, states: list[broker_pb2.FollowerState]) -> None:
+        self.stream.send(broker_pb2.ReplicaRequest(node=self.replicator.node_id, partitions=states))
+
+    async def close(self) -> None:
+        await self.stream.close()
+
+
+class Replicator:
+    """The replicated partitions of one node: roles from the records, streams, commit, failover, handoffs."""
+
+    def __init__(self, etcd: Etcd, membership: Membership, view: ClusterView, manager: QueueManager,
+                 definitions: QueueDefinitions, assigner: PartitionAssigner) -> None:
+        self.etcd = etcd
+        self.membership = membership
+        self.view = view
+        self.manager = manager
+        self.definitions = definitions
+        self.assigner = assigner
+        self.node_id = membership.node_id
+        self.loop = asyncio.get_running_loop()
+        self.leaders: dict[Partition, Leader] = {}
+        self.followers: dict[Partition, Follower] = {}
+        self.links: dict[str, FollowerLink] = {}
+        self.sessions: set[FollowerSession] = set()
+        #: Called after this node's leaderships change (dispatch sources, held forwards).
+        self.on_change: list[Callable[[], None]] = []
+        #: Advanced every loop turn something is published (publishes of one turn share a future).
+        self.turn = 0
+        self.leaving = False
+        self._pump_scheduled = False
+        self._reports: dict[str, dict[Partition, Follower]] = {}
+        self._report_scheduled = False
+        self._task: asyncio.Task[None] | None = None
+        self._proposing: set[Partition] = set()
+        self._stopping = False
+        self._last_heartbeat = 0.0
+        self._ticks = 0
+
+    # -- life -----------------------------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        self.manager.store.on_durable = self._durable
+        self.manager.replication = self
+        self.view.on_owners.append(self.reconcile)
+        self.view.on_definitions.append(self.reconcile)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="shoalmq-replication")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for leader in list(self.leaders.values()):
+            self._demote(leader, "the node is stopping")
+        for session in list(self.sessions):
+            session.outgoing.put_nowait(None)
+        await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+        self.links.clear()
+
+    def replicated(self, name: str) -> bool:
+        config = self.view.definitions.get(name)
+        return config is not None and config.replication_factor > 1
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(TICK)
+            try:
+                self._tick()
+            except Exception:  # a bug must not end the loop that keeps replication going
+                log.exception("replication check failed")
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._ticks += 1
+        if self._ticks % 10 == 0:
+            self.reconcile()
+        for leader in list(self.leaders.values()):
+            leader.check_isr(now)
+        for follower in list(self.followers.values()):
+            self._check_leader(follower, now)
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
+            self._last_heartbeat = now
+            for session in self.sessions:
+                if session.outgoing.empty() and not session.pending:
+                    session.outgoing.put_nowait(broker_pb2.ReplicaData())
+            for link in self.links.values():
+                # Unanswered subscribes (a leader that was not leading yet) are sent again.
+                states = [f.state(subscribe=True) for f in link.partitions.values()
+                          if not f.subscribed and not f.candidate]
+                if states and link.stream.connected:
+                    link.send(states)
+
+    # -- roles ----------------------------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Take up the role each record gives this node; create the records of new partitions we should lead."""
+        if self._stopping:
+            return
+        view = self.view
+        live = sorted(n for n in view.nodes if not (self.leaving and n == self.node_id))
+        me = self.node_id
+        for name, config in list(view.definitions.items()):
+            if config.replication_factor < 2 or not self.definitions.servable(name):
+                continue
+            for index in range(config.partitions):
+                key = (name, index)
+                record = view.records.get(key)
+                if record is None:
+                    if live and not self.leaving and me in live and key not in self._proposing:
+                        wanted = self.assigner.replicas(name, index, live, config.replication_factor,
+                                                        partitions=config.partitions)
+                        if wanted[0] == me:
+                            isr = tuple(wanted)
+                            self._propose(key, Record(me, self._next_epoch(key), tuple(wanted), isr, 0), None)
+                    continue
+                self._take_role(key, config, record)
+
+    def _take_role(self, key: Partition, config: QueueConfig, record: Record) -> None:
+        me = self.node_id
+        leader = self.leaders.get(key)
+        if leader is not None:
+            if record.leader == me and record.epoch == leader.epoch:
+                if record.revision >= leader.record.revision:
+                    leader.record = record
+                    leader.adding -= set(record.isr)
+                    leader.advance()
+                return
+            self._demote(leader, f"the record names {record.leader} at epoch {record.epoch}")
+        part = self.manager.queue(key[0]).partition(key[1])
+        if record.leader == me:
+            if key in self._proposing or self.leaving:
+                return
+            follower = self.followers.get(key)
+            epochs = part.epochs
+            synced = me in record.isr and part.epoch > 0 and bool(epochs)
+            if synced and record.epoch > epochs[-1][0]:
+                # A handoff named us at a new epoch: begin it (invariant 4).
+                self._become_leader(key, config, record, follower.leader_commit if follower else 0)
+            elif synced:
+                # Ours before a restart (or a handoff back): lead again, at a new epoch.
+                self._propose(key, replace(record, epoch=self._next_epoch(key)), record)
+            return
+        if me not in record.replicas:
+            self._stop_following(key)
+            return
+        follower = self.followers.get(key)
+        if follower is not None and follower.leader == record.leader and follower.epoch >= record.epoch:
+            follower.record = record
+            return
+        self._follow(key, record, part)
+
+    def _follow(self, key: Partition, record: Record, part: PartitionLog) -> None:
+        self._stop_following(key)
+        node = self.view.nodes.get(record.leader)
+        target = node.get("grpc") if node else None
+        part.replicated = False
+        part.reset_reads(0)
+        follower = Follower(self, part, record)
+        self.followers[key] = follower
+        if target is None:
+            return  # the leader is not live: the failover check proposes us once it has been silent long enough
+        link = self.links.get(record.leader)
+        if link is None or link.target != target:
+            if link is not None:
+                asyncio.ensure_future(link.close())
+            link = self.links[record.leader] = FollowerLink(self, record.leader, target)
+            link.last_heard = time.monotonic()
+        link.partitions[key] = follower
+        if link.stream.connected:
+            link.send([follower.state(subscribe=True)])
+        else:
+            link.start()
+
+    def _stop_following(self, key: Partition) -> None:
+        follower = self.followers.pop(key, None)
+        if follower is None:
+            return
+        link = self.links.get(follower.leader)
+        if link is not None:
+            link.partitions.pop(key, None)
+            if not link.partitions:
+                del self.links[follower.leader]
+                asyncio.ensure_future(link.close())
+
+    def resubscribe(self, follower: Follower) -> None:
+        link = self.links.get(follower.leader)
+        if link is not None and link.partitions.get(follower.key) is follower:
+            link.send([follower.state(subscribe=True)])
+
+    def _become_leader(self, key: Partition, config: QueueConfig, record: Record, hw: int) -> None:
+        self._stop_following(key)
+        part = self.manager.queue(key[0]).partition(key[1])
+        epochs = part.epochs
+        if not epochs or epochs[-1][0] < record.epoch:
+            part.begin_epoch(record.epoch, part.next_offset)
+        elif part.epoch < record.epoch:
+            part.set_epoch(record.epoch)
+        hw = min(hw, part.committed_offset)
+        part.replicated = True
+        part.reset_reads(hw)
+        leader = Leader(self, part, config, record, hw)
+        self.leaders[key] = leader
+        self.view.mine[key] = record.epoch
+        self.view.unleased.add(key)
+        log.info("partition %s/%d led here from epoch %d (replicas %s, in sync %s)", key[0], key[1], record.epoch,
+                 ",".join(record.replicas), ",".join(record.isr))
+        leader.advance()
+        self._changed()
+
+    def _demote(self, leader: Leader, why: str) -> None:
+        key = leader.key
+        if self.leaders.get(key) is not leader:
+            return
+        del self.leaders[key]
+        if self.view.mine.get(key) == leader.epoch:
+            del self.view.mine[key]
+        self.view.unleased.discard(key)
+        leader.fail_waiters(NotOwner(f"partition {key[0]}/{key[1]} is no longer led here ({why})"))
+        self.manager.take_back(*key)
+        part = leader.part
+        part.replicated = False
+        part.reset_reads(0)
+        for progress in leader.followers.values():
+            progress.session.partitions.discard(key)
+        log.info("partition %s/%d no longer led here: %s", key[0], key[1], why)
+        self._changed()
+
+    def _changed(self) -> None:
+        for callback in self.on_change:
+            callback()
+
+    def _next_epoch(self, key: Partition) -> int:
+        record = self.view.records.get(key)
+        part = self.manager.queue(key[0]).partition(key[1])
+        known = max(self.view.max_epoch.get(key, 0), record.epoch if record else 0, part.epoch,
+                    part.epochs[-1][0] if part.epochs else 0)
+        return known + 1
+
+    def wanted_replicas(self, key: Partition, config: QueueConfig) -> list[str]:
+        live = sorted(self.view.nodes)
+        if not live:
+            return []
+        return self.assigner.replicas(key[0], key[1], live, config.replication_factor,
+                                      partitions=config.partitions)
+
+    # -- record changes (compare-and-swap) --------------------------------------------------------------------
+
+    def _propose(self, key: Partition, record: Record, current: Record | None) -> None:
+        """Make ``record`` the partition's (creating it if ``current`` is None), then lead it if it names us."""
+        self._proposing.add(key)
+        asyncio.ensure_future(self._swap(key, record, current.revision if current else 0, None))
+
+    def change(self, leader: Leader, record: Record) -> None:
+        """An ISR or replicas change by the leader."""
+        leader.changing = True
+        asyncio.ensure_future(self._swap(leader.key, record, leader.record.revision, leader))
+
+    async def _swap(self, key: Partition, record: Record, revision: int, leader: Leader | None) -> None:
+        try:
+            written, current = await self.etcd.call(self.etcd.put_if_revision_sync, self.view.partition_key(key),
+                                                    record.value(), revision)
+        except ShoalError as exc:
+            log.warning("cannot change the record of %s/%d now: %s", key[0], key[1], exc)
+            written, current = 0, None
+        finally:
+            self._proposing.discard(key)
+            if leader is not None:
+                leader.changing = False
+        if written:
+            record = replace(record, revision=written)
+            self.view.record_replica(key, record)
+            config = self.view.definitions.get(key[0])
+            if config is None:
+                return
+            if leader is not None:
+                if self.leaders.get(key) is leader:
+                    leader.record = record
+                    leader.adding -= set(record.isr)
+                    leader.advance()
+            elif record.leader == self.node_id and key not in self.leaders:
+                follower = self.followers.get(key)
+                self._become_leader(key, config, record, follower.leader_commit if follower else 0)
+        else:
+            if leader is not None:
+                leader.adding.clear()
+            if current is not None:
+                parsed = parse_record(current.value, current.mod_revision)
+                if parsed is not None:
+                    self.view.record_replica(key, parsed)
+            follower = self.followers.get(key)
+            if follower is not None:
+                follower.candidate = False
+        self.reconcile()
+
+    # -- failover -------------------------------------------------------------------------------------------
+
+    def _check_leader(self, follower: Follower, now: float) -> None:
+        if follower.candidate or self.leaving:
+            return
+        record = self.view.records.get(follower.key)
+        if record is None or record.leader == self.node_id or not follower.eligible(record):
+            return
+        link = self.links.get(follower.leader)
+        heard = max(link.last_heard if link is not None and not follower.refused else 0.0, follower.started)
+        others = sorted(n for n in record.isr if n != record.leader)
+        rank = others.index(self.node_id) if self.node_id in others else len(others)
+        if now - heard < FAILOVER_TIMEOUT + rank * RANK_DELAY:
+            return
+        config = self.view.definitions.get(follower.key[0])
+        if config is None:
+            return
+        isr = tuple(n for n in record.isr if n != record.leader)
+        if len(isr) < record.min_insync(config):
+            isr = record.isr  # never below min_insync (the old leader stays, out of reach, until it is back)
+        log.warning("partition %s/%d: leader %s silent for %.2f s, proposing this node at epoch %d",
+                    follower.key[0], follower.key[1], record.leader, now - heard, record.epoch + 1)
+        follower.candidate = True  # from here on, nothing of the old leader is acknowledged (invariant 3)
+        self._propose(follower.key, replace(record, leader=self.node_id, epoch=record.epoch + 1, isr=isr), record)
+
+    # -- the leader's side of the streams ----------------------------------------------------------------------
+
+    async def serve(self, requests: AsyncIterator[broker_pb2.ReplicaRequest], peer: str,
+                    ) -> AsyncIterator[broker_pb2.ReplicaData]:
+        session = FollowerSession(self, peer)
+        self.sessions.add(session)
+        reader = asyncio.ensure_future(session.read(requests))
+        try:
+            while True:
+                message = await session.outgoing.get()
+                if message is None:
+                    return
+                yield message
+                if session.outgoing.qsize() < SESSION_BACKLOG // 2:
+                    self.wake_pump()
+        finally:
+            reader.cancel()
+            self.sessions.discard(session)
+            for key in session.partitions:
+                leader = self.leaders.get(key)
+                if leader is not None and leader.followers.get(session.node) is not None \
+                        and leader.followers[session.node].session is session:
+                    del leader.followers[session.node]
+
+    def follower_state(self, session: FollowerSession, state: broker_pb2.FollowerState) -> None:
+        key = (state.queue, state.partition)
+        leader = self.leaders.get(key)
+        if leader is None or state.epoch > leader.epoch or leader.closing and state.subscribe:
+            if leader is not None and state.epoch > leader.epoch:
+                self._demote(leader, f"follower {session.node} follows epoch {state.epoch}")
+            session.send(PartitionData(queue=state.queue, partition=state.partition, epoch=state.epoch,
+                                       status=PartitionData.NOT_LEADER))
+            return
+        if state.subscribe:
+            progress = leader.followers.get(session.node)
+            if progress is None or progress.session is not session:
+                progress = leader.followers[session.node] = Progress(session)
+                session.partitions.add(key)
+            progress.following = False
+            progress.sent_commit = leader.hw
+            session.send(PartitionData(queue=state.queue, partition=state.partition, epoch=leader.epoch,
+                                       has_history=True, history=leader.history(), commit_offset=leader.hw))
+            return
+        progress = leader.followers.get(session.node)
+        if progress is None or progress.session is not session or state.epoch != leader.epoch:
+            return
+        if not progress.following:
+            progress.following = True
+            progress.sent = state.end_offset
+        progress.durable = max(progress.durable, state.durable_offset) if progress.following else 0
+        if state.durable_offset < progress.durable:
+            progress.durable = state.durable_offset
+        leader.advance()
+        self.wake_pump()
+
+    def wake_pump(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self.loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Send every follower what it lacks, the acks and commit offsets: one stream message per follower."""
+        self._pump_scheduled = False
+        self.turn += 1
+        budget = [32 << 20]
+        more = False
+        for leader in self.leaders.values():
+            for node, progress in leader.followers.items():
+                session = progress.session
+                if not progress.following or session.backed_up:
+                    continue
+                data = leader.data_for(node, progress, budget)
+                if data is not None:
+                    session.send(data)
+                if progress.sent < leader.part.committed_offset:
+                    more = True
+            leader.acks = []
+        for session in self.sessions:
+            session.flush()
+        if more and budget[0] > 0:
+            self.wake_pump()
+        elif more:
+            self.loop.call_later(0.005, self.wake_pump)
+
+    def _durable(self, entries: list[tuple[PartitionLog, list[Any]]]) -> None:
+        leaders = self.leaders
+        for part, runs in entries:
+            leader = leaders.get((part.queue, part.index))
+            if leader is not None and leader.part is part:
+                leader.durable(runs)
+
+    # -- the follower's reports -------------------------------------------------------------------------------
+
+    def report_soon(self, follower: Follower) -> None:
+        self._reports.setdefault(follower.leader, {})[follower.key] = follower
+        if not self._report_scheduled:
+            self._report_scheduled = True
+            self.loop.call_soon(self._report)
+
+    def _report(self) -> None:
+        self._report_scheduled = False
+        reports, self._reports = self._reports, {}
+        for node, followers in reports.items():
+            link = self.links.get(node)
+            if link is None:
+                continue
+            states = [f.state() for f in followers.values() if f.subscribed and not f.candidate
+                      and link.partitions.get(f.key) is f]
+            if states:
+                link.send(states)
+
+    # -- the queue manager's side -----------------------------------------------------------------------------
+
+    def committed(self, part: PartitionLog, offset: int, flush: asyncio.Future[None]) -> asyncio.Future[None]:
+        leader = self.leaders.get((part.queue, part.index))
+        if leader is None or leader.part is not part:
+            raise NotOwner(f"partition {part.queue}/{part.index} is not led here")
+        return leader.committed(offset, flush)
+
+    def acked(self, part: PartitionLog, offsets: Iterable[int]) -> None:
+        leader = self.leaders.get((part.queue, part.index))
+        if leader is not None:
+            leader.acked(offsets)
+
+    def check(self, queue: str, partition: int, epoch: int) -> None:
+        leader = self.leaders.get((queue, partition))
+        if leader is None or leader.closing:
+            raise NotOwner(f"node {self.node_id} does not lead {queue}/{partition}")
+        if leader.epoch != epoch:
+            raise StaleEpoch(f"{queue}/{partition} is at epoch {leader.epoch} on {self.node_id}, not {epoch}")
+
+    def leads(self, key: Partition) -> bool:
+        leader = self.leaders.get(key)
+        return leader is not None and not leader.closing
+
+    # -- leaving --------------------------------------------------------------------------------------------
+
+    async def leave(self, timeout: float = HANDOFF_WAIT) -> None:
+        """Hand every partition led here to an in-sync follower (Kafka's controlled shutdown): stop taking
+        writes, wait (``timeout`` at most) until a follower has everything, then name it leader at epoch + 1."""
+        self.leaving = True
+        leaders = list(self.leaders.values())
+        if not leaders:
+            return
+        for leader in leaders:
+            leader.closing = True
+            self.view.mine.pop(leader.key, None)
+        self._changed()
+        deadline = time.monotonic() + timeout
+        pending = {leader.key: leader for leader in leaders}
+        while pending and time.monotonic() < deadline:
+            for key, leader in list(pending.items()):
+                if self.leaders.get(key) is not leader:
+                    del pending[key]
+                    continue
+                target = self._handoff_target(leader)
+                if target is None or leader.changing:
+                    continue
+                record = leader.record
+                isr = tuple(n for n in record.isr if n != self.node_id)
+                if len(isr) < record.min_insync(leader.config):
+                    isr = record.isr
+                del pending[key]
+                log.info("partition %s/%d: handing leadership to %s at epoch %d", *key, target, record.epoch + 1)
+                await self._swap(key, replace(record, leader=target, epoch=record.epoch + 1, isr=isr),
+                                 record.revision, leader)
+            if pending:
+                await asyncio.sleep(0.01)
+        for key, leader in pending.items():
+            log.warning("partition %s/%d: no in-sync follower caught up within %.1f s; its followers take over "
+                        "when this node is gone", *key, timeout)
+
+    def _handoff_target(self, leader: Leader) -> str | None:
+        end = leader.part.next_offset
+        if leader.part.committed_offset < end or leader.hw < end:
+            return None
+        for node in sorted(leader.record.isr):
+            progress = leader.followers.get(node)
+            if node != self.node_id and progress is not None and progress.following and progress.durable >= end:
+                return node
+        return None
+
+    # -- status ---------------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {f"{q}/{p}": {"role": "leader", "epoch": leader.epoch, "commit": leader.hw,
+                             "followers": {n: pr.durable for n, pr in leader.followers.items()}}
+                for (q, p), leader in self.leaders.items()}
