@@ -30,13 +30,18 @@ class Cluster:
         lines = ["queues:"] + [f"  {name}: {{partitions: {count}}}" for name, count in (queues or {}).items()]
         self.config.write_text("\n".join(lines) + "\n" if queues else "{}\n")
 
-    def add(self, node_id: str, *, start: bool = True, args: Sequence[str] = ()) -> BrokerProcess:
+    def add(self, node_id: str, *, start: bool = True, args: Sequence[str] = (), host: str = "127.0.0.1",
+            prefix: Sequence[str] = ()) -> BrokerProcess:
+        """Start (or restart, on the same port and data directory) a node. ``host``: the address it listens on
+        for MQTT and gRPC, and advertises (other than loopback: ``--advertise`` it); ``prefix``: a command it runs
+        under (``BrokerProcess``), e.g. to run it in an ``IsolatedHost``'s network namespace."""
         existing = self.nodes.get(node_id)
+        advertise = ["--advertise", host] if host != "127.0.0.1" else []
         node = BrokerProcess(self.workdir / node_id, [
             "--etcd", self.etcd.url, "--node-id", node_id, "--cluster", CLUSTER, "--config", str(self.config),
-            "--grpc-listen", f"127.0.0.1:{free_port()}", "--lease-ttl", str(self.lease_ttl), "--log-level", "debug",
-            *self.args, *args], port=existing.port if existing else None,
-            data_dir=existing.data_dir if existing else None)
+            "--grpc-listen", f"{host}:{free_port()}", *advertise, "--lease-ttl", str(self.lease_ttl),
+            "--log-level", "debug", *self.args, *args], port=existing.port if existing else None,
+            data_dir=existing.data_dir if existing else None, host=host, prefix=prefix)
         self.nodes[node_id] = node
         if start:
             node.start(timeout=30)
@@ -87,10 +92,10 @@ class LoadPublisher:
     """Publishes ``$queue/<queue>/k<n % keys>`` messages ``<key>:<seq>`` one by one (QoS 1) from a thread,
     and records every one the broker acknowledged, and the longest wait for an acknowledgement."""
 
-    def __init__(self, port: int, queue: str, keys: int = 8, timeout: float = 60) -> None:
+    def __init__(self, port: int, queue: str, keys: int = 8, timeout: float = 60, host: str = "127.0.0.1") -> None:
         from tests.support import MqttClient
 
-        self.client = MqttClient(port, timeout=timeout).connect()
+        self.client = MqttClient(port, host=host, timeout=timeout).connect()
         self.queue = queue
         self.keys = keys
         self.acked: list[bytes] = []
@@ -134,10 +139,10 @@ class LoadPublisher:
 class Drain:
     """A consumer that receives and acks from a thread, keeping everything it got in order."""
 
-    def __init__(self, port: int, queue: str) -> None:
+    def __init__(self, port: int, queue: str, host: str = "127.0.0.1") -> None:
         from tests.support import MqttClient
 
-        self.client = MqttClient(port, manual_ack=True).connect()
+        self.client = MqttClient(port, host=host, manual_ack=True).connect()
         self.client.subscribe(f"$queue/{queue}")
         self.got: list[bytes] = []
         self._stop = threading.Event()

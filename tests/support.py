@@ -192,15 +192,18 @@ class BrokerProcess(ManagedProcess):
     name = "broker"
 
     def __init__(self, workdir: Path, args: Sequence[str] = (), port: int | None = None,
-                 data_dir: Path | None = None) -> None:
+                 data_dir: Path | None = None, host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> None:
+        """``host``: the address it listens on (and is probed at); ``prefix``: a command it runs under, e.g.
+        ``IsolatedHost.command([])`` to run it in a network namespace (the command must exec() the broker)."""
         super().__init__(workdir)
         self.port = port or free_port()
-        self.host = "127.0.0.1"
+        self.host = host
+        self.prefix = list(prefix)
         self.data_dir = data_dir or workdir / "data"
         self.args = list(args)
 
     def command(self) -> list[str]:
-        return [str(BIN_DIR / "broker"), "--listen", f"{self.host}:{self.port}",
+        return [*self.prefix, str(BIN_DIR / "broker"), "--listen", f"{self.host}:{self.port}",
                 "--data-dir", str(self.data_dir), *self.args]
 
     def is_ready(self) -> bool:
@@ -212,19 +215,21 @@ class EtcdProcess(ManagedProcess):
 
     name = "etcd"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+        """``host``: the address clients reach it at (it listens there only; peers stay on loopback)."""
         super().__init__(workdir)
+        self.host = host
         self.client_port = free_port()
         self.peer_port = free_port()
         self.data_dir = workdir / "etcd-data"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"http://{self.host}:{self.client_port}"
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     def command(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -249,7 +254,7 @@ class EtcdProcess(ManagedProcess):
         """An etcd3gw client for this member."""
         import etcd3gw
 
-        return etcd3gw.client(host="127.0.0.1", port=self.client_port, api_path="/v3/", timeout=timeout)
+        return etcd3gw.client(host=self.host, port=self.client_port, api_path="/v3/", timeout=timeout)
 
     def etcdctl(self, *args: str, timeout: float = 10.0) -> str:
         """Run ``etcdctl`` against this member and return its stdout (raises on a non-zero exit)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from shoalmq.cluster.assignment import HashPartitionAssigner
 from tests.cluster_support import Cluster, Drain, LoadPublisher
 from tests.support import EtcdProcess, MqttClient, wait_until
 
@@ -42,10 +43,14 @@ def records(cluster: Cluster) -> dict[int, dict[str, Any]]:
 
 
 def wait_replicated(cluster: Cluster, nodes: set[str], timeout: float = 30) -> dict[int, dict[str, Any]]:
-    """Every partition has a record whose in-sync set is exactly ``nodes``."""
+    """Every partition has a record whose in-sync set is exactly ``nodes``, led by the assigner's choice."""
+    assigner = HashPartitionAssigner()
+
     def settled() -> dict[int, dict[str, Any]] | None:
         found = records(cluster)
-        if len(found) == PARTITIONS and all(set(r["isr"]) == nodes for r in found.values()):
+        if len(found) == PARTITIONS and all(
+                set(r["isr"]) == nodes and r["leader"] == assigner.replicas(QUEUE, p, sorted(nodes), 3)[0]
+                for p, r in found.items()):
             return found
         return None
     return wait_until(settled, timeout, f"every partition of {QUEUE} in sync on {sorted(nodes)}")

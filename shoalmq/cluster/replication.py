@@ -46,11 +46,13 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from shoalmq._native import segment
-from shoalmq.cluster.transport import PeerGone, PeerStream
-from shoalmq.errors import NotOwner, ShoalError, StaleEpoch
-from shoalmq.proto import broker_pb2
 from shoalmq.cluster.replication_record import Record, parse_record
+from shoalmq.cluster.transport import PeerGone, PeerStream, open_channel
+from shoalmq.errors import NotOwner, ShoalError, StaleEpoch
+from shoalmq.proto import broker_pb2, broker_pb2_grpc
 from shoalmq.queue.config import QueueConfig
 
 if TYPE_CHECKING:
@@ -84,6 +86,14 @@ CATCHUP_BYTES = 4 << 20
 #: Stream messages a leader may have queued for one follower before it stops sending it data (it catches up from
 #: disk when it drains).
 SESSION_BACKLOG = 32
+#: Seconds a leader leads before it hands leadership to the assigner's preferred leader.
+PREFERRED_AFTER = 2.0
+#: Seconds a replica's node may be gone before the partition is placed without it.
+REPLACE_AFTER = 60.0
+#: Seconds a pre-vote waits for the other in-sync followers' answers.
+PROBE_TIMEOUT = 0.2
+#: ``PartitionProbe.heard_ms`` of a node that does not follow the leader asked about.
+NEVER_HEARD = 0xFFFFFFFF
 #: Seconds a graceful leave waits for a follower to have everything before it hands leadership over anyway.
 HANDOFF_WAIT = 3.0
 
@@ -91,7 +101,7 @@ HANDOFF_WAIT = 3.0
 class Progress:
     """What a leader knows of one follower of one partition."""
 
-    __slots__ = ("caught_up_at", "durable", "following", "sent", "sent_commit", "session")
+    __slots__ = ("caught_up_at", "durable", "following", "sent", "sent_commit", "session", "tailing")
 
     def __init__(self, session: FollowerSession) -> None:
         self.session = session
@@ -103,7 +113,9 @@ class Progress:
         self.durable = 0
         #: The commit offset last sent to it.
         self.sent_commit = -1
-        self.caught_up_at = time.monotonic()
+        #: Caught up with the leader's disk once: what it lacks comes from memory (recent commits) from then on.
+        self.tailing = False
+        self.caught_up_at = session.replicator.clock()
 
 
 class Leader:
@@ -136,7 +148,7 @@ class Leader:
         self.adding: set[str] = set()
         self.reason_logged = ""
         #: When this node began leading (members not following since count as behind from then).
-        self.since = time.monotonic()
+        self.since = replicator.clock()
 
     # -- writes ---------------------------------------------------------------------------------------------
 
@@ -248,7 +260,10 @@ class Leader:
         if progress.sent < end and budget[0] > 0:
             start = progress.sent
             buffer = self.buffer
-            if buffer and buffer[0][0] <= start:
+            # Only an in-sync follower tails from memory: a message there may have been acked since (the disk
+            # skips those), and none that an in-sync follower lacks can have been (it is not committed yet).
+            if (buffer and buffer[0][0] <= start and progress.tailing
+                    and (node in self.record.isr or node in self.adding)):
                 i = len(buffer) - 1
                 while buffer[i][0] > start:  # (followers are usually at the tail: scan back from it)
                     i -= 1
@@ -273,6 +288,7 @@ class Leader:
                         break
                 full = len(offsets) == CATCHUP_MESSAGES or size >= CATCHUP_BYTES
                 new_end = offsets[-1] + 1 if full else end
+                progress.tailing = not full  # caught up with the disk: the tail comes from memory from now on
             budget[0] -= size
             progress.sent = new_end
         commit = self.hw if self.hw != progress.sent_commit else 0
@@ -314,10 +330,38 @@ class Leader:
                 log.info("partition %s/%d: replica %s caught up, joining the in-sync set", *self.key, node)
                 self.replicator.change(self, replace(record, isr=isr))
                 return
-        wanted = self.replicator.wanted_replicas(self.key, self.config)
+        self._rebalance(now)
+
+    def _rebalance(self, now: float) -> None:
+        """Move the replicas towards the assigner's placement over the live nodes, one step at a time and never
+        below the replication factor: add a wanted node (one over the factor at most), and once every wanted
+        node is in sync, drop one that is not wanted; then hand leadership to the wanted leader once it has
+        everything (a join, a node back, or the queue created while few nodes were up)."""
+        record = self.record
+        me = self.replicator.node_id
+        factor = self.config.replication_factor
+        wanted = self.replicator.wanted_replicas(self.key, self.config, record)
+        if not wanted:
+            return
         missing = [n for n in wanted if n not in record.replicas]
-        if len(record.replicas) < self.config.replication_factor and missing:
+        if missing and len(record.replicas) <= factor:
+            log.info("partition %s/%d: adding replica %s", *self.key, missing[0])
             self.replicator.change(self, replace(record, replicas=(*record.replicas, missing[0])))
+            return
+        extra = [n for n in record.replicas if n not in wanted and n != me]
+        if extra and len(record.replicas) > factor and all(n in record.isr for n in wanted if n != me):
+            drop = extra[0]
+            isr = tuple(n for n in record.isr if n != drop)
+            if len(isr) >= record.min_insync(self.config):
+                log.info("partition %s/%d: dropping replica %s (placed elsewhere now)", *self.key, drop)
+                self.replicator.change(self, replace(record, replicas=tuple(n for n in record.replicas if n != drop),
+                                                     isr=isr))
+                return
+        preferred = wanted[0]
+        if preferred != me and preferred in record.isr and now - self.since > PREFERRED_AFTER:
+            progress = self.followers.get(preferred)
+            if progress is not None and progress.following and progress.durable >= self.part.committed_offset:
+                self.replicator.hand_over(self, preferred)
 
     @property
     def _epoch_start(self) -> int:
@@ -344,7 +388,7 @@ class Follower:
         self.candidate = False
         #: The leader said it does not lead the partition: treat it as silent.
         self.refused = False
-        self.started = time.monotonic()
+        self.started = replicator.clock()
         #: Acks of messages not yet durable here (applied after the next commit).
         self.deferred_acks: list[int] = []
         self.reported = -1
@@ -512,9 +556,9 @@ class FollowerLink:
         self.node = node
         self.target = target
         self.partitions: dict[Partition, Follower] = {}
-        self.last_heard = time.monotonic()
-        self.stream = PeerStream(target, "Replicate", self._received, self._lost, reconnect_delay=0.05,
-                                 first=self._first)
+        self.last_heard = replicator.clock()
+        self.stream = replicator.open_stream(target, "Replicate", self._received, self._lost, reconnect_delay=0.05,
+                                             first=self._first)
 
     def _first(self) -> list[broker_pb2.ReplicaRequest]:
         states = []
@@ -527,7 +571,7 @@ class FollowerLink:
         self.stream.start()
 
     def _received(self, message: broker_pb2.ReplicaData) -> None:
-        self.last_heard = time.monotonic()
+        self.last_heard = self.replicator.clock()
         partitions = self.partitions
         for data in message.partitions:
             follower = partitions.get((data.queue, data.partition))
@@ -550,8 +594,17 @@ class Replicator:
     """The replicated partitions of one node: roles from the records, streams, commit, failover, handoffs."""
 
     def __init__(self, etcd: Etcd, membership: Membership, view: ClusterView, manager: QueueManager,
-                 definitions: QueueDefinitions, assigner: PartitionAssigner) -> None:
+                 definitions: QueueDefinitions, assigner: PartitionAssigner, *,
+                 clock: Callable[[], float] = time.monotonic, open_stream: Callable[..., Any] = PeerStream) -> None:
         self.etcd = etcd
+        #: Seconds, for silences and lags (a fake clock in unit tests), and how streams to leaders are opened.
+        self.clock = clock
+        self.open_stream = open_stream
+        #: Asks a peer ``ProbeLeaders`` (node, target, request) -> its answers; over gRPC unless a test sets it.
+        self.probe_peer: Callable[..., Any] = self._probe_over_grpc
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._candidates: list[tuple[Follower, Record, float]] = []
+        self._last_live: dict[str, float] = {}
         self.membership = membership
         self.view = view
         self.manager = manager
@@ -599,6 +652,8 @@ class Replicator:
             session.outgoing.put_nowait(None)
         await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
         self.links.clear()
+        await asyncio.gather(*(channel.close() for channel in self._channels.values()), return_exceptions=True)
+        self._channels.clear()
 
     def replicated(self, name: str) -> bool:
         config = self.view.definitions.get(name)
@@ -613,7 +668,7 @@ class Replicator:
                 log.exception("replication check failed")
 
     def _tick(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self._ticks += 1
         if self._ticks % 10 == 0:
             self.reconcile()
@@ -707,7 +762,7 @@ class Replicator:
             if link is not None:
                 asyncio.ensure_future(link.close())
             link = self.links[record.leader] = FollowerLink(self, record.leader, target)
-            link.last_heard = time.monotonic()
+            link.last_heard = self.clock()
         link.partitions[key] = follower
         if link.stream.connected:
             link.send([follower.state(subscribe=True)])
@@ -779,12 +834,50 @@ class Replicator:
                     part.epochs[-1][0] if part.epochs else 0)
         return known + 1
 
-    def wanted_replicas(self, key: Partition, config: QueueConfig) -> list[str]:
-        live = sorted(self.view.nodes)
-        if not live:
+    def wanted_replicas(self, key: Partition, config: QueueConfig, record: Record | None = None) -> list[str]:
+        """The assigner's replicas for the partition over the live nodes, counting as live a replica gone for less
+        than REPLACE_AFTER (a node restarting keeps its place; one gone for good is replaced)."""
+        now = self.clock()
+        live = set(self.view.nodes)
+        for node in live:
+            self._last_live[node] = now
+        candidates = set(live)
+        for node in record.replicas if record is not None else ():
+            if node not in live and now - self._last_live.setdefault(node, now) < REPLACE_AFTER:
+                candidates.add(node)
+        if self.leaving:
+            candidates.discard(self.node_id)
+        if not candidates:
             return []
-        return self.assigner.replicas(key[0], key[1], live, config.replication_factor,
+        return self.assigner.replicas(key[0], key[1], sorted(candidates), config.replication_factor,
                                       partitions=config.partitions)
+
+    def hand_over(self, leader: Leader, target: str) -> None:
+        """Move leadership to ``target`` (an in-sync follower): stop taking writes, wait until it has everything
+        (HANDOFF_WAIT at most; else take writes again), then name it leader at epoch + 1."""
+        if leader.closing or leader.changing:
+            return
+        leader.closing = True
+        self.view.mine.pop(leader.key, None)
+        self._changed()
+        asyncio.ensure_future(self._hand_over(leader, target))
+
+    async def _hand_over(self, leader: Leader, target: str) -> None:
+        deadline = self.clock() + HANDOFF_WAIT
+        while self.leaders.get(leader.key) is leader and self.clock() < deadline:
+            if self._handoff_target(leader, target) == target and not leader.changing:
+                record = leader.record
+                log.info("partition %s/%d: handing leadership to %s at epoch %d", *leader.key, target,
+                         record.epoch + 1)
+                await self._swap(leader.key, replace(record, leader=target, epoch=record.epoch + 1), record.revision,
+                                 leader)
+                break
+            await asyncio.sleep(0.005)
+        if self.leaders.get(leader.key) is leader and not self.leaving:
+            # Not handed over (the target fell behind, or the swap failed): lead on.
+            leader.closing = False
+            self.view.mine[leader.key] = leader.epoch
+            self._changed()
 
     # -- record changes (compare-and-swap) --------------------------------------------------------------------
 
@@ -817,9 +910,12 @@ class Replicator:
                 return
             if leader is not None:
                 if self.leaders.get(key) is leader:
-                    leader.record = record
-                    leader.adding -= set(record.isr)
-                    leader.advance()
+                    if record.leader != self.node_id:  # handed over
+                        self._demote(leader, f"leadership handed to {record.leader} at epoch {record.epoch}")
+                    else:
+                        leader.record = record
+                        leader.adding -= set(record.isr)
+                        leader.advance()
             elif record.leader == self.node_id and key not in self.leaders:
                 follower = self.followers.get(key)
                 self._become_leader(key, config, record, follower.leader_commit if follower else 0)
@@ -838,6 +934,7 @@ class Replicator:
     # -- failover -------------------------------------------------------------------------------------------
 
     def _check_leader(self, follower: Follower, now: float) -> None:
+        """Propose this node for a partition whose leader has been silent too long (after a pre-vote)."""
         if follower.candidate or self.leaving:
             return
         record = self.view.records.get(follower.key)
@@ -852,13 +949,87 @@ class Replicator:
         config = self.view.definitions.get(follower.key[0])
         if config is None:
             return
-        isr = tuple(n for n in record.isr if n != record.leader)
-        if len(isr) < record.min_insync(config):
-            isr = record.isr  # never below min_insync (the old leader stays, out of reach, until it is back)
-        log.warning("partition %s/%d: leader %s silent for %.2f s, proposing this node at epoch %d",
-                    follower.key[0], follower.key[1], record.leader, now - heard, record.epoch + 1)
         follower.candidate = True  # from here on, nothing of the old leader is acknowledged (invariant 3)
-        self._propose(follower.key, replace(record, leader=self.node_id, epoch=record.epoch + 1, isr=isr), record)
+        self._candidates.append((follower, record, now - heard))
+        if len(self._candidates) == 1:
+            self.loop.call_soon(lambda: asyncio.ensure_future(self._elect()))
+
+    async def _elect(self) -> None:
+        """Pre-vote, then propose: ask the other in-sync followers of each candidate partition (one request per
+        node) when they last heard from its leader; propose where none heard it within half the failover timeout
+        (a node that does not answer counts as not hearing it)."""
+        candidates, self._candidates = self._candidates, []
+        asks: dict[str, list[broker_pb2.PartitionProbe]] = {}
+        for follower, record, _ in candidates:
+            for node in record.isr:
+                if node not in (record.leader, self.node_id):
+                    asks.setdefault(node, []).append(broker_pb2.PartitionProbe(
+                        queue=follower.key[0], partition=follower.key[1], leader=record.leader, epoch=record.epoch))
+        answers = await asyncio.gather(*(self._probe(node, probes) for node, probes in asks.items()))
+        alive: set[Partition] = set()
+        for reply in answers:
+            for probe in reply:
+                if probe.heard_ms < FAILOVER_TIMEOUT * 500:
+                    alive.add((probe.queue, probe.partition))
+        for follower, record, silence in candidates:
+            key = follower.key
+            if key in alive or self.followers.get(key) is not follower or self.view.records.get(key) != record:
+                follower.candidate = False
+                if key in alive:
+                    log.info("partition %s/%d: leader %s silent here for %.2f s but heard by another in-sync "
+                             "replica: not proposing", key[0], key[1], record.leader, silence)
+                continue
+            config = self.view.definitions.get(key[0])
+            if config is None:
+                follower.candidate = False
+                continue
+            isr = tuple(n for n in record.isr if n != record.leader)
+            if len(isr) < record.min_insync(config):
+                isr = record.isr  # never below min_insync (the old leader stays, out of reach, until it is back)
+            log.warning("partition %s/%d: leader %s silent for %.2f s, proposing this node at epoch %d", key[0],
+                        key[1], record.leader, silence, record.epoch + 1)
+            self._propose(key, replace(record, leader=self.node_id, epoch=record.epoch + 1, isr=isr), record)
+
+    async def _probe(self, node: str, probes: list[broker_pb2.PartitionProbe]) -> list[broker_pb2.PartitionProbe]:
+        """``ProbeLeaders`` on one peer, PROBE_TIMEOUT at most (no answer: it hears nobody)."""
+        info = self.view.nodes.get(node)
+        target = info.get("grpc") if info else None
+        if target is None:
+            return []
+        try:
+            return list(await asyncio.wait_for(self.probe_peer(node, target, broker_pb2.LeaderProbe(
+                partitions=probes)), PROBE_TIMEOUT))
+        except (TimeoutError, grpc.aio.AioRpcError, ShoalError) as exc:
+            log.debug("no pre-vote answer from %s: %r", node, exc)
+            return []
+
+    async def _probe_over_grpc(self, node: str, target: str,
+                               request: broker_pb2.LeaderProbe) -> list[broker_pb2.PartitionProbe]:
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = open_channel(target)
+        reply = await broker_pb2_grpc.BrokerStub(channel).ProbeLeaders(request, timeout=PROBE_TIMEOUT)
+        return list(reply.partitions)
+
+    def probe(self, request: broker_pb2.LeaderProbe) -> broker_pb2.LeaderProbe:
+        """Answer a pre-vote: when this node last heard from each leader named (see ``ProbeLeaders``)."""
+        now = self.clock()
+        out = []
+        for probe in request.partitions:
+            key = (probe.queue, probe.partition)
+            heard_ms = NEVER_HEARD
+            leader = self.leaders.get(key)
+            follower = self.followers.get(key)
+            if leader is not None and leader.epoch >= probe.epoch:
+                heard_ms = 0  # we lead it (a failover already happened): the proposal would be stale
+            elif (follower is not None and not follower.candidate and not follower.refused
+                  and (follower.epoch > probe.epoch or follower.leader == probe.leader)):
+                link = self.links.get(follower.leader)
+                if link is not None and link.stream.connected:
+                    heard_ms = min(int((now - link.last_heard) * 1000), NEVER_HEARD)
+            out.append(broker_pb2.PartitionProbe(queue=probe.queue, partition=probe.partition, leader=probe.leader,
+                                                 epoch=probe.epoch, heard_ms=heard_ms))
+        return broker_pb2.LeaderProbe(partitions=out)
 
     # -- the leader's side of the streams ----------------------------------------------------------------------
 
@@ -899,6 +1070,7 @@ class Replicator:
                 progress = leader.followers[session.node] = Progress(session)
                 session.partitions.add(key)
             progress.following = False
+            progress.tailing = False
             progress.sent_commit = leader.hw
             session.send(PartitionData(queue=state.queue, partition=state.partition, epoch=leader.epoch,
                                        has_history=True, history=leader.history(), commit_offset=leader.hw))
@@ -1032,13 +1204,15 @@ class Replicator:
             log.warning("partition %s/%d: no in-sync follower caught up within %.1f s; its followers take over "
                         "when this node is gone", *key, timeout)
 
-    def _handoff_target(self, leader: Leader) -> str | None:
+    def _handoff_target(self, leader: Leader, only: str | None = None) -> str | None:
+        """An in-sync follower with everything this leader stored, committed (``only``: that one), or None."""
         end = leader.part.next_offset
         if leader.part.committed_offset < end or leader.hw < end:
             return None
-        for node in sorted(leader.record.isr):
+        for node in [only] if only is not None else sorted(leader.record.isr):
             progress = leader.followers.get(node)
-            if node != self.node_id and progress is not None and progress.following and progress.durable >= end:
+            if (node != self.node_id and node in leader.record.isr and progress is not None and progress.following
+                    and progress.durable >= end):
                 return node
         return None
 

@@ -41,3 +41,7 @@ class NodeServicer(broker_pb2_grpc.BrokerServicer):
                         context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.ReplicaData]:
         async for message in self.coordinator.replicator.serve(request_iterator, context.peer()):
             yield message
+
+    async def ProbeLeaders(self, request: broker_pb2.LeaderProbe,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> broker_pb2.LeaderProbe:
+        return self.coordinator.replicator.probe(request)

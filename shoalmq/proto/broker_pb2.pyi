@@ -158,3 +158,23 @@ class PartitionData(_message.Message):
     commit_offset: int
     acks: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., epoch: _Optional[int] = ..., status: _Optional[_Union[PartitionData.Status, str]] = ..., has_history: _Optional[bool] = ..., history: _Optional[_Iterable[int]] = ..., records: _Optional[bytes] = ..., offsets: _Optional[_Iterable[int]] = ..., end_offset: _Optional[int] = ..., commit_offset: _Optional[int] = ..., acks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LeaderProbe(_message.Message):
+    __slots__ = ("partitions",)
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedCompositeFieldContainer[PartitionProbe]
+    def __init__(self, partitions: _Optional[_Iterable[_Union[PartitionProbe, _Mapping]]] = ...) -> None: ...
+
+class PartitionProbe(_message.Message):
+    __slots__ = ("queue", "partition", "leader", "epoch", "heard_ms")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HEARD_MS_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    partition: int
+    leader: str
+    epoch: int
+    heard_ms: int
+    def __init__(self, queue: _Optional[str] = ..., partition: _Optional[int] = ..., leader: _Optional[str] = ..., epoch: _Optional[int] = ..., heard_ms: _Optional[int] = ...) -> None: ...

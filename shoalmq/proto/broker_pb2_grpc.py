@@ -54,6 +54,11 @@ class BrokerStub:
                 request_serializer=broker__pb2.ReplicaRequest.SerializeToString,
                 response_deserializer=broker__pb2.ReplicaData.FromString,
                 _registered_method=True)
+        self.ProbeLeaders = channel.unary_unary(
+                '/shoalmq.v1.Broker/ProbeLeaders',
+                request_serializer=broker__pb2.LeaderProbe.SerializeToString,
+                response_deserializer=broker__pb2.LeaderProbe.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -96,6 +101,15 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProbeLeaders(self, request, context):
+        """Before a follower that lost its leader proposes itself, it asks the partition's other in-sync followers when
+        they last heard from that leader (a pre-vote): a follower cut off from a leader that the others still hear
+        does not depose it. The answer is the request with heard_ms filled in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +132,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Replicate,
                     request_deserializer=broker__pb2.ReplicaRequest.FromString,
                     response_serializer=broker__pb2.ReplicaData.SerializeToString,
+            ),
+            'ProbeLeaders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProbeLeaders,
+                    request_deserializer=broker__pb2.LeaderProbe.FromString,
+                    response_serializer=broker__pb2.LeaderProbe.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +247,33 @@ class Broker:
             '/shoalmq.v1.Broker/Replicate',
             broker__pb2.ReplicaRequest.SerializeToString,
             broker__pb2.ReplicaData.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProbeLeaders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoalmq.v1.Broker/ProbeLeaders',
+            broker__pb2.LeaderProbe.SerializeToString,
+            broker__pb2.LeaderProbe.FromString,
             options,
             channel_credentials,
             insecure,
