@@ -54,6 +54,20 @@ def test_churn_every_acknowledged_message_is_consumed_and_none_dead_lettered(tmp
     _check(result)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_churn_replicated_every_acknowledged_message_is_consumed(tmp_path: Path) -> None:
+    """~45 s: the same scenario on a queue with replication factor 3, and a node SIGKILLed with its data directory
+    deleted among the faults (back on an empty disk): every PUBACKed message is consumed, none dead-lettered."""
+    cfg = ChurnConfig(seed=SEED, duration=30, rate=300, nodes=3, lease_ttl=3, quiet=5, drain_timeout=30,
+                      kill_restart_after=6, join_stop_after=6, move_every=8,
+                      faults=("wipe", "kill", "pause", "term", "etcd", "join"),
+                      queue_settings={"replication_factor": 3})
+    result = run_churn(cfg, tmp_path / "churn")
+    print(result.report())
+    _check(result)
+
+
 def _soak_selected(request: pytest.FixtureRequest) -> bool:
     return "soak" in (request.config.getoption("markexpr") or "") or os.environ.get("SHOALMQ_SOAK") == "1"
 

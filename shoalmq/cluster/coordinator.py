@@ -105,7 +105,10 @@ class Coordinator:
         return self.forwarder.forward(queue, partition, records)
 
     def owned_partitions(self, queue: str) -> list[int]:
-        return self.ownership.owned_partitions(queue)
+        """The partitions dispatched from here (held, and not being drained for a leadership move)."""
+        owned = self.ownership.owned_partitions(queue)
+        draining = self.replicator.draining
+        return [p for p in owned if (queue, p) not in draining] if draining else owned
 
     def proxies(self, queue: str) -> list[Any]:
         return self.router.sources(queue) if self.router is not None else []

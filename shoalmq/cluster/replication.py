@@ -90,6 +90,8 @@ SESSION_BACKLOG = 32
 PREFERRED_AFTER = 2.0
 #: Seconds a replica's node may be gone before the partition is placed without it.
 REPLACE_AFTER = 60.0
+#: Seconds consumers get to ack what they hold of a partition whose leadership moves gracefully.
+ACK_GRACE = 1.0
 #: Seconds a pre-vote waits for the other in-sync followers' answers.
 PROBE_TIMEOUT = 0.2
 #: ``PartitionProbe.heard_ms`` of a node that does not follow the leader asked about.
@@ -605,6 +607,8 @@ class Replicator:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._candidates: list[tuple[Follower, Record, float]] = []
         self._last_live: dict[str, float] = {}
+        #: Led partitions not dispatched from for a moment (a move gives consumers time to ack what they hold).
+        self.draining: set[Partition] = set()
         self.membership = membership
         self.view = view
         self.manager = manager
@@ -855,14 +859,34 @@ class Replicator:
     def hand_over(self, leader: Leader, target: str) -> None:
         """Move leadership to ``target`` (an in-sync follower): stop taking writes, wait until it has everything
         (HANDOFF_WAIT at most; else take writes again), then name it leader at epoch + 1."""
-        if leader.closing or leader.changing:
+        if leader.closing or leader.changing or leader.key in self.draining:
+            return
+        asyncio.ensure_future(self._hand_over(leader, target))
+
+    async def _drain(self, leaders: list[Leader]) -> None:
+        """Stop dispatching from these partitions (writes go on) and give consumers ACK_GRACE to ack what they
+        hold, so that a graceful move does not deliver it all again; the acks then go to the followers."""
+        keys = {leader.key for leader in leaders}
+        self.draining |= keys
+        self._changed()
+        deadline = self.clock() + ACK_GRACE
+        try:
+            while self.clock() < deadline and any(
+                    self.leaders.get(k) is not None and self.manager.held(*k) for k in keys):
+                await asyncio.sleep(0.01)
+        finally:
+            self.draining -= keys
+        self.wake_pump()
+        await asyncio.sleep(0)
+
+    async def _hand_over(self, leader: Leader, target: str) -> None:
+        await self._drain([leader])
+        if self.leaders.get(leader.key) is not leader or leader.closing or leader.changing:
+            self._changed()
             return
         leader.closing = True
         self.view.mine.pop(leader.key, None)
         self._changed()
-        asyncio.ensure_future(self._hand_over(leader, target))
-
-    async def _hand_over(self, leader: Leader, target: str) -> None:
         deadline = self.clock() + HANDOFF_WAIT
         while self.leaders.get(leader.key) is leader and self.clock() < deadline:
             if self._handoff_target(leader, target) == target and not leader.changing:
@@ -1176,6 +1200,7 @@ class Replicator:
         leaders = list(self.leaders.values())
         if not leaders:
             return
+        await self._drain(leaders)
         for leader in leaders:
             leader.closing = True
             self.view.mine.pop(leader.key, None)

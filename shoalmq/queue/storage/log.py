@@ -989,6 +989,10 @@ class PartitionLog:
             start = self._loaded_upto - first
             if start >= count:
                 continue
+            if segment.remaining <= 0:
+                # Every message acked (or truncated): nothing to read, and the next commit may have deleted its value.
+                self._loaded_upto = first + count
+                continue
             start = max(start, 0)  # offsets below the segment are unused (failed commits, gaps)
             # Room left (the slow loop below keeps it current).
             free = ring.free
