@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from shoalmq.errors import ConfigError, os_error_text
-from shoalmq.queue.config import MAX_REPLICATION_FACTOR, QueueConfig, queue_config_from_mapping, queue_configs_from_mapping
+from shoalmq.queue.config import CLUSTER_REPLICATION_FACTOR, MAX_REPLICATION_FACTOR, QueueConfig, queue_config_from_mapping, queue_configs_from_mapping
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SYNC_MODES = ("fsync", "async")
@@ -195,8 +195,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("lease_ttl", "--lease-ttl", 5, _int_parser(2, 60), "SECONDS",
            "TTL of the node's etcd lease: a crashed node's partitions move to the others this long after"),
     Option("replication_factor", "--replication-factor", None, _optional(_int_parser(1, MAX_REPLICATION_FACTOR)),
-           "N", "copies of each partition of every queue created from now on, on different nodes (sets "
-           "queue_defaults.replication_factor, and that of declared queues that give none; default 1)"),
+           "N", "copies of each partition, on different nodes, of every queue created from now on whose settings give "
+           "no replication_factor (default: 3 with --etcd, capped at the live nodes; 1 on a single node)"),
     Option("assigner", "--assigner", "hash", _choice_parser(ASSIGNER_NAMES), "NAME",
            "how partitions are placed on nodes: hash (leader at (p + hash(queue)) mod N, followers the next "
            "nodes), rendezvous (rendezvous hashing with bounded load: a join or leave moves about 1/N)"),
@@ -237,7 +237,7 @@ class Config:
     assigner: str = "hash"
     #: Queues declared in the configuration file (others are created on first use with ``queue_defaults``).
     queues: Mapping[str, QueueConfig] = dataclasses.field(default_factory=dict)
-    queue_defaults: QueueConfig = QueueConfig()
+    queue_defaults: QueueConfig = QueueConfig(replication_factor=1)
 
     @property
     def log_level_number(self) -> int:
@@ -295,15 +295,15 @@ def build_config(file_values: Mapping[str, Any] | None = None,
                 values[key] = parse(file_values[key])
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {key}: {exc}") from None
-    factor = values.get("replication_factor")
-    if factor is not None:
-        # Every queue created from now on, declared or not, unless its own settings give a factor other than 1.
-        try:
-            values["queue_defaults"] = dataclasses.replace(values.get("queue_defaults", QueueConfig()),
-                                                           replication_factor=factor)
-            values["queues"] = {name: dataclasses.replace(queue, replication_factor=factor)
-                                if queue.replication_factor == 1 else queue
-                                for name, queue in values.get("queues", {}).items()}
-        except ConfigError as exc:
-            raise ConfigError(f"--replication-factor: {exc}") from None
+    # The replication factor of queues whose settings give none: the flag's, else 3 in a cluster, 1 alone.
+    factor = values.get("replication_factor") or (CLUSTER_REPLICATION_FACTOR if values.get("etcd") else 1)
+    try:
+        defaults = values.get("queue_defaults", QueueConfig())
+        if not defaults.replication_factor:
+            values["queue_defaults"] = dataclasses.replace(defaults, replication_factor=factor)
+        values["queues"] = {name: queue if queue.replication_factor else
+                            dataclasses.replace(queue, replication_factor=factor)
+                            for name, queue in values.get("queues", {}).items()}
+    except ConfigError as exc:
+        raise ConfigError(f"--replication-factor: {exc}") from None
     return Config(**values)

@@ -22,7 +22,9 @@ class Cluster:
                  args: Sequence[str] = (), lease_ttl: int = 3) -> None:
         self.etcd = etcd
         self.workdir = workdir
-        self.args = list(args)
+        # Queues of one replica unless a test asks for more (the cluster default is 3): most cluster tests are of
+        # the lease-owned partitions.
+        self.args = list(args) if "--replication-factor" in args else ["--replication-factor", "1", *args]
         self.lease_ttl = lease_ttl
         self.nodes: dict[str, BrokerProcess] = {}
         self.config = workdir / "cluster.yaml"

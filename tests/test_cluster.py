@@ -235,7 +235,7 @@ def test_nodes_cut_off_from_etcd_stop_writing_and_resume_when_it_returns(cluster
     publisher.publish("$queue/orders/a", b"before")
     etcd.stop()
     for node in cluster.nodes.values():
-        wait_until(lambda node=node: "no longer accepting writes" in node.log, 20, "the lease to be given up")
+        wait_until(lambda node=node: "no longer writing the partitions owned on it" in node.log, 20, "the lease to be given up")
     # No node may write now: a publish is held, not acknowledged, until etcd is back and owners are settled.
     info = publisher.client.publish("$queue/orders/a", b"during", qos=1)
     assert not info.is_published()
@@ -255,7 +255,8 @@ def test_a_joining_node_takes_a_cluster_queue_settings_but_not_another_partition
     cluster.wait_settled("orders", 6)
     config = tmp_path / "other.yaml"
     config.write_text("queues:\n  orders: {partitions: 4}\n  jobs: {partitions: 3, max_deliveries: 9}\n")
-    node = BrokerProcess(tmp_path / "n2", ["--etcd", cluster.etcd.url, "--node-id", "n2", "--config", str(config)])
+    node = BrokerProcess(tmp_path / "n2", ["--etcd", cluster.etcd.url, "--node-id", "n2", "--config", str(config),
+                                          "--replication-factor", "1"])
     node.spawn()
     assert node.proc is not None
     assert node.proc.wait(30) == 2
@@ -263,7 +264,8 @@ def test_a_joining_node_takes_a_cluster_queue_settings_but_not_another_partition
     assert "Traceback" not in node.log
     assert set(cluster.live()) == {"n1"}  # it left no registration behind
     config.write_text("queues:\n  orders: {partitions: 6, max_deliveries: 9}\n")
-    node = BrokerProcess(tmp_path / "n3", ["--etcd", cluster.etcd.url, "--node-id", "n3", "--config", str(config)])
+    node = BrokerProcess(tmp_path / "n3", ["--etcd", cluster.etcd.url, "--node-id", "n3", "--config", str(config),
+                                          "--replication-factor", "1"])
     try:
         node.start(timeout=30)
         assert "queue orders: using the cluster's settings, not this node's (max_deliveries=20)" in node.log

@@ -175,10 +175,26 @@ def test_queues_section(tmp_path: Path) -> None:
                     "queues:\n  orders: {partitions: 16, max_depth: 1000, ttl: 3600, max_deliveries: 3}\n  jobs:\n")
     config = load_config(["--config", str(path)])
     assert config.consumer_window == 8
-    assert config.queue_defaults == QueueConfig(partitions=2, ack_timeout=5)
-    assert config.queues == {"orders": QueueConfig(partitions=16, max_depth=1000, ttl=3600, max_deliveries=3),
-                             "jobs": QueueConfig()}
-    assert Config().queues == {} and Config().queue_defaults == QueueConfig()
+    # (A single node: one replica, whatever the settings leave open.)
+    assert config.queue_defaults == QueueConfig(partitions=2, ack_timeout=5, replication_factor=1)
+    assert config.queues == {"orders": QueueConfig(partitions=16, max_depth=1000, ttl=3600, max_deliveries=3,
+                                                   replication_factor=1),
+                             "jobs": QueueConfig(replication_factor=1)}
+    assert Config().queues == {} and Config().queue_defaults == QueueConfig(replication_factor=1)
+
+
+def test_replication_factor_defaults_to_three_in_a_cluster_and_the_flag_sets_what_settings_leave_open(
+        tmp_path: Path) -> None:
+    path = tmp_path / "shoal.yaml"
+    path.write_text("queues:\n  orders: {replication_factor: 1}\n  jobs: {}\n")
+    clustered = load_config(["--config", str(path), "--etcd", "http://127.0.0.1:1"])
+    assert clustered.queue_defaults.replication_factor == 3
+    assert clustered.queues["orders"].replication_factor == 1 and clustered.queues["jobs"].replication_factor == 3
+    flagged = load_config(["--config", str(path), "--etcd", "http://127.0.0.1:1", "--replication-factor", "2"])
+    assert flagged.queue_defaults.replication_factor == 2 and flagged.queues["jobs"].replication_factor == 2
+    assert flagged.queues["orders"].replication_factor == 1
+    assert flagged.queue_defaults.min_insync_replicas == 2
+    assert load_config(["--config", str(path)]).queues["jobs"].replication_factor == 1
 
 
 @pytest.mark.parametrize("text, message", [

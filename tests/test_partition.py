@@ -18,6 +18,7 @@ leadership is rebalanced. The cut comes once the records have been still for a w
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
@@ -40,9 +41,9 @@ NODES = {"n1", "n2", "n3"}
 LEASE_TTL = 3
 #: How long the link stays down: well past n3's lease.
 CUT_SECONDS = 8.0
-#: A PUBACK that n3 sends after the cut began can only be for a publish whose commit (every in-sync follower's
-#: durable report) reached n3 before it. This covers the cut itself not being instantaneous (``ip link set``),
-#: reports already in n3's socket buffers when it happened, and the publisher's own scheduling.
+#: A PUBACK that n3 sends after the cut can only be for a publish whose commit (every in-sync follower's durable
+#: report) reached n3 before it: this much later than the link went down is allowed for reports already in n3's
+#: socket buffers then, and the publisher's own scheduling (observed: none later than the cut itself took).
 GRACE = 0.5
 #: Seconds the records must stay unchanged before the publishers start (a preferred-leader rebalance hands a
 #: partition over after its leader has led it for 2 s).
@@ -115,8 +116,9 @@ class Publisher:
                  ) -> None:
         self.name = name
         args: list[str] = [sys.executable, "-c", PUBLISHER, host, str(port), QUEUE, name, str(INTERVAL)]
-        self.stderr = open(log_dir / f"publisher-{name}.log", "wb")
-        kwargs: dict[str, Any] = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, cwd=REPO)
+        self.stderr = open(log_dir / f"publisher-{name}.log", "wb")  # noqa: SIM115 (closed by stop())
+        kwargs: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": self.stderr,
+                                  "cwd": REPO}
         self.proc = isolated.popen(args, **kwargs) if isolated is not None else subprocess.Popen(args, **kwargs)
         #: mid -> (sent at, payload); mid -> first PUBACK at; (kind, at, reason) of connects and disconnects.
         self.sent: dict[int, tuple[float, bytes]] = {}
@@ -246,7 +248,7 @@ def log_lines(path: Path, pattern: str) -> list[str]:
 
 
 #: ERROR lines the partition causes by design.
-EXPECTED_ERRORS = r"lease of node n3 lost: no longer accepting writes"
+EXPECTED_ERRORS = r"lease of node n3 lost: no longer writing"
 
 
 def suspicious(cluster: Cluster) -> dict[str, list[str]]:
@@ -267,7 +269,7 @@ def suspicious(cluster: Cluster) -> dict[str, list[str]]:
 def gaps(times: Sequence[float], start: float, end: float) -> float:
     """The longest interval without a time in [start, end]."""
     inside = [start, *(t for t in times if start < t < end), end]
-    return max(b - a for a, b in zip(inside, inside[1:]))
+    return max(b - a for a, b in itertools.pairwise(inside))
 
 
 @pytest.mark.timeout(180)
@@ -301,8 +303,13 @@ def test_a_partitioned_leader_acknowledges_nothing_and_rejoins_truncated(cluster
         isolated.cut()
         cut_done = time.monotonic()
 
+        failed_over: list[float] = []
+
         def new_leaders() -> dict[int, dict[str, Any]] | None:
             found = records(cluster)
+            if not failed_over and all(found[p]["leader"] != "n3" and found[p]["epoch"] > before[p]["epoch"]
+                                       for p in led_by_n3):
+                failed_over.append(time.monotonic())
             # n3's partitions failed over (a new leader, a higher epoch), and n3 left every in-sync set
             return found if all(r["leader"] != "n3" and "n3" not in r["isr"] and
                                 (r["epoch"] > before[p]["epoch"] or p not in led_by_n3)
@@ -317,6 +324,7 @@ def test_a_partitioned_leader_acknowledges_nothing_and_rejoins_truncated(cluster
         time.sleep(max(cut_begin + CUT_SECONDS - time.monotonic(), 0))  # a deliberate wait: the cut lasts
         heal_begin = time.monotonic()
         end_records = records(cluster)
+        n3_log_at_heal = len(n3.log)
         isolated.heal()
         healed = time.monotonic()
         assert all(r["leader"] != "n3" for r in end_records.values()), end_records
@@ -327,7 +335,11 @@ def test_a_partitioned_leader_acknowledges_nothing_and_rejoins_truncated(cluster
                        if at > cut_begin and at <= heal_begin]
         outside_during = [at for _, _, at in outside.acked() if cut_done < at <= heal_begin]
         sent_inside_during = [mid for mid, (at, _) in inside.sent.items() if cut_done < at <= heal_begin]
-        assert not [entry for entry in inside_late if entry[2] > GRACE], \
+        # No grace needed here: a publish sent once the link was down never reached a follower, so it cannot have
+        # been committed.
+        assert not [entry for entry in inside_late if entry[1] > cut_done - cut_begin], \
+            f"n3 acknowledged publishes sent after the cut: {inside_late}"
+        assert not [entry for entry in inside_late if entry[2] > cut_done - cut_begin + GRACE], \
             f"n3 acknowledged publishes more than {GRACE} s into the cut: {inside_late}"
         assert len(sent_inside_during) > 100, "the client on n3's side did not keep publishing"
         assert len(outside_during) > 100, f"only {len(outside_during)} PUBACKs on the majority side during the cut"
@@ -342,7 +354,8 @@ def test_a_partitioned_leader_acknowledges_nothing_and_rejoins_truncated(cluster
         assert all(r["epoch"] > during[p]["epoch"] for p, r in rejoined.items() if r["leader"] == "n3"), \
             (during, rejoined)
         wait_until(lambda: cluster.live() == NODES, 10, "n3 registered again")
-        inside_again = inside.wait_acks(20, after=healed, timeout=30)  # n3 serves its clients again
+        # n3's client is acknowledged again (forwards held during the cut, publishes sent again after reconnecting)
+        inside_again = inside.wait_acks(20, after=healed, timeout=30)
         for publisher in publishers:
             publisher.stop()
         acked = {name: publisher.acked() for name, publisher in (("ns", inside), ("n1", outside))}
@@ -359,18 +372,20 @@ def test_a_partitioned_leader_acknowledges_nothing_and_rejoins_truncated(cluster
     assert set(expected) <= set(got)
 
     # n3 stored what its client published during the cut to the partitions it led, and no follower got any of it:
-    # rejoining, it must have cut that tail off each of them (after being told it no longer leads them).
-    cuts = log_lines(n3.log_path, r"log cut at offset")
+    # after the heal it must have stopped leading each of them and cut that tail off.
+    after_heal = n3.log[n3_log_at_heal:].splitlines()
+    cuts = [line for line in after_heal if "log cut at offset" in line]
     for p in led_by_n3:
-        demoted = log_lines(n3.log_path, rf"partition {QUEUE}/{p} no longer led here")
-        assert demoted, f"n3 never stopped leading {QUEUE}/{p}"
+        assert [line for line in after_heal if f"partition {QUEUE}/{p} no longer led here" in line], \
+            f"n3 did not stop leading {QUEUE}/{p} after the heal"
         assert [line for line in cuts if f"partition {QUEUE}/{p}: log cut" in line], \
             f"n3 did not truncate {QUEUE}/{p}, which it led during the cut: {cuts}"
     disconnects = {publisher.name: [(kind, round(at - cut_begin, 2), reason) for kind, at, reason in
                                     publisher.events if at > cut_begin] for publisher in publishers}
     n1_acks = outside.ack_times()
     print(f"\nleaders before the cut: { {p: (r['leader'], r['epoch']) for p, r in sorted(before.items())} }")
-    print(f"cut took {cut_done - cut_begin:.3f} s; new leaders in etcd {elected - cut_begin:.2f} s after it began: "
+    print(f"cut took {cut_done - cut_begin:.3f} s; n3's partitions led elsewhere {failed_over[0] - cut_begin:.2f} s "
+          f"after it began, n3 out of every in-sync set after {elected - cut_begin:.2f} s: "
           f"{ {p: (r['leader'], r['epoch'], r['isr']) for p, r in sorted(during.items())} }")
     print(f"majority side: first PUBACK of a publish sent after the cut {resumed - cut_begin:.2f} s after it "
           f"began; longest PUBACK gap during the cut {gaps(n1_acks, cut_begin, heal_begin):.2f} s; "

@@ -49,6 +49,7 @@ class QueueDefinitions:
 
     async def _define(self, name: str, config: QueueConfig) -> QueueConfig:
         key = self.view.queues_prefix + name.encode()
+        config = config.resolved(clustered=True)
         value = json.dumps({**asdict(config), "created": int(time.time())}, sort_keys=True).encode()
         created, existing = await self.etcd.call(self.etcd.create_sync, key, value)
         if not created and existing is not None:

@@ -8,6 +8,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from shoalmq.cluster import stats
 from shoalmq.cluster.etcd import Etcd
 from shoalmq.cluster.membership import Membership
 from shoalmq.cluster.view import ClusterView
@@ -41,7 +42,7 @@ class LoadReport:
                     owned.setdefault(name, {})[str(index)] = depth
                 elif depth:
                     stored.setdefault(name, {})[str(index)] = depth
-        return {"owned": owned, "stored_not_owned": stored}
+        return {"owned": owned, "stored_not_owned": stored, "grpc_stream_messages": stats.snapshot()}
 
     async def report(self) -> None:
         """Write the report if it changed (at most every ``LOAD_INTERVAL``)."""

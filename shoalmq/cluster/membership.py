@@ -133,7 +133,8 @@ class Membership:
                 continue
             if self.healthy and (ttl == -1 or time.monotonic() >= self.valid_until):
                 self.healthy = False
-                log.error("lease of node %s lost: no longer accepting writes for its partitions", self.node_id)
+                log.error("lease of node %s lost: no longer writing the partitions owned on it (replicated ones "
+                          "go on: their in-sync followers fence them)", self.node_id)
                 for callback in self.on_lease_lost:
                     callback()
             if not self.healthy and not self.leaving:

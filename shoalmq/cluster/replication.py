@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from shoalmq._native import segment
+from shoalmq.cluster import stats
 from shoalmq.cluster.replication_record import Record, parse_record
 from shoalmq.cluster.transport import PeerGone, PeerStream, open_channel
 from shoalmq.errors import NotOwner, ShoalError, StaleEpoch
@@ -86,8 +87,8 @@ CATCHUP_BYTES = 4 << 20
 #: Stream messages a leader may have queued for one follower before it stops sending it data (it catches up from
 #: disk when it drains).
 SESSION_BACKLOG = 32
-#: Seconds a leader leads before it hands leadership to the assigner's preferred leader.
-PREFERRED_AFTER = 2.0
+#: Seconds the assigner's preferred leader must have followed steadily before leadership is handed to it.
+PREFERRED_AFTER = 3.0
 #: Seconds a replica's node may be gone before the partition is placed without it.
 REPLACE_AFTER = 60.0
 #: Seconds consumers get to ack what they hold of a partition whose leadership moves gracefully.
@@ -103,12 +104,14 @@ HANDOFF_WAIT = 3.0
 class Progress:
     """What a leader knows of one follower of one partition."""
 
-    __slots__ = ("caught_up_at", "durable", "following", "sent", "sent_commit", "session", "tailing")
+    __slots__ = ("caught_up_at", "durable", "following", "following_since", "sent", "sent_commit", "session",
+                 "tailing")
 
     def __init__(self, session: FollowerSession) -> None:
         self.session = session
-        #: True once the follower truncated to our history and said where its log continues.
+        #: True once the follower truncated to our history and said where its log continues (and since when).
         self.following = False
+        self.following_since = 0.0
         #: The offset the next data for it starts at.
         self.sent = 0
         #: Everything below is on its disk.
@@ -360,9 +363,11 @@ class Leader:
                                                      isr=isr))
                 return
         preferred = wanted[0]
-        if preferred != me and preferred in record.isr and now - self.since > PREFERRED_AFTER:
+        if preferred != me and preferred in record.isr:
             progress = self.followers.get(preferred)
-            if progress is not None and progress.following and progress.durable >= self.part.committed_offset:
+            # (Only once it has followed steadily for a while: a node just back still has streams to open.)
+            if (progress is not None and progress.following and now - progress.following_since > PREFERRED_AFTER
+                    and progress.durable >= self.part.committed_offset):
                 self.replicator.hand_over(self, preferred)
 
     @property
@@ -586,6 +591,7 @@ class FollowerLink:
         log.debug("replication stream to %s lost: %s", self.node, error)
 
     def send(self, states: list[broker_pb2.FollowerState]) -> None:
+        stats.sent("replicate_progress", len(states))
         self.stream.send(broker_pb2.ReplicaRequest(node=self.replicator.node_id, partitions=states))
 
     async def close(self) -> None:
@@ -1067,6 +1073,7 @@ class Replicator:
                 message = await session.outgoing.get()
                 if message is None:
                     return
+                stats.sent("replicate", sum(len(p.offsets) for p in message.partitions))
                 yield message
                 if session.outgoing.qsize() < SESSION_BACKLOG // 2:
                     self.wake_pump()
@@ -1104,6 +1111,7 @@ class Replicator:
             return
         if not progress.following:
             progress.following = True
+            progress.following_since = self.clock()
             progress.sent = state.end_offset
         progress.durable = max(progress.durable, state.durable_offset) if progress.following else 0
         if state.durable_offset < progress.durable:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from shoalmq._native import segment
+from shoalmq.cluster import stats
 from shoalmq.cluster.transport import PeerStream
 from shoalmq.proto import broker_pb2
 
@@ -91,6 +92,7 @@ class RemoteConsumer:
             for d in batch:
                 inflight[(index, d.message.offset)] = (d, epoch)
             returned = [d.message.returned for d in batch]
+            stats.sent("route_deliveries", len(batch))
             self.stream.send(broker_pb2.RouteDeliveries(
                 queue=self.queue, partition=index, epoch=epoch,
                 records=segment.pack([d.message.payload for d in batch]),
@@ -384,6 +386,7 @@ class RouteClient:
                 self._sent[queue] = credit
             request = broker_pb2.RouteRequest(queue=queue, credit=credit or -1)
             {"ack": request.acks, "nack": request.nacks, "return": request.returns}[how].extend(entries)
+            stats.sent(f"route_{how}s", sum(len(o) for o in parts.values()))
             self._stream.send(request)
 
     async def close(self) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import grpc
 
 from shoalmq._native import segment
+from shoalmq.cluster import stats
 from shoalmq.errors import NotOwner, PeerUnavailable, ShoalError, StaleEpoch
 from shoalmq.proto import broker_pb2, broker_pb2_grpc
 
@@ -175,8 +176,13 @@ async def answer_batches(request_iterator: AsyncIterator[broker_pb2.EnqueueBatch
                 if future is not None:
                     try:
                         await future
+                    except NotOwner as exc:  # (a replicated partition's leader deposed before it committed)
+                        status, detail = Status.NOT_OWNER, str(exc)
+                    except StaleEpoch as exc:
+                        status, detail = Status.STALE_EPOCH, str(exc)
                     except ShoalError as exc:
                         status, detail = Status.REFUSED, str(exc)
+                stats.sent("enqueue_ack", 1)
                 yield broker_pb2.EnqueueAck(batch_id=batch_id, status=status, detail=detail)
             if done_reading:
                 return
@@ -341,6 +347,7 @@ class EnqueueClient:
         self._waiting[batch_id] = future
         partitions = [broker_pb2.PartitionRecords(queue=q, partition=p, epoch=e, records=segment.pack(records))
                       for (q, p, e), records in groups.items()]
+        stats.sent("enqueue", sum(map(len, groups.values())))
         self._stream.send(broker_pb2.EnqueueBatch(batch_id=batch_id, partitions=partitions))
 
     def _answered(self, ack: broker_pb2.EnqueueAck) -> None:

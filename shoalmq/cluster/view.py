@@ -167,4 +167,6 @@ def parse_definition(value: bytes) -> QueueConfig:
     """A queue's settings as stored in ``/<cluster>/queues/<name>`` (JSON; ``created`` is informational)."""
     values = json.loads(value)
     values.pop("created", None)
+    # Written before queues were replicated: such a queue's partitions live on their owners' leases.
+    values["replication_factor"] = values.get("replication_factor") or 1
     return QueueConfig.from_mapping(values)

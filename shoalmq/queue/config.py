@@ -17,6 +17,8 @@ DISPATCH_STRATEGIES = ("least_inflight", "round_robin", "random")
 REPLICATION_MODES = ("sync", "async")
 #: Most replicas of a partition.
 MAX_REPLICATION_FACTOR = 7
+#: The replication factor of a queue created in a cluster when its settings give none.
+CLUSTER_REPLICATION_FACTOR = 3
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class QueueConfig:
     dispatch: str = "least_inflight"
     #: Copies of each partition on different nodes (a leader and followers); 1: the partition lives on its
     #: owner's disk alone. Capped at the live nodes when a partition is placed, grown back as nodes join.
-    replication_factor: int = 1
+    #: 0 (not given): ``CLUSTER_REPLICATION_FACTOR`` in a cluster, 1 on a single node (``resolved``).
+    replication_factor: int = 0
     #: Replicas (the leader included) that must have a message on disk before it is acknowledged; 0: 2 when the
     #: replication factor is 2 or more (capped at the replicas a partition has).
     min_insync: int = 0
@@ -48,6 +51,12 @@ class QueueConfig:
     replication: str = "sync"
     #: Milliseconds an in-sync follower may stay behind its leader before it leaves the in-sync set.
     replica_lag_ms: int = 1000
+
+    def resolved(self, clustered: bool) -> QueueConfig:
+        """These settings with the replication factor given (see ``replication_factor``)."""
+        if self.replication_factor:
+            return self
+        return replace(self, replication_factor=CLUSTER_REPLICATION_FACTOR if clustered else 1)
 
     @property
     def min_insync_replicas(self) -> int:
@@ -66,7 +75,7 @@ class QueueConfig:
             (self.partitions, 1, 4096, "partitions"),
             (self.max_deliveries, 0, 254, "max_deliveries"),
             (self.max_payload, 0, 256 << 20, "max_payload"),
-            (self.replication_factor, 1, MAX_REPLICATION_FACTOR, "replication_factor"),
+            (self.replication_factor, 0, MAX_REPLICATION_FACTOR, "replication_factor"),
             (self.min_insync, 0, MAX_REPLICATION_FACTOR, "min_insync"),
             (self.replica_lag_ms, 100, 600_000, "replica_lag_ms"),
         ]
@@ -82,7 +91,7 @@ class QueueConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.min_insync > self.replication_factor:
+        if self.replication_factor and self.min_insync > self.replication_factor:
             raise ConfigError(f"min_insync ({self.min_insync}) cannot exceed replication_factor "
                               f"({self.replication_factor})")
 
