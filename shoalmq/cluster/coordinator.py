@@ -61,7 +61,7 @@ class Coordinator:
         self.replicator.attach()
         if self.router is not None:
             view.on_owners.append(self.router.prune)
-        view.on_owners.append(self.forwarder.retry_held)
+        view.on_owners.append(self.forwarder.owners_changed)
         await view.start()
         await self.definitions.check_local_queues()
         self.manager.refresh_sources()  # nothing is owned yet: deliver nothing until claimed
@@ -86,6 +86,8 @@ class Coordinator:
         if self.router is not None:
             self.router.sync_peers()
         self.ownership.wake()
+        if self.started:
+            self.replicator.reconcile()
 
     # -- the queue manager's Cluster interface ------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from shoalmq.cluster.membership import Membership
-from shoalmq.cluster.transport import EnqueueClient
+from shoalmq.cluster.transport import EnqueueClient, ForwardError, Status
 from shoalmq.cluster.view import ClusterView, Partition
 from shoalmq.errors import ShoalError
 
@@ -71,6 +71,8 @@ class Forwarder:
         self._on_the_way: dict[Partition, asyncio.Future[None]] = {}
         self._forward_seq = 0
         self._retry_handle: asyncio.Handle | None = None
+        #: Partition -> groups sent and not yet answered: their answer -> (owner node, epoch, the batch's future).
+        self._sent: dict[Partition, dict[asyncio.Future[None], tuple[str, int, asyncio.Future[None]]]] = {}
 
     def holds(self, part: Partition) -> bool:
         """This node may append to the partition itself (``Ownership.holds``)."""
@@ -156,7 +158,7 @@ class Forwarder:
                 continue
             flush = client.enqueue_records(part[0], part[1], owner.epoch, records)
             self._on_the_way[part] = flush
-            self._track(forward, flush, part, records, remote=True)
+            self._track(forward, self._answer(part, owner.node, owner.epoch, flush), part, records, remote=flush)
         forward.groups = held
         if failure is not None:
             self._fail(forward, failure)
@@ -165,15 +167,56 @@ class Forwarder:
         elif forward.outstanding == 0:
             self._settle(forward)
 
+    def _answer(self, part: Partition, node: str, epoch: int, flush: asyncio.Future[None]) -> asyncio.Future[None]:
+        """The owner's answer to one group sent at ``epoch``: ``flush``'s outcome, or a retriable failure as soon as
+        the view shows the partition at a newer epoch (``owners_changed``): an owner cut off from the cluster
+        answers nothing until its stream breaks, and a replicated partition's deposed leader can commit nothing."""
+        answer = self._loop.create_future()
+        sent = self._sent.setdefault(part, {})
+        sent[answer] = (node, epoch, flush)
+
+        def copy(f: asyncio.Future[None]) -> None:
+            waiting = self._sent.get(part)
+            if waiting is not None and waiting.pop(answer, None) is not None and not waiting:
+                del self._sent[part]
+            if not answer.done():
+                if f.exception() is not None:
+                    answer.set_exception(f.exception())  # type: ignore[arg-type]
+                else:
+                    answer.set_result(None)
+        flush.add_done_callback(copy)
+        return answer
+
+    def owners_changed(self) -> None:
+        """The owners changed: groups on their way to an owner superseded since are sent again to the new one
+        (at least once: the old one may have stored them), then whatever waits is retried."""
+        owners = self.view.owners
+        for part, sent in list(self._sent.items()):
+            current = owners.get(part)
+            if current is None:
+                continue
+            for answer, (node, epoch, flush) in list(sent.items()):
+                if current.epoch > epoch:
+                    del sent[answer]
+                    if self._on_the_way.get(part) is flush:
+                        del self._on_the_way[part]
+                    if not answer.done():
+                        answer.set_exception(ForwardError(
+                            f"{part[0]}/{part[1]} moved from {node} (epoch {epoch}) to {current.node} (epoch "
+                            f"{current.epoch}) before {node} answered", Status.STALE_EPOCH))
+            if not sent:
+                del self._sent[part]
+        self.retry_held()
+
     def _track(self, forward: _Forward, flush: asyncio.Future[None] | None, part: Partition,
-               records: list[bytes], remote: bool = False) -> None:
+               records: list[bytes], remote: asyncio.Future[None] | None = None) -> None:
         forward.outstanding += 1
 
         def done(f: asyncio.Future[None] | None) -> None:
             forward.outstanding -= 1
             error = f.exception() if f is not None else None
             retry = getattr(error, "retriable", False)
-            if remote and self._on_the_way.get(part) is f:
+            if remote is not None and self._on_the_way.get(part) is remote:
                 del self._on_the_way[part]
                 if self._held and not retry:
                     # The partition's next groups may go now. (Not after a failure: those wait FORWARD_RETRY, or a

@@ -1,6 +1,7 @@
 """The load report: what each node holds, in ``/<cluster>/load/<node>`` (on its lease), for ``broker cluster
-status``: the depth of every partition it owns, and of those it stores without owning them (messages on their way
-to the owner, or waiting on a node that came back)."""
+status``: the depth of every partition it owns (or leads), of those it stores without owning them (messages on their
+way to the owner, or waiting on a node that came back; not the replicas it follows), and the gRPC stream messages
+it sent (``stats``)."""
 
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ class LoadReport:
         """Per queue, the depth of each partition this node owns, and of each it stores but does not own."""
         owned: dict[str, dict[str, int]] = {}
         stored: dict[str, dict[str, int]] = {}
-        mine = self.view.mine
+        mine, records = self.view.mine, self.view.records
         for name, depths in self.manager.depths().items():
             for index, depth in enumerate(depths):
                 if (name, index) in mine:
                     owned.setdefault(name, {})[str(index)] = depth
-                elif depth:
+                elif depth and (name, index) not in records:  # (a replica followed here is not on its way)
                     stored.setdefault(name, {})[str(index)] = depth
         return {"owned": owned, "stored_not_owned": stored, "grpc_stream_messages": stats.snapshot()}
 

@@ -39,6 +39,7 @@ leave hands each led partition to an in-sync follower once it has everything (``
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import time
@@ -435,18 +436,30 @@ class Follower:
                 self.subscribed = False
                 self.replicator.resubscribe(self)
                 return
-            start = 0
             flush = None
             n = len(offsets)
-            while start < n and offsets[start] < part.next_offset:
-                start += 1  # sent twice (a resubscribe crossed data on the way)
-            i = start
-            while i < n:
-                j = i + 1
-                while j < n and offsets[j] == offsets[j - 1] + 1:
-                    j += 1
-                flush = part.append_at(offsets[i], records[i:j])
-                i = j
+            start = 0
+            if offsets[0] < part.next_offset:  # sent twice (a resubscribe crossed data on the way)
+                start = bisect.bisect_left(offsets, part.next_offset)
+            try:
+                if start >= n:
+                    pass
+                elif offsets[-1] - offsets[start] == n - 1 - start:  # (the usual case: one run, no gaps)
+                    flush = part.append_at(offsets[start], records[start:] if start else records)
+                else:
+                    i = start
+                    while i < n:
+                        j = i + 1
+                        while j < n and offsets[j] == offsets[j - 1] + 1:
+                            j += 1
+                        flush = part.append_at(offsets[i], records[i:j])
+                        i = j
+            except (ShoalError, ValueError) as exc:  # (a full disk, a limit this node has lower, a bad offset)
+                log.warning("partition %s/%d: cannot store what leader %s sent (%s): following again", *self.key,
+                            self.leader, exc)
+                self.subscribed = False
+                self.replicator.resubscribe(self)
+                return
             if flush is not None:
                 flush.add_done_callback(self._flushed)
         if data.end_offset > part.next_offset:
@@ -754,7 +767,12 @@ class Replicator:
         follower = self.followers.get(key)
         if follower is not None and follower.leader == record.leader and follower.epoch >= record.epoch:
             follower.record = record
-            return
+            node = self.view.nodes.get(record.leader)
+            link = self.links.get(record.leader)
+            target = node.get("grpc") if node else None
+            if target is None or (link is not None and link.target == target and key in link.partitions):
+                return
+            # The leader's node is live now (or back on another address): follow it there.
         self._follow(key, record, part)
 
     def _follow(self, key: Partition, record: Record, part: PartitionLog) -> None:
@@ -769,10 +787,12 @@ class Replicator:
             return  # the leader is not live: the failover check proposes us once it has been silent long enough
         link = self.links.get(record.leader)
         if link is None or link.target != target:
-            if link is not None:
-                asyncio.ensure_future(link.close())
+            old = link
             link = self.links[record.leader] = FollowerLink(self, record.leader, target)
             link.last_heard = self.clock()
+            if old is not None:  # (the leader's node came back on another address: its partitions move along)
+                link.partitions.update(old.partitions)
+                asyncio.ensure_future(old.close())
         link.partitions[key] = follower
         if link.stream.connected:
             link.send([follower.state(subscribe=True)])
@@ -1073,7 +1093,10 @@ class Replicator:
                 message = await session.outgoing.get()
                 if message is None:
                     return
-                stats.sent("replicate", sum(len(p.offsets) for p in message.partitions))
+                if message.partitions:
+                    stats.sent("replicate", sum(len(p.offsets) for p in message.partitions))
+                else:
+                    stats.sent("replicate_heartbeat", 0)
                 yield message
                 if session.outgoing.qsize() < SESSION_BACKLOG // 2:
                     self.wake_pump()
