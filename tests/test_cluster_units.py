@@ -213,6 +213,46 @@ def test_a_forward_refused_by_the_old_owner_is_stored_before_later_ones() -> Non
     run(body())
 
 
+def test_a_forward_on_its_way_to_an_owner_superseded_in_the_view_goes_to_the_new_owner_at_once() -> None:
+    """An owner cut off from the cluster answers nothing until its stream breaks (seconds); once the view shows the
+    partition at a newer epoch (a replicated partition's new leader), what was sent to the old one goes to the new
+    one without waiting for that answer, and after it the publishes that waited."""
+    from shoalmq.cluster.assignment import HashPartitionAssigner
+    from shoalmq.cluster.coordinator import Coordinator
+    from shoalmq.cluster.view import Owner
+
+    async def body() -> None:
+        manager = QueueManager(Store(MemoryBackend()), defaults=QueueConfig(partitions=1))
+        coordinator = Coordinator(None, FakeMembership(), manager, HashPartitionAssigner(),  # type: ignore[arg-type]
+                                  routing="direct")
+        manager.cluster = coordinator
+        view = coordinator.view
+        view.definitions["q"] = QueueConfig(partitions=1)
+        view.owners[("q", 0)] = Owner("b", 5, 0)
+        old = coordinator.forwarder._clients["b"] = FakeClient()  # type: ignore[assignment]
+        first = manager.publish("$queue/q", b"m0")
+        await settle(lambda: len(old.calls) == 1)
+        second = manager.publish("$queue/q", b"m1")  # waits behind m0
+        await settle()
+        assert len(old.calls) == 1
+        new = coordinator.forwarder._clients["c"] = FakeClient()  # type: ignore[assignment]
+        new.target = "c:1"
+        coordinator.membership.nodes["c"] = {"grpc": "c:1"}
+        view.owners[("q", 0)] = Owner("c", 6, 0)  # the old owner never answers
+        coordinator.forwarder.owners_changed()
+        await settle(lambda: len(new.calls) == 1)
+        assert new.calls[0][0] == [encode_record(b"", b"m0")]
+        new.calls[0][1].set_result(None)
+        await settle(lambda: len(new.calls) == 2)  # m1 went after m0's answer, in order
+        assert new.calls[1][0] == [encode_record(b"", b"m1")]
+        new.calls[1][1].set_result(None)
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        old.calls[0][1].set_result(None)  # a late answer changes nothing
+        await settle()
+
+    run(body())
+
+
 def test_a_route_stream_s_acks_count_while_the_partition_is_not_owned_for_a_moment() -> None:
     """After an etcd outage the owner's lease lapses and it owns nothing for a moment; acks that arrive then must
     still apply (the deliveries were made under the same epoch, and nobody took them back), or they would stay

@@ -206,7 +206,8 @@ class Forwarder:
                             f"{current.epoch}) before {node} answered", Status.STALE_EPOCH))
             if not sent:
                 del self._sent[part]
-        self.retry_held()
+        # After the failed answers' callbacks (queued first) have held their groups again: they go oldest first.
+        self._loop.call_soon(self.retry_held)
 
     def _track(self, forward: _Forward, flush: asyncio.Future[None] | None, part: Partition,
                records: list[bytes], remote: asyncio.Future[None] | None = None) -> None:
