@@ -150,8 +150,9 @@ class Leader:
         self.changing = False
         #: Set while leadership is being handed over (a leave): no new writes.
         self.closing = False
-        #: Nodes being added to the ISR (counted for the commit before the record shows them).
-        self.adding: set[str] = set()
+        #: Nodes being added to the ISR -> the record revision the swap was tried at: counted for the commit until
+        #: a record at least that new shows whether they are in it (a swap whose answer was lost may have won).
+        self.adding: dict[str, int] = {}
         self.reason_logged = ""
         #: When this node began leading (members not following since count as behind from then).
         self.since = replicator.clock()
@@ -212,7 +213,7 @@ class Leader:
                 self._hold(f"{len(record.isr)} of {record.min_insync(self.config)} in-sync replicas")
                 return
             me = self.replicator.node_id
-            for node in set(record.isr) | self.adding:
+            for node in set(record.isr).union(self.adding):
                 if node == me:
                     continue
                 progress = self.followers.get(node)
@@ -238,6 +239,10 @@ class Leader:
         if self.reason_logged != reason and self.waiters:
             log.warning("partition %s/%d holds publishes: %s", self.key[0], self.key[1], reason)
             self.reason_logged = reason
+
+    def settle_adding(self, record: Record) -> None:
+        """A record newer than a swap that added a node settles it: in the ISR now, or definitely not."""
+        self.adding = {n: rev for n, rev in self.adding.items() if n not in record.isr and record.revision <= rev}
 
     def acked(self, offsets: Iterable[int]) -> None:
         self.acks.extend(offsets)
@@ -331,7 +336,7 @@ class Leader:
                     return
             elif (progress is not None and progress.following and progress.durable >= self.hw
                   and progress.durable >= self._epoch_start):
-                self.adding.add(node)
+                self.adding[node] = record.revision
                 isr = tuple(n for n in record.replicas if n in record.isr or n == node)
                 log.info("partition %s/%d: replica %s caught up, joining the in-sync set", *self.key, node)
                 self.replicator.change(self, replace(record, isr=isr))
@@ -539,6 +544,8 @@ class FollowerSession:
         self.node = ""
         self.outgoing: asyncio.Queue[broker_pb2.ReplicaData | None] = asyncio.Queue()
         self.pending: list[PartitionData] = []
+        #: Set when the stream ends.
+        self.closed = False
         #: (queue, partition) this stream follows here.
         self.partitions: set[Partition] = set()
 
@@ -743,7 +750,7 @@ class Replicator:
             if record.leader == me and record.epoch == leader.epoch:
                 if record.revision >= leader.record.revision:
                     leader.record = record
-                    leader.adding -= set(record.isr)
+                    leader.settle_adding(record)
                     leader.advance()
                 return
             self._demote(leader, f"the record names {record.leader} at epoch {record.epoch}")
@@ -964,14 +971,12 @@ class Replicator:
                         self._demote(leader, f"leadership handed to {record.leader} at epoch {record.epoch}")
                     else:
                         leader.record = record
-                        leader.adding -= set(record.isr)
+                        leader.settle_adding(record)
                         leader.advance()
             elif record.leader == self.node_id and key not in self.leaders:
                 follower = self.followers.get(key)
                 self._become_leader(key, config, record, follower.leader_commit if follower else 0)
         else:
-            if leader is not None:
-                leader.adding.clear()
             if current is not None:
                 parsed = parse_record(current.value, current.mod_revision)
                 if parsed is not None:
@@ -1102,12 +1107,16 @@ class Replicator:
                     self.wake_pump()
         finally:
             reader.cancel()
+            session.closed = True
             self.sessions.discard(session)
             for key in session.partitions:
                 leader = self.leaders.get(key)
-                if leader is not None and leader.followers.get(session.node) is not None \
-                        and leader.followers[session.node].session is session:
-                    del leader.followers[session.node]
+                progress = leader.followers.get(session.node) if leader is not None else None
+                if progress is not None and progress.session is session:
+                    # Not following until it subscribes again; it leaves the ISR only after replica_lag_ms of that
+                    # (a stream that breaks and reconnects at once costs nothing).
+                    progress.following = False
+                    progress.tailing = False
 
     def follower_state(self, session: FollowerSession, state: broker_pb2.FollowerState) -> None:
         key = (state.queue, state.partition)
@@ -1121,7 +1130,10 @@ class Replicator:
         if state.subscribe:
             progress = leader.followers.get(session.node)
             if progress is None or progress.session is not session:
+                previous = progress
                 progress = leader.followers[session.node] = Progress(session)
+                if previous is not None:  # (behind since then: a reconnect does not reset replica_lag_ms)
+                    progress.caught_up_at = previous.caught_up_at
                 session.partitions.add(key)
             progress.following = False
             progress.tailing = False
@@ -1156,7 +1168,7 @@ class Replicator:
         for leader in self.leaders.values():
             for node, progress in leader.followers.items():
                 session = progress.session
-                if not progress.following or session.backed_up:
+                if not progress.following or session.closed or session.backed_up:
                     continue
                 data = leader.data_for(node, progress, budget)
                 if data is not None:

@@ -334,6 +334,7 @@ class EnqueueClient:
         future = self._loop.create_future()
         batch_id = next(self._ids)
         self._waiting[batch_id] = future
+        stats.sent("transfer", len(records))
         self._stream.send(broker_pb2.EnqueueBatch(batch_id=batch_id, partitions=[broker_pb2.PartitionRecords(
             queue=queue, partition=partition, epoch=epoch, records=segment.pack(records), offsets=offsets,
             deliveries=deliveries, next_offset=next_offset)]))
