@@ -94,6 +94,8 @@ PREFERRED_AFTER = 3.0
 REPLACE_AFTER = 60.0
 #: Seconds consumers get to ack what they hold of a partition whose leadership moves gracefully.
 ACK_GRACE = 1.0
+#: Most consumer acks a leader keeps for one follower between two sends.
+MAX_PENDING_ACKS = 1 << 20
 #: Seconds a pre-vote waits for the other in-sync followers' answers.
 PROBE_TIMEOUT = 0.2
 #: ``PartitionProbe.heard_ms`` of a node that does not follow the leader asked about.
@@ -105,8 +107,8 @@ HANDOFF_WAIT = 3.0
 class Progress:
     """What a leader knows of one follower of one partition."""
 
-    __slots__ = ("caught_up_at", "durable", "following", "following_since", "sent", "sent_commit", "session",
-                 "tailing")
+    __slots__ = ("acks", "caught_up_at", "durable", "following", "following_since", "sent", "sent_commit",
+                 "session", "tailing")
 
     def __init__(self, session: FollowerSession) -> None:
         self.session = session
@@ -117,8 +119,9 @@ class Progress:
         self.sent = 0
         #: Everything below is on its disk.
         self.durable = 0
-        #: The commit offset last sent to it.
+        #: The commit offset last sent to it, and the consumers' acks not sent yet.
         self.sent_commit = -1
+        self.acks: list[int] = []
         #: Caught up with the leader's disk once: what it lacks comes from memory (recent commits) from then on.
         self.tailing = False
         self.caught_up_at = session.replicator.clock()
@@ -141,8 +144,6 @@ class Leader:
         #: (first offset, records) of recent commits, oldest first, for followers (BUFFER_BYTES at most).
         self.buffer: collections.deque[tuple[int, list[bytes]]] = collections.deque()
         self.buffer_bytes = 0
-        #: Offsets acked since the last pump.
-        self.acks: list[int] = []
         #: [offset, future] waiting for the commit offset to pass offset, in offset order.
         self.waiters: collections.deque[list[Any]] = collections.deque()
         self._waiter_turn = -1
@@ -233,7 +234,7 @@ class Leader:
             future = waiters.popleft()[1]
             if not future.done():
                 future.set_result(None)
-        self.replicator.wake_pump()
+        # (The followers learn the new commit offset with the next records, or at the next tick.)
 
     def _hold(self, reason: str) -> None:
         if self.reason_logged != reason and self.waiters:
@@ -245,8 +246,14 @@ class Leader:
         self.adding = {n: rev for n, rev in self.adding.items() if n not in record.isr and record.revision <= rev}
 
     def acked(self, offsets: Iterable[int]) -> None:
-        self.acks.extend(offsets)
-        self.replicator.wake_pump()
+        """Consumers acked these: each following follower gets them with its next records, or at the next tick
+        (not urgent: an ack lost in a failover is a redelivery)."""
+        for progress in self.followers.values():
+            if progress.following:
+                acks = progress.acks
+                acks.extend(offsets)
+                if len(acks) > MAX_PENDING_ACKS:  # (a follower not reading: it is redelivered the rest)
+                    del acks[:len(acks) - MAX_PENDING_ACKS]
 
     def fail_waiters(self, error: ShoalError) -> None:
         waiters, self.waiters = self.waiters, collections.deque()
@@ -260,9 +267,10 @@ class Leader:
     def history(self) -> list[int]:
         return [n for entry in self.part.epochs for n in entry]
 
-    def data_for(self, node: str, progress: Progress, budget: list[int]) -> PartitionData | None:
+    def data_for(self, node: str, progress: Progress, budget: list[int], meta: bool) -> PartitionData | None:
         """The next message for one follower: what it lacks (from memory, else from disk, within ``budget``),
-        the acks since the last pump, the commit offset if it moved; None if it has nothing to get."""
+        with the acks and the commit offset; None if it lacks nothing (and, unless ``meta``, acks and the commit
+        offset wait for the next records or the next tick: one stream message per commit, not three)."""
         part = self.part
         end = part.committed_offset
         records: list[bytes] = []
@@ -302,13 +310,13 @@ class Leader:
                 progress.tailing = not full  # caught up with the disk: the tail comes from memory from now on
             budget[0] -= size
             progress.sent = new_end
-        commit = self.hw if self.hw != progress.sent_commit else 0
-        if not records and not new_end and not self.acks and not commit:
+        if not records and not new_end and not (meta and (progress.acks or self.hw != progress.sent_commit)):
             return None
         progress.sent_commit = self.hw
+        acks, progress.acks = progress.acks, []
         return PartitionData(queue=self.key[0], partition=self.key[1], epoch=self.epoch,
                              records=segment.pack(records) if records else b"", offsets=offsets,
-                             end_offset=new_end, commit_offset=self.hw, acks=self.acks)
+                             end_offset=new_end, commit_offset=self.hw, acks=acks)
 
     def check_isr(self, now: float) -> None:
         """Shrink the ISR of members behind for ``replica_lag_ms``, add replicas that caught up, and grow the
@@ -706,6 +714,8 @@ class Replicator:
             leader.check_isr(now)
         for follower in list(self.followers.values()):
             self._check_leader(follower, now)
+        if self.leaders:
+            self._pump(meta=True)  # acks and commit offsets not sent with records since the last tick
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
             self._last_heartbeat = now
             for session in self.sessions:
@@ -909,7 +919,7 @@ class Replicator:
                 await asyncio.sleep(0.01)
         finally:
             self.draining -= keys
-        self.wake_pump()
+        self._pump(meta=True)  # (the acks made meanwhile, to the followers now)
         await asyncio.sleep(0)
 
     async def _hand_over(self, leader: Leader, target: str) -> None:
@@ -1159,8 +1169,9 @@ class Replicator:
             self._pump_scheduled = True
             self.loop.call_soon(self._pump)
 
-    def _pump(self) -> None:
-        """Send every follower what it lacks, the acks and commit offsets: one stream message per follower."""
+    def _pump(self, meta: bool = False) -> None:
+        """Send every follower what it lacks (and with it the acks and commit offset; ``meta``: those alone too):
+        one stream message per follower."""
         self._pump_scheduled = False
         self.turn += 1
         budget = [32 << 20]
@@ -1170,12 +1181,11 @@ class Replicator:
                 session = progress.session
                 if not progress.following or session.closed or session.backed_up:
                     continue
-                data = leader.data_for(node, progress, budget)
+                data = leader.data_for(node, progress, budget, meta)
                 if data is not None:
                     session.send(data)
                 if progress.sent < leader.part.committed_offset:
                     more = True
-            leader.acks = []
         for session in self.sessions:
             session.flush()
         if more and budget[0] > 0:
