@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -387,6 +388,16 @@ def print_grpc(row: dict[str, Any]) -> None:
         print(line)
 
 
+def parse_steps(parser: argparse.ArgumentParser, text: str, known: Sequence[str]) -> list[str]:
+    """``--steps a,b`` as a list; a usage error for an unknown step or none."""
+    steps = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in known]
+    if unknown or not steps:
+        parser.error(f"--steps: unknown step(s) {', '.join(unknown) or '(none given)'}; choose from "
+                     f"{', '.join(known)}")
+    return steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
@@ -396,11 +407,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", default=None, help="also write every row as JSON to PATH")
     args = parser.parse_args()
     interrupt_on_signals()
-    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    unknown = [s for s in steps if s not in STEPS]
-    if unknown or not steps:
-        parser.error(f"--steps: unknown step(s) {', '.join(unknown) or '(none given)'}; choose from "
-                     f"{', '.join(STEPS)}")
+    steps = parse_steps(parser, args.steps, STEPS)
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="shoalmq-bench-") as tmp:
         work = Path(tmp)

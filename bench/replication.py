@@ -47,6 +47,7 @@ from bench.cluster import (  # noqa: E402
     interrupt_on_signals,
     log_errors,
     node_warnings,
+    parse_steps,
     records,
     start_cluster,
     stop,
@@ -311,11 +312,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the figures as JSON to PATH")
     args = parser.parse_args()
     interrupt_on_signals()
-    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    unknown = [s for s in steps if s not in STEPS]
-    if unknown or not steps:
-        parser.error(f"--steps: unknown step(s) {', '.join(unknown) or '(none given)'}; choose from "
-                     f"{', '.join(STEPS)}")
+    steps = parse_steps(parser, args.steps, STEPS)
     if args.kills < 1 or not 1 <= args.window <= 65535 or args.messages < 1 or args.size < 20:
         parser.error("--kills and --messages at least 1, --window 1 to 65535, --size at least 20")
     report: dict[str, Any] = {}

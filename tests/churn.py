@@ -79,8 +79,9 @@ class ChurnConfig:
     #: Seconds between faults; the first comes ``first_fault`` s after publishing starts.
     fault_every: float = 4.0
     first_fault: float = 4.0
-    #: Fault kinds, taken in turn: "kill", "term", "etcd", "join", and "pause" (SIGSTOP a node past its lease,
-    #: ``pause_for`` s, then SIGCONT: it must stop writing before its partitions are taken over).
+    #: Fault kinds, taken in turn: "kill", "term", "etcd", "join", "pause" (SIGSTOP a node past its lease,
+    #: ``pause_for`` s, then SIGCONT: it must stop writing before its partitions are taken over), and "wipe"
+    #: (SIGKILL, its data directory deleted, back on an empty one: for replicated queues).
     faults: tuple[str, ...] = ("kill", "term", "etcd", "join")
     #: Each join of the extra node starts it on a fresh data directory (a new machine), not its previous one.
     join_fresh_data: bool = False
@@ -634,54 +635,38 @@ class Faults(threading.Thread):
             self.down.add(node)
             return node
 
-    def _restarted(self, node: str, why: str) -> None:
+    def _restarted(self, node: str, why: str, fresh_data: bool = False) -> None:
         if self.closed.is_set():
             return
-        process = self.cluster.start_node(node, time.monotonic() + 60)
+        process = self.cluster.start_node(node, time.monotonic() + 60, fresh_data=fresh_data)
         self.live.up(node, process.port)
         with self._lock:
             self.down.discard(node)
         self.timeline.note(f"fault: {node} up again ({why})")
 
-    def _fault_kill(self) -> None:
+    def _fault_kill(self, wipe: bool = False) -> None:
         node = self._pick_node()
         if node is None:
-            self.timeline.note("fault kill skipped: only one node up")
+            self.timeline.note(f"fault {'wipe' if wipe else 'kill'} skipped: only one node up")
             return
         self.live.down(node)
-        self.kills.append(self.timeline.note(f"fault: SIGKILL {node}"))
-        self.cluster.nodes[node].kill()
-        self.done.append(f"kill {node}")
+        process = self.cluster.nodes[node]
+        self.kills.append(self.timeline.note(f"fault: SIGKILL {node}" + (" and delete its data directory"
+                                                                          if wipe else "")))
+        process.kill()
+        if wipe:
+            shutil.rmtree(process.data_dir, ignore_errors=True)
+        self.done.append(f"{'wipe' if wipe else 'kill'} {node}")
 
         def restart() -> None:
             self._pause(self.cfg.kill_restart_after)
-            self._restarted(node, "after SIGKILL")
+            self._restarted(node, "on an empty data directory" if wipe else "after SIGKILL", fresh_data=wipe)
         self._spawn(restart, f"restart-{node}")
 
     def _fault_wipe(self) -> None:
         """SIGKILL a node and lose its disk: it comes back on an empty data directory (replicated queues only
         can keep what it held)."""
-        node = self._pick_node()
-        if node is None:
-            self.timeline.note("fault wipe skipped: only one node up")
-            return
-        self.live.down(node)
-        self.kills.append(self.timeline.note(f"fault: SIGKILL {node} and delete its data directory"))
-        process = self.cluster.nodes[node]
-        process.kill()
-        shutil.rmtree(process.data_dir, ignore_errors=True)
-        self.done.append(f"wipe {node}")
-
-        def restart() -> None:
-            self._pause(self.cfg.kill_restart_after)
-            if self.closed.is_set():
-                return
-            fresh = self.cluster.start_node(node, time.monotonic() + 60, fresh_data=True)
-            self.live.up(node, fresh.port)
-            with self._lock:
-                self.down.discard(node)
-            self.timeline.note(f"fault: {node} up again on an empty data directory")
-        self._spawn(restart, f"restart-{node}")
+        self._fault_kill(wipe=True)
 
     def _fault_term(self) -> None:
         node = self._pick_node()

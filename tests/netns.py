@@ -33,6 +33,7 @@ namespaces and links of this naming scheme whose creator pid is dead (a crashed 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import ipaddress
 import itertools
@@ -42,10 +43,11 @@ import re
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.support import wait_until
 
@@ -351,3 +353,13 @@ def unavailable_reason() -> str | None:
 def available() -> bool:
     """Whether ``IsolatedHost`` works here (root, ``ip netns``, veth and bridge links)."""
     return unavailable_reason() is None
+
+
+@contextlib.contextmanager
+def isolated_host_or_skip() -> Iterator[IsolatedHost]:
+    """An ``IsolatedHost`` for a test, or the test skipped with the reason namespaces cannot be made here."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    with IsolatedHost() as host:
+        yield host

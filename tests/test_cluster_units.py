@@ -183,20 +183,27 @@ def test_deliveries_for_a_queue_without_consumers_here_go_straight_back() -> Non
     run(body())
 
 
-def test_a_forward_refused_by_the_old_owner_is_stored_before_later_ones() -> None:
-    """A batch sent to the old owner and refused after this node took the partition over goes first."""
+def _direct_coordinator() -> tuple[QueueManager, Any]:
+    """A queue manager on a real Coordinator (direct routing, no etcd), with the queue "q" of one partition."""
     from shoalmq.cluster.assignment import HashPartitionAssigner
     from shoalmq.cluster.coordinator import Coordinator
+
+    manager = QueueManager(Store(MemoryBackend()), defaults=QueueConfig(partitions=1))
+    coordinator = Coordinator(None, FakeMembership(), manager, HashPartitionAssigner(),  # type: ignore[arg-type]
+                              routing="direct")
+    manager.cluster = coordinator
+    coordinator.view.definitions["q"] = QueueConfig(partitions=1)
+    return manager, coordinator
+
+
+def test_a_forward_refused_by_the_old_owner_is_stored_before_later_ones() -> None:
+    """A batch sent to the old owner and refused after this node took the partition over goes first."""
     from shoalmq.cluster.view import Owner
     from shoalmq.cluster.transport import ForwardError, Status
 
     async def body() -> None:
-        manager = QueueManager(Store(MemoryBackend()), defaults=QueueConfig(partitions=1))
-        coordinator = Coordinator(None, FakeMembership(), manager, HashPartitionAssigner(),  # type: ignore[arg-type]
-                                  routing="direct")
-        manager.cluster = coordinator
+        manager, coordinator = _direct_coordinator()
         view = coordinator.view
-        view.definitions["q"] = QueueConfig(partitions=1)
         view.owners[("q", 0)] = Owner("b", 5, 2)
         client = coordinator.forwarder._clients["b"] = FakeClient()  # type: ignore[assignment]
         first = manager.publish("$queue/q", b"m0")
@@ -217,17 +224,11 @@ def test_a_forward_on_its_way_to_an_owner_superseded_in_the_view_goes_to_the_new
     """An owner cut off from the cluster answers nothing until its stream breaks (seconds); once the view shows the
     partition at a newer epoch (a replicated partition's new leader), what was sent to the old one goes to the new
     one without waiting for that answer, and after it the publishes that waited."""
-    from shoalmq.cluster.assignment import HashPartitionAssigner
-    from shoalmq.cluster.coordinator import Coordinator
     from shoalmq.cluster.view import Owner
 
     async def body() -> None:
-        manager = QueueManager(Store(MemoryBackend()), defaults=QueueConfig(partitions=1))
-        coordinator = Coordinator(None, FakeMembership(), manager, HashPartitionAssigner(),  # type: ignore[arg-type]
-                                  routing="direct")
-        manager.cluster = coordinator
+        manager, coordinator = _direct_coordinator()
         view = coordinator.view
-        view.definitions["q"] = QueueConfig(partitions=1)
         view.owners[("q", 0)] = Owner("b", 5, 0)
         old = coordinator.forwarder._clients["b"] = FakeClient()  # type: ignore[assignment]
         first = manager.publish("$queue/q", b"m0")

@@ -48,10 +48,7 @@ except OSError as exc:
 
 @pytest.fixture
 def host() -> Iterator[IsolatedHost]:
-    reason = netns.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"network namespaces unavailable: {reason}")
-    with IsolatedHost() as isolated:
+    with netns.isolated_host_or_skip() as isolated:
         yield isolated
 
 

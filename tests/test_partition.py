@@ -178,10 +178,7 @@ class Publisher:
 
 @pytest.fixture
 def isolated() -> Iterator[IsolatedHost]:
-    reason = netns.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"network namespaces unavailable: {reason}")
-    with IsolatedHost() as host:
+    with netns.isolated_host_or_skip() as host:
         yield host
 
 

@@ -7,15 +7,13 @@ import asyncio
 import logging
 import random
 import struct
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from shoalmq.queue.storage import LmdbBackend, MemoryBackend, Store, keys
 from shoalmq.queue.storage.log import NEVER, RECORD_OVERHEAD, PartitionLog
-from tests.test_storage import OpenStore, open_store, run  # noqa: F401 (the storage tests' store fixture)
+from tests.test_storage import OpenStore, open_store, run, until_committing  # noqa: F401 (their store fixture)
 
 
 
@@ -215,15 +213,6 @@ def test_reset_reads_while_a_commit_runs(open_store: OpenStore) -> None:
         await store.close()
 
     run(body())
-
-
-async def until_committing(store: Store) -> None:
-    """Return while a commit is running: written to the backend, not yet applied."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while not store._committing:
-        assert loop.time() < deadline, "no commit started"
-        await asyncio.sleep(0)
 
 
 # -- a follower: nothing read, its leader's acks applied --------------------------------------------------------

@@ -41,7 +41,7 @@ class Coordinator:
         self.definitions = QueueDefinitions(etcd, self.view, manager)
         self.ownership = Ownership(etcd, membership, self.view, manager, self.definitions, assigner)
         self.replicator = Replicator(etcd, membership, self.view, manager, self.definitions, assigner)
-        self.forwarder = Forwarder(self.view, membership, manager)
+        self.forwarder = Forwarder(self.view, membership, manager, self.ownership.holds)
         self.load = LoadReport(etcd, membership, self.view, manager)
         #: Proxy routing's consumer side (None in direct mode).
         self.router: Router | None = Router(manager, self.view) if routing == "proxy" else None

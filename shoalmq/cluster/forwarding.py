@@ -20,6 +20,7 @@ import asyncio
 import bisect
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shoalmq.cluster.membership import Membership
@@ -56,8 +57,11 @@ class _Forward:
 class Forwarder:
     """This node's forwarded publishes (see the module docstring)."""
 
-    def __init__(self, view: ClusterView, membership: Membership, manager: QueueManager) -> None:
+    def __init__(self, view: ClusterView, membership: Membership, manager: QueueManager,
+                 holds: Callable[[Partition], bool]) -> None:
         self.view = view
+        #: May this node append to the partition itself (``Ownership.holds``)?
+        self.holds = holds
         self.membership = membership
         self.manager = manager
         self._clients: dict[str, EnqueueClient] = {}
@@ -73,11 +77,6 @@ class Forwarder:
         self._retry_handle: asyncio.Handle | None = None
         #: Partition -> groups sent and not yet answered: their answer -> (owner node, epoch, the batch's future).
         self._sent: dict[Partition, dict[asyncio.Future[None], tuple[str, int, asyncio.Future[None]]]] = {}
-
-    def holds(self, part: Partition) -> bool:
-        """This node may append to the partition itself (``Ownership.holds``)."""
-        view = self.view
-        return part in view.mine and (part in view.unleased or self.membership.lease_valid())
 
     def unsettled(self, part: Partition) -> bool:
         """Forwarded publishes to the partition are not stored yet (a local publish must wait behind them)."""

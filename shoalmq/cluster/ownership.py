@@ -76,12 +76,12 @@ class Ownership:
     def holds(self, part: Partition) -> bool:
         """This node may write the partition now (it holds the key, and its lease is certainly alive; or it leads
         the replicated partition: ``replication``, where the in-sync set fences, not the lease)."""
-        return part in self.view.mine and (part in self.view.unleased or self.membership.lease_valid())
+        return self.view.held(part, self.membership.lease_valid())
 
     def check(self, queue: str, partition: int, epoch: int) -> None:
         """For forwarded batches: NotOwner or StaleEpoch unless this node owns the partition at ``epoch``."""
         mine = self.view.mine.get((queue, partition))
-        if mine is None or not ((queue, partition) in self.view.unleased or self.membership.lease_valid()):
+        if mine is None or not self.view.held((queue, partition), self.membership.lease_valid()):
             raise NotOwner(f"node {self.node_id} does not own {queue}/{partition}")
         if mine != epoch:
             raise StaleEpoch(f"{queue}/{partition} is at epoch {mine} on {self.node_id}, not {epoch}")
@@ -134,8 +134,8 @@ class Ownership:
             callback()
 
     def _lease_lost(self) -> None:
-        mine, unleased = self.view.mine, self.view.unleased
-        leased = [p for p in mine if p not in unleased]
+        mine, records = self.view.mine, self.view.records
+        leased = [p for p in mine if p not in records]
         if leased:
             log.error("lease lost: giving up %d partition(s) until registered again", len(leased))
             for part in leased:
@@ -144,8 +144,8 @@ class Ownership:
 
     def _owners_updated(self) -> None:
         # A key of ours that is gone (or now someone else's) is no longer ours, whatever we thought.
-        owners, mine, unleased = self.view.owners, self.view.mine, self.view.unleased
-        lost = [p for p, epoch in mine.items() if p not in unleased
+        owners, mine, records = self.view.owners, self.view.mine, self.view.records
+        lost = [p for p, epoch in mine.items() if p not in records
                 and ((o := owners.get(p)) is None or o.node != self.node_id or o.epoch != epoch)]
         gone = False
         for part in lost:
@@ -270,7 +270,7 @@ class Ownership:
                 continue
             async with self._lock:
                 await self._reconcile()
-            if not [p for p in self.view.mine if p not in self.view.unleased] and not self._stored_here():
+            if not [p for p in self.view.mine if p not in self.view.records] and not self._stored_here():
                 log.info("left the cluster: every partition handed over")
                 return
             if not [n for n in self.view.nodes if n != self.node_id]:

@@ -104,6 +104,12 @@ NEVER_HEARD = 0xFFFFFFFF
 HANDOFF_WAIT = 3.0
 
 
+def synced(node: str, part: PartitionLog, record: Record) -> bool:
+    """May ``node`` lead the partition (invariant 4): it is in the ISR and its log caught up with a leader's
+    commit offset once (the stored epoch is set then; a new or wiped disk has 0)."""
+    return node in record.isr and part.epoch > 0 and bool(part.epochs)
+
+
 class Progress:
     """What a leader knows of one follower of one partition."""
 
@@ -141,8 +147,8 @@ class Leader:
         #: The commit offset: everything below it is on every in-sync replica's disk.
         self.hw = hw
         self.followers: dict[str, Progress] = {}
-        #: (first offset, records) of recent commits, oldest first, for followers (BUFFER_BYTES at most).
-        self.buffer: collections.deque[tuple[int, list[bytes]]] = collections.deque()
+        #: (first offset, records, their bytes) of recent commits, oldest first, for followers (BUFFER_BYTES at most).
+        self.buffer: collections.deque[tuple[int, list[bytes], int]] = collections.deque()
         self.buffer_bytes = 0
         #: [offset, future] waiting for the commit offset to pass offset, in offset order.
         self.waiters: collections.deque[list[Any]] = collections.deque()
@@ -195,12 +201,12 @@ class Leader:
         for first, batches, _ in runs:
             offset = first
             for payloads in batches:
-                buffer.append((offset, payloads))
+                size = sum(map(len, payloads))
+                buffer.append((offset, payloads, size))
                 offset += len(payloads)
-                self.buffer_bytes += sum(map(len, payloads))
+                self.buffer_bytes += size
         while self.buffer_bytes > BUFFER_BYTES and len(buffer) > 1:
-            _, payloads = buffer.popleft()
-            self.buffer_bytes -= sum(map(len, payloads))
+            self.buffer_bytes -= buffer.popleft()[2]
         self.advance()
         self.replicator.wake_pump()
 
@@ -288,12 +294,12 @@ class Leader:
                     i -= 1
                 size = 0
                 while i < len(buffer) and size < CATCHUP_BYTES:
-                    first, payloads = buffer[i]
+                    first, payloads, nbytes = buffer[i]
                     skip = max(start - first, 0)
                     chunk = payloads[skip:] if skip else payloads
                     records.extend(chunk)
                     offsets.extend(range(first + skip, first + len(payloads)))
-                    size += sum(map(len, chunk))
+                    size += sum(map(len, chunk)) if skip else nbytes
                     i += 1
                 new_end = end if i >= len(buffer) or not offsets else offsets[-1] + 1
             else:
@@ -397,14 +403,14 @@ class Follower:
         self.replicator = replicator
         self.part = part
         self.key: Partition = (part.queue, part.index)
-        self.record = record
         self.leader = record.leader
         self.epoch = record.epoch
         self.subscribed = False
         #: The leader's commit offset, as last heard.
         self.leader_commit = 0
-        #: The leader's epoch history (pairs), from its answer to our subscribe.
+        #: The leader's epoch history (pairs), from its answer to our subscribe, and how many of them we took.
         self.history: list[tuple[int, int]] = []
+        self._adopted = 0
         #: Set while proposing itself: nothing from the old leader is acknowledged any more.
         self.candidate = False
         #: The leader said it does not lead the partition: treat it as silent.
@@ -412,7 +418,6 @@ class Follower:
         self.started = replicator.clock()
         #: Acks of messages not yet durable here (applied after the next commit).
         self.deferred_acks: list[int] = []
-        self.reported = -1
 
     def state(self, subscribe: bool = False) -> broker_pb2.FollowerState:
         part = self.part
@@ -512,13 +517,19 @@ class Follower:
         self.replicator.report_soon(self)
 
     def _adopt_history(self, force: bool = False) -> None:
-        part = self.part
-        end = part.next_offset
-        entries = [(e, s) for e, s in self.history if s < end or (s == end and (e, s) == self.history[-1])]
-        if force or entries != part.epochs and len(entries) >= len(part.epochs):
-            if entries != part.epochs:
+        """Take the leader's epochs that cover our log (its last one from the moment the log reaches its start);
+        ``force``: right after a truncation, replacing ours. Otherwise a look at one entry per data message."""
+        history, end = self.history, self.part.next_offset
+        count = 0 if force else self._adopted
+        last = len(history) - 1
+        while count <= last and (history[count][1] < end or count == last and history[count][1] == end):
+            count += 1
+        if force or count != self._adopted:
+            self._adopted = count
+            entries = history[:count]
+            if entries != self.part.epochs:
                 try:
-                    part.set_epochs(entries)
+                    self.part.set_epochs(entries)
                 except ValueError as exc:
                     log.error("partition %s/%d: cannot adopt the leader's epochs %r: %s", *self.key, entries, exc)
 
@@ -539,8 +550,7 @@ class Follower:
 
     def eligible(self, record: Record) -> bool:
         """May this node lead the partition (invariant 4)?"""
-        part = self.part
-        return self.replicator.node_id in record.isr and part.epoch > 0 and bool(part.epochs)
+        return synced(self.replicator.node_id, self.part, record)
 
 
 class FollowerSession:
@@ -672,6 +682,7 @@ class Replicator:
 
     def attach(self) -> None:
         self.manager.store.on_durable = self._durable
+        self.manager.store.on_acked = self._acked
         self.manager.replication = self
         self.view.on_owners.append(self.reconcile)
         self.view.on_definitions.append(self.reconcile)
@@ -769,12 +780,12 @@ class Replicator:
             if key in self._proposing or self.leaving:
                 return
             follower = self.followers.get(key)
-            epochs = part.epochs
-            synced = me in record.isr and part.epoch > 0 and bool(epochs)
-            if synced and record.epoch > epochs[-1][0]:
+            if not synced(me, part, record):
+                return  # (a log not synced, a wiped disk say, never leads: the others take over)
+            if record.epoch > part.epochs[-1][0]:
                 # A handoff named us at a new epoch: begin it (invariant 4).
                 self._become_leader(key, config, record, follower.leader_commit if follower else 0)
-            elif synced:
+            else:
                 # Ours before a restart (or a handoff back): lead again, at a new epoch.
                 self._propose(key, replace(record, epoch=self._next_epoch(key)), record)
             return
@@ -783,7 +794,6 @@ class Replicator:
             return
         follower = self.followers.get(key)
         if follower is not None and follower.leader == record.leader and follower.epoch >= record.epoch:
-            follower.record = record
             node = self.view.nodes.get(record.leader)
             link = self.links.get(record.leader)
             target = node.get("grpc") if node else None
@@ -846,7 +856,6 @@ class Replicator:
         leader = Leader(self, part, config, record, hw)
         self.leaders[key] = leader
         self.view.mine[key] = record.epoch
-        self.view.unleased.add(key)
         log.info("partition %s/%d led here from epoch %d (replicas %s, in sync %s)", key[0], key[1], record.epoch,
                  ",".join(record.replicas), ",".join(record.isr))
         leader.advance()
@@ -859,7 +868,6 @@ class Replicator:
         del self.leaders[key]
         if self.view.mine.get(key) == leader.epoch:
             del self.view.mine[key]
-        self.view.unleased.discard(key)
         leader.fail_waiters(NotOwner(f"partition {key[0]}/{key[1]} is no longer led here ({why})"))
         self.manager.take_back(*key)
         part = leader.part
@@ -927,24 +935,35 @@ class Replicator:
         if self.leaders.get(leader.key) is not leader or leader.closing or leader.changing:
             self._changed()
             return
-        leader.closing = True
-        self.view.mine.pop(leader.key, None)
-        self._changed()
-        deadline = self.clock() + HANDOFF_WAIT
-        while self.leaders.get(leader.key) is leader and self.clock() < deadline:
-            if self._handoff_target(leader, target) == target and not leader.changing:
-                record = leader.record
-                log.info("partition %s/%d: handing leadership to %s at epoch %d", *leader.key, target,
-                         record.epoch + 1)
-                await self._swap(leader.key, replace(record, leader=target, epoch=record.epoch + 1), record.revision,
-                                 leader)
-                break
-            await asyncio.sleep(0.005)
-        if self.leaders.get(leader.key) is leader and not self.leaving:
+        if not await self._move_leadership(leader, target, HANDOFF_WAIT) and self.leaders.get(leader.key) is leader \
+                and not self.leaving:
             # Not handed over (the target fell behind, or the swap failed): lead on.
             leader.closing = False
             self.view.mine[leader.key] = leader.epoch
             self._changed()
+
+    async def _move_leadership(self, leader: Leader, target: str | None, timeout: float) -> bool:
+        """Stop taking writes, wait (``timeout`` at most) until ``target`` (None: any in-sync follower) has
+        everything, then name it leader at epoch + 1 (leaving: with this node out of the ISR, if enough remain).
+        True once the swap is done."""
+        leader.closing = True
+        if self.view.mine.pop(leader.key, None) is not None:
+            self._changed()
+        deadline = self.clock() + timeout
+        while self.leaders.get(leader.key) is leader and self.clock() < deadline:
+            chosen = self._handoff_target(leader, target)
+            if chosen is not None and not leader.changing:
+                record = leader.record
+                isr = record.isr
+                if self.leaving and len(isr) - 1 >= record.min_insync(leader.config):
+                    isr = tuple(n for n in isr if n != self.node_id)
+                log.info("partition %s/%d: handing leadership to %s at epoch %d", *leader.key, chosen,
+                         record.epoch + 1)
+                await self._swap(leader.key, replace(record, leader=chosen, epoch=record.epoch + 1, isr=isr),
+                                 record.revision, leader)
+                return self.leaders.get(leader.key) is not leader
+            await asyncio.sleep(0.005)
+        return False
 
     # -- record changes (compare-and-swap) --------------------------------------------------------------------
 
@@ -1200,6 +1219,11 @@ class Replicator:
             if leader is not None and leader.part is part:
                 leader.durable(runs)
 
+    def _acked(self, part: PartitionLog, offsets: Iterable[int]) -> None:
+        leader = self.leaders.get((part.queue, part.index))
+        if leader is not None:
+            leader.acked(offsets)
+
     # -- the follower's reports -------------------------------------------------------------------------------
 
     def report_soon(self, follower: Follower) -> None:
@@ -1228,11 +1252,6 @@ class Replicator:
             raise NotOwner(f"partition {part.queue}/{part.index} is not led here")
         return leader.committed(offset, flush)
 
-    def acked(self, part: PartitionLog, offsets: Iterable[int]) -> None:
-        leader = self.leaders.get((part.queue, part.index))
-        if leader is not None:
-            leader.acked(offsets)
-
     def check(self, queue: str, partition: int, epoch: int) -> None:
         leader = self.leaders.get((queue, partition))
         if leader is None or leader.closing:
@@ -1240,47 +1259,22 @@ class Replicator:
         if leader.epoch != epoch:
             raise StaleEpoch(f"{queue}/{partition} is at epoch {leader.epoch} on {self.node_id}, not {epoch}")
 
-    def leads(self, key: Partition) -> bool:
-        leader = self.leaders.get(key)
-        return leader is not None and not leader.closing
-
     # -- leaving --------------------------------------------------------------------------------------------
 
     async def leave(self, timeout: float = HANDOFF_WAIT) -> None:
-        """Hand every partition led here to an in-sync follower (Kafka's controlled shutdown): stop taking
-        writes, wait (``timeout`` at most) until a follower has everything, then name it leader at epoch + 1."""
+        """Hand every partition led here to an in-sync follower (Kafka's controlled shutdown): stop dispatching
+        and let consumers ack (``_drain``), stop taking writes, wait (``timeout`` at most) until a follower has
+        everything, then name it leader at epoch + 1."""
         self.leaving = True
         leaders = list(self.leaders.values())
         if not leaders:
             return
         await self._drain(leaders)
-        for leader in leaders:
-            leader.closing = True
-            self.view.mine.pop(leader.key, None)
-        self._changed()
-        deadline = time.monotonic() + timeout
-        pending = {leader.key: leader for leader in leaders}
-        while pending and time.monotonic() < deadline:
-            for key, leader in list(pending.items()):
-                if self.leaders.get(key) is not leader:
-                    del pending[key]
-                    continue
-                target = self._handoff_target(leader)
-                if target is None or leader.changing:
-                    continue
-                record = leader.record
-                isr = tuple(n for n in record.isr if n != self.node_id)
-                if len(isr) < record.min_insync(leader.config):
-                    isr = record.isr
-                del pending[key]
-                log.info("partition %s/%d: handing leadership to %s at epoch %d", *key, target, record.epoch + 1)
-                await self._swap(key, replace(record, leader=target, epoch=record.epoch + 1, isr=isr),
-                                 record.revision, leader)
-            if pending:
-                await asyncio.sleep(0.01)
-        for key, leader in pending.items():
-            log.warning("partition %s/%d: no in-sync follower caught up within %.1f s; its followers take over "
-                        "when this node is gone", *key, timeout)
+        moved = await asyncio.gather(*(self._move_leadership(leader, None, timeout) for leader in leaders))
+        for leader, done in zip(leaders, moved):
+            if not done and self.leaders.get(leader.key) is leader:
+                log.warning("partition %s/%d: no in-sync follower caught up within %.1f s; its followers take "
+                            "over when this node is gone", *leader.key, timeout)
 
     def _handoff_target(self, leader: Leader, only: str | None = None) -> str | None:
         """An in-sync follower with everything this leader stored, committed (``only``: that one), or None."""
@@ -1293,10 +1287,3 @@ class Replicator:
                     and progress.durable >= end):
                 return node
         return None
-
-    # -- status ---------------------------------------------------------------------------------------------
-
-    def describe(self) -> dict[str, Any]:
-        return {f"{q}/{p}": {"role": "leader", "epoch": leader.epoch, "commit": leader.hw,
-                             "followers": {n: pr.durable for n, pr in leader.followers.items()}}
-                for (q, p), leader in self.leaders.items()}

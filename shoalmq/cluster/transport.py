@@ -131,6 +131,15 @@ class EnqueueServicer(broker_pb2_grpc.BrokerServicer):
             yield ack
 
 
+def status_of(error: ShoalError) -> int:
+    """How a refused batch is answered: NOT_OWNER and STALE_EPOCH are retried elsewhere, REFUSED is not."""
+    if isinstance(error, NotOwner):
+        return Status.NOT_OWNER
+    if isinstance(error, StaleEpoch):
+        return Status.STALE_EPOCH
+    return Status.REFUSED
+
+
 async def answer_batches(request_iterator: AsyncIterator[broker_pb2.EnqueueBatch],
                          store: Callable[[Sequence[RemoteRecords]], asyncio.Future[None]],
                          ) -> AsyncIterator[broker_pb2.EnqueueAck]:
@@ -154,12 +163,8 @@ async def answer_batches(request_iterator: AsyncIterator[broker_pb2.EnqueueBatch
                     continue
                 try:
                     pending.append((batch.batch_id, store(parts), Status.OK, ""))
-                except NotOwner as exc:
-                    pending.append((batch.batch_id, None, Status.NOT_OWNER, str(exc)))
-                except StaleEpoch as exc:
-                    pending.append((batch.batch_id, None, Status.STALE_EPOCH, str(exc)))
                 except ShoalError as exc:
-                    pending.append((batch.batch_id, None, Status.REFUSED, str(exc)))
+                    pending.append((batch.batch_id, None, status_of(exc), str(exc)))
                 except Exception as exc:  # a batch nobody checked for: refuse it, keep the stream (and log the bug)
                     log.exception("batch %d refused", batch.batch_id)
                     pending.append((batch.batch_id, None, Status.REFUSED, f"refused: {exc!r}"))
@@ -176,12 +181,8 @@ async def answer_batches(request_iterator: AsyncIterator[broker_pb2.EnqueueBatch
                 if future is not None:
                     try:
                         await future
-                    except NotOwner as exc:  # (a replicated partition's leader deposed before it committed)
-                        status, detail = Status.NOT_OWNER, str(exc)
-                    except StaleEpoch as exc:
-                        status, detail = Status.STALE_EPOCH, str(exc)
-                    except ShoalError as exc:
-                        status, detail = Status.REFUSED, str(exc)
+                    except ShoalError as exc:  # (NotOwner: a replicated leader deposed before it committed)
+                        status, detail = status_of(exc), str(exc)
                 stats.sent("enqueue_ack", 1)
                 yield broker_pb2.EnqueueAck(batch_id=batch_id, status=status, detail=detail)
             if done_reading:

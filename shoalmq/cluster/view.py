@@ -59,10 +59,9 @@ class ClusterView:
         #: (queue, partition) -> the highest epoch the view has shown (kept when the key goes).
         self.max_epoch: dict[Partition, int] = {}
         #: (queue, partition) -> epoch, for the partitions this node holds the key of and writes to (kept by
-        #: ``Ownership``: a partition is here only while this node may write it, lease permitting).
+        #: ``Ownership``: a partition is here only while this node may write it, lease permitting), or leads (kept
+        #: by ``Replicator``; those have a record, and are held without the lease: see ``held``).
         self.mine: dict[Partition, int] = {}
-        #: The partitions of ``mine`` held as a replicated partition's leader (``Replicator``), not on the lease.
-        self.unleased: set[Partition] = set()
         #: (queue, partition) -> the record of a replicated partition (leader, epoch, replicas, in-sync set).
         self.records: dict[Partition, Record] = {}
         #: Called after the definitions change.
@@ -75,6 +74,11 @@ class ClusterView:
     def nodes(self) -> dict[str, dict[str, Any]]:
         """Live nodes: node id -> what they registered (addresses, version, start time)."""
         return self.membership.nodes
+
+    def held(self, part: Partition, lease_valid: bool) -> bool:
+        """This node may write the partition now: it is in ``mine``, and either its lease is certainly alive or the
+        partition is replicated (its in-sync followers fence it, not the lease)."""
+        return part in self.mine and (lease_valid or part in self.records)
 
     def partition_key(self, part: Partition) -> bytes:
         return self.partitions_prefix + f"{part[0]}/{part[1]}".encode()

@@ -440,10 +440,7 @@ class QueueManager:
         resolves once they are durable (committed, for a replicated partition). For forwarded publishes that found
         this node their partition's owner."""
         part = self.queue(queue_name).partition(index)
-        flush = part.enqueue_many(records)
-        if part.replicated:
-            return self.replication.committed(part, part.last_offset, flush)
-        return flush
+        return self._committed(part, part.enqueue_many(records))
 
     def export(self, queue_name: str, index: int, max_count: int) -> list[Message]:
         """Take up to ``max_count`` ready messages of a partition out to move them to another node (a handoff, or
@@ -535,11 +532,15 @@ class QueueManager:
         cluster = self.cluster
         if cluster is None or cluster.writable(name, index):
             part = queue.partitions[index]
-            flush = part.enqueue_many(records)
-            if part.replicated:  # acknowledged once the in-sync replicas have it
-                return self.replication.committed(part, part.last_offset, flush)
-            return flush
+            return self._committed(part, part.enqueue_many(records))
         return cluster.forward(name, index, records)
+
+    def _committed(self, part: PartitionLog, flush: asyncio.Future[None]) -> asyncio.Future[None]:
+        """What a publish just appended to ``part`` waits for: its commit (``flush``), or for a replicated
+        partition, its commit on every in-sync replica."""
+        if part.replicated:
+            return self.replication.committed(part, part.last_offset, flush)
+        return flush
 
     def _check_topic(self, topic: str) -> tuple[str, str, bytes]:
         name, key = parse_queue_topic(topic)
@@ -631,7 +632,7 @@ class QueueManager:
             elif records:
                 flush = part.enqueue_many(records if type(records) is list else list(records))
                 if part.replicated:
-                    waits.append(self.replication.committed(part, part.last_offset, flush))
+                    waits.append(self._committed(part, flush))
         if waits:
             return _all_of(self._loop, waits)
         if flush is None:
@@ -748,8 +749,6 @@ class QueueManager:
             entry[1].append(delivery.message.offset)
         for part, (queue, offsets) in by_part.items():
             done += part.ack(offsets)
-            if part.replicated:
-                self.replication.acked(part, offsets)
         # The room freed in a consumer's window is for any of its queues (a window is shared by them): each is
         # dispatched, the one served longest ago first.
         queues = self._queues
@@ -865,8 +864,6 @@ class QueueManager:
                 for d in deliveries:
                     del state.inflight[d]
                     d.partition.ack((d.message.offset,))
-                    if d.partition.replicated:
-                        self.replication.acked(d.partition, (d.message.offset,))
             state.consumer.deliver(deliveries)
         if any(s.queues and len(s.inflight) < s.consumer.window for s in consumers):
             # Room left and maybe more on disk: continue on the next loop iteration.
@@ -924,8 +921,6 @@ class QueueManager:
         def settle(future: asyncio.Future[None]) -> None:
             if future.exception() is None:
                 part.ack((message.offset,))
-                if part.replicated:
-                    self.replication.acked(part, (message.offset,))
                 queue.dead_lettered += 1
                 log.warning("message %d of %s/%d moved to %s%s after %d delivery attempt(s) without an ack "
                             "(max_deliveries %d; last consumer: %s)", message.offset, queue.name, part.index,

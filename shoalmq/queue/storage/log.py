@@ -886,7 +886,10 @@ class PartitionLog:
         return out
 
     def ack(self, offsets: Iterable[int]) -> int:
-        """Remove in-flight messages for good; returns how many were in flight (others are ignored)."""
+        """Remove in-flight messages for good; returns how many were in flight (others are ignored). A replicated
+        partition's acks also go to ``Store.on_acked`` (its leader's followers apply them)."""
+        if self.replicated:
+            offsets = list(offsets)
         done = 0
         inflight, dirty, acked = self._inflight, self._dirty_segments, K.ACKED
         for offset in offsets:
@@ -900,6 +903,8 @@ class PartitionLog:
         if done:
             self._depth -= done
             self.store._mark_dirty(self)
+            if self.replicated and self.store.on_acked is not None:
+                self.store.on_acked(self, offsets)  # type: ignore[arg-type]
         return done
 
     def nack(self, offsets: Iterable[int], counted: bool = True) -> int:
@@ -1172,6 +1177,8 @@ class Store:
         #: (partition, runs) for each of them (``Runs``: its appends of the commit, as ``_on_committed`` got them):
         #: what a leader sends its followers. Called after the partitions made them readable.
         self.on_durable: Callable[[list[tuple[PartitionLog, Runs]]], None] | None = None
+        #: Called with (partition, offsets) when ``ack`` removes messages of a ``replicated`` partition.
+        self.on_acked: Callable[[PartitionLog, list[int]], None] | None = None
         self._queue_definitions: dict[str, dict] = {}
         self._pending_definitions: list[tuple[str, dict]] = []
         self.commits = 0
