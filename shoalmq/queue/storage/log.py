@@ -34,7 +34,7 @@ allowed: the skipped offsets are never used), with their delivery counts; ``adva
 ``epochs`` its epoch history ((epoch, start offset) pairs: ``begin_epoch``, ``set_epochs``, ``epoch_end`` to find
 where a follower diverged, cut by ``truncate``), stored in the partition's record; ``first_offset`` and
 ``read_messages`` are what a leader sends a follower catching up, and ``Store.on_durable`` hands it each commit's
-appends to its ``replicated`` partitions. A read limit, ``set_visible`` (a leader's replicated offset; 0 on a
+appends to its ``replicated`` partitions (``Store.on_acked``, their consumers' acks). A read limit, ``set_visible`` (a leader's replicated offset; 0 on a
 follower), keeps committed messages at or above it on disk, hidden: not loaded, not taken, not counted in ``ready``
 (a count of them keeps it O(1)); ``ack_stored`` applies a leader's acks to them on a follower, and ``reset_reads``
 drops the ring and the in-flight messages to read the partition over from disk (a leader demoted, a follower
