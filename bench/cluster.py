@@ -50,7 +50,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 STEPS = ("forwarded", "scale", "takeover")
 #: The kinds of gRPC stream messages counted by the nodes (``shoalmq.cluster.stats``), in hop order.
 KINDS = ("enqueue", "enqueue_ack", "route_deliveries", "route_acks", "route_nacks", "route_returns", "replicate",
-         "replicate_heartbeat", "replicate_progress")
+         "replicate_heartbeat", "replicate_progress", "link_frame")
 #: Seconds after the load before the load reports are read: a node rewrites its report at most every 2 s, from a
 #: reconcile (at least every 1 s), so a count that stopped changing is in etcd 3 s later at the latest.
 REPORT_SETTLE = 3.5

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING
 import grpc
 
 from shoalmq.cluster.routing import serve_route_stream
-from shoalmq.cluster.transport import answer_batches
-from shoalmq.proto import broker_pb2, broker_pb2_grpc
+from shoalmq.cluster.transport import LinkServicer, answer_batches
+from shoalmq.proto import broker_pb2
 
 if TYPE_CHECKING:
     from shoalmq.cluster.coordinator import Coordinator
     from shoalmq.queue.manager import QueueManager
 
 
-class NodeServicer(broker_pb2_grpc.BrokerServicer):
+class NodeServicer(LinkServicer):
     def __init__(self, manager: QueueManager, coordinator: Coordinator) -> None:
         self.manager = manager
         self.coordinator = coordinator

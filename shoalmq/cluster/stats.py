@@ -1,7 +1,8 @@
-"""Counts of the gRPC stream messages this node sent, and of the queue messages (records, acks) they carried, per
-kind: what a hop costs is per stream message (~100 µs at each end in grpc.aio), so records per stream message is
-the figure batching is judged by. Written with the load report (``/<cluster>/load/<node>``) and read by
-``bench/cluster.py``."""
+"""Counts of the stream messages this node sent, and of the queue messages (records, acks) they carried, per kind:
+what a hop costs is per gRPC message (~150 µs of CPU at each end in grpc.aio), so records per message is the figure
+batching is judged by. The kinds are the streams' messages (each a part of a link frame); ``link_frame`` counts
+the gRPC messages that carried them, with the parts per frame as its items. Written with the load report
+(``/<cluster>/load/<node>``) and read by ``bench/cluster.py``."""
 
 from __future__ import annotations
 

@@ -1,19 +1,28 @@
-"""The gRPC transport between nodes: forwarding publishes to the owner of their partitions, in batches.
+"""The gRPC transport between nodes: one link per peer, carrying forwarded publishes and every other stream.
 
-A unary gRPC call costs ~0.5 ms here whatever its size, so one message per call would cap forwarding at ~2,000
-msgs/s. Instead each peer gets one long-lived bidirectional stream (``PeerStream``, which route streams use too):
-``EnqueueClient.enqueue_records`` adds records to the batch of the current event-loop turn, the batch goes out as
-one stream message, and the owner answers each batch, in order, once all of it is durable. One future per batch,
-none per message. Channels are made in one place (``open_channel``), with the options in ``CHANNEL_OPTIONS``.
+A unary gRPC call costs ~0.5 ms here whatever its size, and a message on a grpc.aio stream ~150 us of CPU at each
+end (seven thread switches between gRPC's threads and the event loop), whatever it carries. So nothing between
+nodes goes one call or one message per queue message:
 
-The owner's side (``EnqueueServicer``) hands each batch to a ``RemoteEnqueueHandler`` (the queue side of the node),
-which checks ownership and epochs and returns the commit future the batch rides on.
+- Each stream (``PeerStream``: forwards, route streams, handoffs, replication) is a *channel* on the node's one
+  ``Link`` stream to that peer. What all channels to a peer send while the link is busy goes as one frame
+  (``Outbox``): under load, at most one gRPC message per loop turn in each direction, however many streams there
+  are, and a backlog costs one message, not one per item in it. The callee (``LinkServicer``) runs each channel's
+  stream handler as if it had its own gRPC stream, and sends their answers the same way.
+- ``EnqueueClient.enqueue_records`` adds records to the batch of the current event-loop turn; the batch goes out
+  as one stream message, and the owner answers each batch, in order, once all of it is durable. One future per
+  batch, none per message.
+
+Channels are made in one place (``open_channel``), with the options in ``CHANNEL_OPTIONS``. The owner's side
+(``EnqueueServicer``) hands each batch to a ``RemoteEnqueueHandler`` (the queue side of the node), which checks
+ownership and epochs and returns the commit future the batch rides on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -118,19 +127,6 @@ class RemoteEnqueueHandler(Protocol):
         ShoalError (queue full, too large, disk full) without storing any record after the refused one."""
 
 
-class EnqueueServicer(broker_pb2_grpc.BrokerServicer):
-    """The owner's end of ``EnqueueRemote``."""
-
-    def __init__(self, handler: RemoteEnqueueHandler) -> None:
-        self.handler = handler
-
-    async def EnqueueRemote(self, request_iterator: AsyncIterator[broker_pb2.EnqueueBatch],  # noqa: N802
-                            context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.EnqueueAck]:
-        """Answer every batch, in order, once it is durable (or with the reason it was refused)."""
-        async for ack in answer_batches(request_iterator, self.handler.enqueue_remote):
-            yield ack
-
-
 def status_of(error: ShoalError) -> int:
     """How a refused batch is answered: NOT_OWNER and STALE_EPOCH are retried elsewhere, REFUSED is not."""
     if isinstance(error, NotOwner):
@@ -193,97 +189,392 @@ async def answer_batches(request_iterator: AsyncIterator[broker_pb2.EnqueueBatch
         reader.cancel()
 
 
-class PeerStream:
-    """One bidirectional stream to a peer node: the one place streams are opened, fed and reopened.
+#: The stream RPCs a link carries: request and response message classes, by method name.
+STREAMS: dict[str, tuple[type[Any], type[Any]]] = {
+    "EnqueueRemote": (broker_pb2.EnqueueBatch, broker_pb2.EnqueueAck),
+    "TransferPartition": (broker_pb2.EnqueueBatch, broker_pb2.EnqueueAck),
+    "RouteQueueMessage": (broker_pb2.RouteRequest, broker_pb2.RouteDeliveries),
+    "Replicate": (broker_pb2.ReplicaRequest, broker_pb2.ReplicaData),
+}
 
-    ``send`` queues a request (opening the stream if none runs); each response goes to ``on_response``; when the
-    stream ends, for any reason, ``on_lost`` runs with a ``PeerGone`` saying why, and the stream opens again after
-    ``reconnect_delay`` seconds (None: at the next ``send``). Each attempt reads a request queue of its own: the
-    request generator of a broken stream may still be waiting on the old one, and would swallow what is meant for
-    the new stream; requests queued for a stream that broke are dropped with it. ``first`` gives the requests every
-    attempt starts with (a route stream's current credits).
+#: Bytes of parts one frame gathers at most (a part larger than that goes alone; the stream RPCs' own messages
+#: stay under ``grpc.max_send_message_length``).
+FRAME_BYTES = 16 << 20
+#: Bytes of answers a callee queues on one link before the channels producing them wait for the stream (what
+#: gRPC's flow control gave each stream before they shared one).
+LINK_BUFFER = 8 << 20
+
+_Part = tuple[int, str, bytes, bool, str]  # channel, method (first part only), body, end, error
+
+
+class Outbox:
+    """What one end of a link has to send: parts of any channel, gathered while the stream is busy and sent as
+    one frame each time it can take one (so at most one frame per event-loop turn under load)."""
+
+    def __init__(self) -> None:
+        self.parts: collections.deque[_Part] = collections.deque()
+        self.size = 0
+        self.closed = False
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+
+    @property
+    def full(self) -> bool:
+        return self.size > LINK_BUFFER
+
+    def put(self, part: _Part) -> None:
+        self.parts.append(part)
+        self.size += len(part[2])
+        if not self._wake.is_set():
+            self._wake.set()
+        if self.size > LINK_BUFFER:
+            self._space.clear()
+
+    async def room(self) -> None:
+        await self._space.wait()
+
+    def close(self) -> None:
+        """No more parts: the frames end once those queued are sent."""
+        self.closed = True
+        self._wake.set()
+        self._space.set()
+
+    async def frames(self) -> AsyncIterator[broker_pb2.LinkFrame]:
+        parts = self.parts
+        while True:
+            if not parts:
+                if self.closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            frame = broker_pb2.LinkFrame()
+            add = frame.parts.add
+            size = 0
+            count = 0
+            while parts and (count == 0 or size + len(parts[0][2]) <= FRAME_BYTES):
+                channel, method, body, end, error = parts.popleft()
+                add(channel=channel, method=method, body=body, end=end, error=error)
+                size += len(body)
+                count += 1
+            self.size -= size
+            if self.size <= LINK_BUFFER:
+                self._space.set()
+            stats.sent("link_frame", count)
+            yield frame
+
+
+class _Attempt:
+    """One gRPC ``Link`` call of a ``Link``: its outbox and the channels opened on it."""
+
+    def __init__(self) -> None:
+        self.outbox = Outbox()
+        self.channels: dict[int, PeerStream] = {}
+        self.over = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class Link:
+    """The caller's end of the link to one peer: every ``PeerStream`` to that peer is a channel on one gRPC
+    ``Link`` stream. The stream is opened with the first channel and again, after it broke, with the next one; when
+    it breaks, every channel on it breaks (each ``PeerStream`` then does what it would do for a broken stream of
+    its own). Shared through ``link_to`` and closed when its last user releases it."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.loop = asyncio.get_running_loop()
+        self._channel = open_channel(target)
+        self._call = broker_pb2_grpc.BrokerStub(self._channel).Link
+        self._ids = itertools.count(1)
+        self._attempt: _Attempt | None = None
+        self.users = 0
+        self.closed = False
+
+    def open(self, stream: PeerStream) -> tuple[_Attempt, int]:
+        """A new channel for ``stream`` on the current stream (opening one if none runs)."""
+        attempt = self._attempt
+        if attempt is None or attempt.over:
+            attempt = self._attempt = _Attempt()
+            attempt.task = asyncio.ensure_future(self._run(attempt))
+        channel = next(self._ids)
+        attempt.channels[channel] = stream
+        return attempt, channel
+
+    async def _run(self, attempt: _Attempt) -> None:
+        error: PeerGone | None = None
+        try:
+            async for frame in self._call(attempt.outbox.frames()):
+                channels = attempt.channels
+                for part in frame.parts:
+                    stream = channels.get(part.channel)
+                    if stream is None:
+                        continue
+                    if part.end:
+                        del channels[part.channel]
+                        stream._ended(PeerGone(f"stream to {self.target} failed: {part.error}" if part.error
+                                               else f"stream to {self.target} ended"))
+                        continue
+                    try:
+                        stream._response(part.body)
+                    except Exception:  # a malformed response or a bug: that channel starts over, not the link
+                        log.exception("%s stream to %s failed; starting a new one", stream.method, self.target)
+                        del channels[part.channel]
+                        attempt.outbox.put((part.channel, "", b"", True, ""))
+                        stream._ended(PeerGone(f"stream to {self.target} failed"))
+        except grpc.aio.AioRpcError as exc:
+            error = PeerGone(f"peer {self.target} unavailable: {exc.code().name}: {exc.details()}")
+        except asyncio.CancelledError:
+            error = PeerGone(f"link to {self.target} closed")
+            raise
+        except Exception:
+            log.exception("link to %s failed; starting a new one", self.target)
+            error = PeerGone(f"link to {self.target} failed")
+        else:
+            error = PeerGone(f"link to {self.target} ended")
+        finally:
+            attempt.over = True
+            attempt.outbox.close()
+            channels, attempt.channels = attempt.channels, {}
+            for stream in channels.values():
+                stream._ended(error or PeerGone(f"link to {self.target} closed"))
+
+    async def release(self) -> None:
+        """One user fewer; the last one ends the stream (what is queued is sent first, for up to 2 s) and closes
+        the channel."""
+        self.users -= 1
+        if self.users > 0:
+            return
+        self.closed = True
+        if _LINKS.get(self.target) is self:
+            del _LINKS[self.target]
+        attempt = self._attempt
+        if attempt is not None and attempt.task is not None:
+            attempt.outbox.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(attempt.task), 2)
+            except (TimeoutError, asyncio.CancelledError):
+                attempt.task.cancel()
+                await asyncio.gather(attempt.task, return_exceptions=True)
+        await self._channel.close()
+
+
+_LINKS: dict[str, Link] = {}
+
+
+def link_to(target: str) -> Link:
+    """The link to ``target`` of this event loop (a new one if none is open), with one more user."""
+    link = _LINKS.get(target)
+    if link is None or link.closed or link.loop is not asyncio.get_running_loop():
+        link = _LINKS[target] = Link(target)
+    link.users += 1
+    return link
+
+
+class PeerStream:
+    """One stream to a peer node, as a channel on the node's link to that peer (``Link``): the one place streams
+    are opened, fed and reopened.
+
+    ``send`` queues a request (opening the channel if none is open); each response goes to ``on_response``; when
+    the stream ends, for any reason, ``on_lost`` runs with a ``PeerGone`` saying why, and the stream opens again
+    after ``reconnect_delay`` seconds (None: at the next ``send``). Requests sent while it waits to open again are
+    dropped, as are those queued on a link that broke. ``first`` gives the requests every opening starts with (a
+    route stream's current credits).
     """
 
     def __init__(self, target: str, method: str, on_response: Callable[[Any], None],
                  on_lost: Callable[[PeerGone], None], *, reconnect_delay: float | None = None,
                  first: Callable[[], list[Any]] | None = None) -> None:
         self.target = target
-        self._channel = open_channel(target)
-        self._call = getattr(broker_pb2_grpc.BrokerStub(self._channel), method)
+        self.method = method
+        self._parse = STREAMS[method][1].FromString
+        self._link = link_to(target)
         self._on_response = on_response
         self._on_lost = on_lost
         self._reconnect_delay = reconnect_delay
         self._first = first
-        self._outgoing: asyncio.Queue[Any] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._attempt: _Attempt | None = None
+        self._channel = 0
+        self._named = False
+        self._reopen: asyncio.TimerHandle | None = None
+        self._ended_waiter: asyncio.Future[None] | None = None
         self._closed = False
-        #: True while an attempt runs (from its start: gRPC connects lazily).
+        #: True while the channel is open (from its start: gRPC connects lazily).
         self.connected = False
 
     def start(self) -> None:
-        if not self._closed and (self._task is None or self._task.done()):
-            self._outgoing = asyncio.Queue()
-            self._task = asyncio.ensure_future(self._run())
+        if self._closed or self.connected or self._reopen is not None:
+            return
+        self._attempt, self._channel = self._link.open(self)
+        self._named = False
+        self.connected = True
+        for request in self._first() if self._first is not None else ():
+            self._put(request)
 
     def send(self, request: Any) -> None:
         self.start()
-        self._outgoing.put_nowait(request)
+        if self.connected:
+            self._put(request)
 
-    async def _requests(self, outgoing: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-        for request in self._first() if self._first is not None else ():
-            yield request
-        while True:
-            request = await outgoing.get()
-            if request is None:
-                return
-            yield request
+    def _put(self, request: Any) -> None:
+        assert self._attempt is not None
+        if self._named:
+            self._attempt.outbox.put((self._channel, "", request.SerializeToString(), False, ""))
+        else:
+            self._named = True
+            self._attempt.outbox.put((self._channel, self.method, request.SerializeToString(), False, ""))
 
-    async def _run(self) -> None:
-        while True:
-            error: PeerGone
-            self.connected = True
-            try:
-                async for response in self._call(self._requests(self._outgoing)):
-                    self._on_response(response)
-            except grpc.aio.AioRpcError as exc:
-                error = PeerGone(f"peer {self.target} unavailable: {exc.code().name}: {exc.details()}")
-            except asyncio.CancelledError:
-                self._lost(PeerGone(f"stream to {self.target} closed"))
-                raise
-            except Exception:  # a malformed response or a bug: start over with a new stream
-                log.exception("stream to %s failed; starting a new one", self.target)
-                error = PeerGone(f"stream to {self.target} failed")
-            else:
-                error = PeerGone(f"stream to {self.target} ended")
-            self._lost(error)
-            if self._closed or self._reconnect_delay is None:
-                return
-            await asyncio.sleep(self._reconnect_delay)
-            if self._closed:
-                return
-            self._outgoing = asyncio.Queue()
+    def _response(self, body: bytes) -> None:
+        self._on_response(self._parse(body))
 
-    def _lost(self, error: PeerGone) -> None:
+    def _ended(self, error: PeerGone) -> None:
+        """The channel ended (the callee ended it, or the link broke)."""
         self.connected = False
-        outgoing = self._outgoing
-        while not outgoing.empty():
-            outgoing.get_nowait()
-        # End the broken attempt's request generator: gRPC's task that consumes it would otherwise wait on this
-        # queue for good (and be destroyed pending, with an error in the log).
-        outgoing.put_nowait(None)
+        self._attempt = None
+        waiter = self._ended_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self._on_lost(error)
+        if self._closed or self._reconnect_delay is None:
+            return
+        self._reopen = self._link.loop.call_later(self._reconnect_delay, self._open_again)
+
+    def _open_again(self) -> None:
+        self._reopen = None
+        self.start()
 
     async def close(self) -> None:
-        """End the stream (its requests queued so far are sent first, for up to 2 s), then the channel."""
+        """End the stream (its requests queued so far are sent first, and the answers waited for, for up to 2 s),
+        then give up this stream's share of the link."""
+        if self._closed:
+            return
         self._closed = True
-        self._outgoing.put_nowait(None)
-        if self._task is not None:
+        if self._reopen is not None:
+            self._reopen.cancel()
+            self._reopen = None
+        attempt = self._attempt
+        if self.connected and attempt is not None:
+            if self._named:
+                self._ended_waiter = self._link.loop.create_future()
+                attempt.outbox.put((self._channel, "", b"", True, ""))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ended_waiter, 2)
+            if self.connected:  # (never named, or no answer in time: the callee's end is gone with the link)
+                attempt.channels.pop(self._channel, None)
+                self._ended(PeerGone(f"stream to {self.target} closed"))
+        await self._link.release()
+
+
+class _ChannelContext:
+    """What a stream handler sees of its call when it runs as a channel of a link."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    def peer(self) -> str:
+        return self._context.peer()
+
+
+class LinkServicer(broker_pb2_grpc.BrokerServicer):
+    """Serves ``Link``: each channel a caller opens runs the stream RPC it names (this servicer's method of that
+    name) on the channel's requests, and what the method yields goes back on the channel, all channels' answers of
+    a loop turn in one frame. When the caller's side ends, every channel's requests end; when the link breaks,
+    every channel's handler is cancelled, as gRPC cancels the handler of a broken stream."""
+
+    async def Link(self, request_iterator: AsyncIterator[broker_pb2.LinkFrame],  # noqa: N802
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.LinkFrame]:
+        outbox = Outbox()
+        channels: dict[int, tuple[asyncio.Queue[Any], Callable[[bytes], Any]]] = {}
+        tasks: set[asyncio.Task[None]] = set()
+        refused: dict[int, str] = {}  # channel -> why its requests were cut short
+        reading = True
+        channel_context = _ChannelContext(context)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not reading and not tasks:
+                outbox.close()
+
+        async def requests(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+            while True:
+                request = await queue.get()
+                if request is None:
+                    return
+                yield request
+
+        async def serve(channel: int, method: str, queue: asyncio.Queue[Any]) -> None:
+            error = ""
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), 2)
-            except (TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
-        await self._channel.close()
+                async for response in getattr(self, method)(requests(queue), channel_context):
+                    if outbox.full:
+                        await outbox.room()
+                    outbox.put((channel, "", response.SerializeToString(), False, ""))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("%s channel of a link failed", method)
+                error = f"{type(exc).__name__}: {exc}"
+            channels.pop(channel, None)
+            outbox.put((channel, "", b"", True, refused.pop(channel, error)))
+
+        def receive(part: broker_pb2.LinkPart) -> None:
+            entry = channels.get(part.channel)
+            if entry is None:
+                if not part.method:
+                    return  # a channel already ended (or never opened): nothing to do
+                if part.method not in STREAMS:
+                    outbox.put((part.channel, "", b"", True, f"unknown stream {part.method!r}"))
+                    return
+                queue: asyncio.Queue[Any] = asyncio.Queue()
+                entry = channels[part.channel] = (queue, STREAMS[part.method][0].FromString)
+                task = asyncio.ensure_future(serve(part.channel, part.method, queue))
+                tasks.add(task)
+                task.add_done_callback(finished)
+            queue, parse = entry
+            if part.end:
+                queue.put_nowait(None)
+                return
+            try:
+                queue.put_nowait(parse(part.body))
+            except Exception as exc:  # (protobuf's DecodeError) a malformed request: that channel ends
+                channels.pop(part.channel, None)
+                refused[part.channel] = f"malformed request: {exc}"
+                queue.put_nowait(None)
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for frame in request_iterator:
+                    for part in frame.parts:
+                        receive(part)
+            finally:
+                reading = False
+                for queue, _ in channels.values():
+                    queue.put_nowait(None)
+                if not tasks:
+                    outbox.close()
+
+        reader = asyncio.ensure_future(read())
+        try:
+            async for frame in outbox.frames():
+                yield frame
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+
+class EnqueueServicer(LinkServicer):
+    """The owner's end of ``EnqueueRemote``."""
+
+    def __init__(self, handler: RemoteEnqueueHandler) -> None:
+        self.handler = handler
+
+    async def EnqueueRemote(self, request_iterator: AsyncIterator[broker_pb2.EnqueueBatch],  # noqa: N802
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.EnqueueAck]:
+        """Answer every batch, in order, once it is durable (or with the reason it was refused)."""
+        async for ack in answer_batches(request_iterator, self.handler.enqueue_remote):
+            yield ack
 
 
 class EnqueueClient:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x62roker.proto\x12\nshoalmq.v1\"\x92\x01\n\x10PartitionRecords\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07records\x18\x04 \x01(\x0c\x12\x13\n\x07offsets\x18\x05 \x03(\x04\x42\x02\x10\x01\x12\x12\n\ndeliveries\x18\x06 \x01(\x0c\x12\x13\n\x0bnext_offset\x18\x07 \x01(\x04\"R\n\x0c\x45nqueueBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x30\n\npartitions\x18\x02 \x03(\x0b\x32\x1c.shoalmq.v1.PartitionRecords\"\x9c\x01\n\nEnqueueAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.shoalmq.v1.EnqueueAck.Status\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"=\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\r\n\tNOT_OWNER\x10\x01\x12\x0f\n\x0bSTALE_EPOCH\x10\x02\x12\x0b\n\x07REFUSED\x10\x03\"\xb5\x01\n\x0cRouteRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06\x63redit\x18\x02 \x01(\x05\x12*\n\x04\x61\x63ks\x18\x03 \x03(\x0b\x32\x1c.shoalmq.v1.PartitionOffsets\x12+\n\x05nacks\x18\x04 \x03(\x0b\x32\x1c.shoalmq.v1.PartitionOffsets\x12-\n\x07returns\x18\x05 \x03(\x0b\x32\x1c.shoalmq.v1.PartitionOffsets\"I\n\x10PartitionOffsets\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x07offsets\x18\x03 \x03(\x04\x42\x02\x10\x01\"\x8e\x01\n\x0fRouteDeliveries\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07records\x18\x04 \x01(\x0c\x12\x13\n\x07offsets\x18\x05 \x03(\x04\x42\x02\x10\x01\x12\x12\n\ndeliveries\x18\x06 \x01(\x0c\x12\x10\n\x08returned\x18\x07 \x01(\x0c\"M\n\x0eReplicaRequest\x12-\n\npartitions\x18\x01 \x03(\x0b\x32\x19.shoalmq.v1.FollowerState\x12\x0c\n\x04node\x18\x02 \x01(\t\"\x93\x01\n\rFollowerState\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tsubscribe\x18\x04 \x01(\x08\x12\x12\n\nlast_epoch\x18\x05 \x01(\x04\x12\x12\n\nend_offset\x18\x06 \x01(\x04\x12\x16\n\x0e\x64urable_offset\x18\x07 \x01(\x04\"<\n\x0bReplicaData\x12-\n\npartitions\x18\x01 \x03(\x0b\x32\x19.shoalmq.v1.PartitionData\"\xa1\x02\n\rPartitionData\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x30\n\x06status\x18\x04 \x01(\x0e\x32 .shoalmq.v1.PartitionData.Status\x12\x13\n\x0bhas_history\x18\x05 \x01(\x08\x12\x13\n\x07history\x18\x06 \x03(\x04\x42\x02\x10\x01\x12\x0f\n\x07records\x18\x07 \x01(\x0c\x12\x13\n\x07offsets\x18\x08 \x03(\x04\x42\x02\x10\x01\x12\x12\n\nend_offset\x18\t \x01(\x04\x12\x15\n\rcommit_offset\x18\n \x01(\x04\x12\x10\n\x04\x61\x63ks\x18\x0b \x03(\x04\x42\x02\x10\x01\" \n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x0e\n\nNOT_LEADER\x10\x01\"=\n\x0bLeaderProbe\x12.\n\npartitions\x18\x01 \x03(\x0b\x32\x1a.shoalmq.v1.PartitionProbe\"c\n\x0ePartitionProbe\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x10\n\x08heard_ms\x18\x05 \x01(\r2\xf2\x02\n\x06\x42roker\x12\x45\n\rEnqueueRemote\x12\x18.shoalmq.v1.EnqueueBatch\x1a\x16.shoalmq.v1.EnqueueAck(\x01\x30\x01\x12N\n\x11RouteQueueMessage\x12\x18.shoalmq.v1.RouteRequest\x1a\x1b.shoalmq.v1.RouteDeliveries(\x01\x30\x01\x12I\n\x11TransferPartition\x12\x18.shoalmq.v1.EnqueueBatch\x1a\x16.shoalmq.v1.EnqueueAck(\x01\x30\x01\x12\x44\n\tReplicate\x12\x1a.shoalmq.v1.ReplicaRequest\x1a\x17.shoalmq.v1.ReplicaData(\x01\x30\x01\x12@\n\x0cProbeLeaders\x12\x17.shoalmq.v1.LeaderProbe\x1a\x17.shoalmq.v1.LeaderProbeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x62roker.proto\x12\nshoalmq.v1\"0\n\tLinkFrame\x12#\n\x05parts\x18\x01 \x03(\x0b\x32\x14.shoalmq.v1.LinkPart\"U\n\x08LinkPart\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x92\x01\n\x10PartitionRecords\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07records\x18\x04 \x01(\x0c\x12\x13\n\x07offsets\x18\x05 \x03(\x04\x42\x02\x10\x01\x12\x12\n\ndeliveries\x18\x06 \x01(\x0c\x12\x13\n\x0bnext_offset\x18\x07 \x01(\x04\"R\n\x0c\x45nqueueBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x30\n\npartitions\x18\x02 \x03(\x0b\x32\x1c.shoalmq.v1.PartitionRecords\"\x9c\x01\n\nEnqueueAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.shoalmq.v1.EnqueueAck.Status\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"=\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\r\n\tNOT_OWNER\x10\x01\x12\x0f\n\x0bSTALE_EPOCH\x10\x02\x12\x0b\n\x07REFUSED\x10\x03\"\xb5\x01\n\x0cRouteRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0e\n\x06\x63redit\x18\x02 \x01(\x05\x12*\n\x04\x61\x63ks\x18\x03 \x03(\x0b\x32\x1c.shoalmq.v1.PartitionOffsets\x12+\n\x05nacks\x18\x04 \x03(\x0b\x32\x1c.shoalmq.v1.PartitionOffsets\x12-\n\x07returns\x18\x05 \x03(\x0b\x32\x1c.shoalmq.v1.PartitionOffsets\"I\n\x10PartitionOffsets\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x07offsets\x18\x03 \x03(\x04\x42\x02\x10\x01\"\x8e\x01\n\x0fRouteDeliveries\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07records\x18\x04 \x01(\x0c\x12\x13\n\x07offsets\x18\x05 \x03(\x04\x42\x02\x10\x01\x12\x12\n\ndeliveries\x18\x06 \x01(\x0c\x12\x10\n\x08returned\x18\x07 \x01(\x0c\"M\n\x0eReplicaRequest\x12-\n\npartitions\x18\x01 \x03(\x0b\x32\x19.shoalmq.v1.FollowerState\x12\x0c\n\x04node\x18\x02 \x01(\t\"\x93\x01\n\rFollowerState\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tsubscribe\x18\x04 \x01(\x08\x12\x12\n\nlast_epoch\x18\x05 \x01(\x04\x12\x12\n\nend_offset\x18\x06 \x01(\x04\x12\x16\n\x0e\x64urable_offset\x18\x07 \x01(\x04\"<\n\x0bReplicaData\x12-\n\npartitions\x18\x01 \x03(\x0b\x32\x19.shoalmq.v1.PartitionData\"\xa1\x02\n\rPartitionData\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x30\n\x06status\x18\x04 \x01(\x0e\x32 .shoalmq.v1.PartitionData.Status\x12\x13\n\x0bhas_history\x18\x05 \x01(\x08\x12\x13\n\x07history\x18\x06 \x03(\x04\x42\x02\x10\x01\x12\x0f\n\x07records\x18\x07 \x01(\x0c\x12\x13\n\x07offsets\x18\x08 \x03(\x04\x42\x02\x10\x01\x12\x12\n\nend_offset\x18\t \x01(\x04\x12\x15\n\rcommit_offset\x18\n \x01(\x04\x12\x10\n\x04\x61\x63ks\x18\x0b \x03(\x04\x42\x02\x10\x01\" \n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x0e\n\nNOT_LEADER\x10\x01\"=\n\x0bLeaderProbe\x12.\n\npartitions\x18\x01 \x03(\x0b\x32\x1a.shoalmq.v1.PartitionProbe\"c\n\x0ePartitionProbe\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x10\n\x08heard_ms\x18\x05 \x01(\r2\xac\x03\n\x06\x42roker\x12\x45\n\rEnqueueRemote\x12\x18.shoalmq.v1.EnqueueBatch\x1a\x16.shoalmq.v1.EnqueueAck(\x01\x30\x01\x12N\n\x11RouteQueueMessage\x12\x18.shoalmq.v1.RouteRequest\x1a\x1b.shoalmq.v1.RouteDeliveries(\x01\x30\x01\x12I\n\x11TransferPartition\x12\x18.shoalmq.v1.EnqueueBatch\x1a\x16.shoalmq.v1.EnqueueAck(\x01\x30\x01\x12\x44\n\tReplicate\x12\x1a.shoalmq.v1.ReplicaRequest\x1a\x17.shoalmq.v1.ReplicaData(\x01\x30\x01\x12@\n\x0cProbeLeaders\x12\x17.shoalmq.v1.LeaderProbe\x1a\x17.shoalmq.v1.LeaderProbe\x12\x38\n\x04Link\x12\x15.shoalmq.v1.LinkFrame\x1a\x15.shoalmq.v1.LinkFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,34 +43,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTITIONDATA'].fields_by_name['offsets']._serialized_options = b'\020\001'
   _globals['_PARTITIONDATA'].fields_by_name['acks']._loaded_options = None
   _globals['_PARTITIONDATA'].fields_by_name['acks']._serialized_options = b'\020\001'
-  _globals['_PARTITIONRECORDS']._serialized_start=29
-  _globals['_PARTITIONRECORDS']._serialized_end=175
-  _globals['_ENQUEUEBATCH']._serialized_start=177
-  _globals['_ENQUEUEBATCH']._serialized_end=259
-  _globals['_ENQUEUEACK']._serialized_start=262
-  _globals['_ENQUEUEACK']._serialized_end=418
-  _globals['_ENQUEUEACK_STATUS']._serialized_start=357
-  _globals['_ENQUEUEACK_STATUS']._serialized_end=418
-  _globals['_ROUTEREQUEST']._serialized_start=421
-  _globals['_ROUTEREQUEST']._serialized_end=602
-  _globals['_PARTITIONOFFSETS']._serialized_start=604
-  _globals['_PARTITIONOFFSETS']._serialized_end=677
-  _globals['_ROUTEDELIVERIES']._serialized_start=680
-  _globals['_ROUTEDELIVERIES']._serialized_end=822
-  _globals['_REPLICAREQUEST']._serialized_start=824
-  _globals['_REPLICAREQUEST']._serialized_end=901
-  _globals['_FOLLOWERSTATE']._serialized_start=904
-  _globals['_FOLLOWERSTATE']._serialized_end=1051
-  _globals['_REPLICADATA']._serialized_start=1053
-  _globals['_REPLICADATA']._serialized_end=1113
-  _globals['_PARTITIONDATA']._serialized_start=1116
-  _globals['_PARTITIONDATA']._serialized_end=1405
-  _globals['_PARTITIONDATA_STATUS']._serialized_start=1373
-  _globals['_PARTITIONDATA_STATUS']._serialized_end=1405
-  _globals['_LEADERPROBE']._serialized_start=1407
-  _globals['_LEADERPROBE']._serialized_end=1468
-  _globals['_PARTITIONPROBE']._serialized_start=1470
-  _globals['_PARTITIONPROBE']._serialized_end=1569
-  _globals['_BROKER']._serialized_start=1572
-  _globals['_BROKER']._serialized_end=1942
+  _globals['_LINKFRAME']._serialized_start=28
+  _globals['_LINKFRAME']._serialized_end=76
+  _globals['_LINKPART']._serialized_start=78
+  _globals['_LINKPART']._serialized_end=163
+  _globals['_PARTITIONRECORDS']._serialized_start=166
+  _globals['_PARTITIONRECORDS']._serialized_end=312
+  _globals['_ENQUEUEBATCH']._serialized_start=314
+  _globals['_ENQUEUEBATCH']._serialized_end=396
+  _globals['_ENQUEUEACK']._serialized_start=399
+  _globals['_ENQUEUEACK']._serialized_end=555
+  _globals['_ENQUEUEACK_STATUS']._serialized_start=494
+  _globals['_ENQUEUEACK_STATUS']._serialized_end=555
+  _globals['_ROUTEREQUEST']._serialized_start=558
+  _globals['_ROUTEREQUEST']._serialized_end=739
+  _globals['_PARTITIONOFFSETS']._serialized_start=741
+  _globals['_PARTITIONOFFSETS']._serialized_end=814
+  _globals['_ROUTEDELIVERIES']._serialized_start=817
+  _globals['_ROUTEDELIVERIES']._serialized_end=959
+  _globals['_REPLICAREQUEST']._serialized_start=961
+  _globals['_REPLICAREQUEST']._serialized_end=1038
+  _globals['_FOLLOWERSTATE']._serialized_start=1041
+  _globals['_FOLLOWERSTATE']._serialized_end=1188
+  _globals['_REPLICADATA']._serialized_start=1190
+  _globals['_REPLICADATA']._serialized_end=1250
+  _globals['_PARTITIONDATA']._serialized_start=1253
+  _globals['_PARTITIONDATA']._serialized_end=1542
+  _globals['_PARTITIONDATA_STATUS']._serialized_start=1510
+  _globals['_PARTITIONDATA_STATUS']._serialized_end=1542
+  _globals['_LEADERPROBE']._serialized_start=1544
+  _globals['_LEADERPROBE']._serialized_end=1605
+  _globals['_PARTITIONPROBE']._serialized_start=1607
+  _globals['_PARTITIONPROBE']._serialized_end=1706
+  _globals['_BROKER']._serialized_start=1709
+  _globals['_BROKER']._serialized_end=2137
 # @@protoc_insertion_point(module_scope)

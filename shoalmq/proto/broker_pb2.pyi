@@ -7,6 +7,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LinkFrame(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[LinkPart]
+    def __init__(self, parts: _Optional[_Iterable[_Union[LinkPart, _Mapping]]] = ...) -> None: ...
+
+class LinkPart(_message.Message):
+    __slots__ = ("channel", "method", "body", "end", "error")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    channel: int
+    method: str
+    body: bytes
+    end: bool
+    error: str
+    def __init__(self, channel: _Optional[int] = ..., method: _Optional[str] = ..., body: _Optional[bytes] = ..., end: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
 class PartitionRecords(_message.Message):
     __slots__ = ("queue", "partition", "epoch", "records", "offsets", "deliveries", "next_offset")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
