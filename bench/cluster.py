@@ -9,14 +9,14 @@
    over the three nodes, so two thirds of each tool's messages are forwarded and proxied), then the same on three
    nodes with every queue replicated (``replication_factor: 3``: each partition's leader copies every message to
    two followers before it acknowledges it). Per row: throughput, CPU per 100,000 messages summed over all the
-   brokers, the ratio to the one-node row, and the gRPC stream messages of each kind (from the nodes' load
-   reports, ``grpc_stream_messages``) per queue message delivered.
+   brokers, the ratio to the one-node row, and the stream messages of each kind (from the nodes' load reports,
+   ``grpc_stream_messages``) per queue message delivered, with the gRPC messages (link frames) that carried them.
 3. **Takeover** (step ``takeover``). SIGKILL a node of three; a publish (through a survivor) to a key of one of its
    partitions is timed from the kill to its PUBACK. The target is the lease TTL + 1 s (replication factor 1: the
    partition waits for the dead owner's lease; ``python -m bench.replication`` measures the replicated failover).
 
 Every broker runs with fsync durability, real etcd (Debian's), on this machine's loopback. ``--steps`` runs only
-some of the steps (e.g. ``--steps scale,takeover``).
+some of the steps (e.g. ``--steps scale,takeover``); ``--window`` sets the publishers' window of the scale step (64).
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def local_vs_forwarded(work: Path, messages: int) -> list[dict[str, Any]]:
     return rows
 
 
-def one_vs_three(work: Path, messages: int) -> list[dict[str, Any]]:
+def one_vs_three(work: Path, messages: int, window: int = 64) -> list[dict[str, Any]]:
     rows = []
     for label, names, replication in (("1 node", ["n1"], 1), ("3 nodes, R=1", ["n1", "n2", "n3"], 1),
                                       ("3 nodes, R=3", ["n1", "n2", "n3"], 3)):
@@ -292,7 +292,7 @@ def one_vs_three(work: Path, messages: int) -> list[dict[str, Any]]:
                         procs.append((work / f"{tag}.json", err, subprocess.Popen(
                             [sys.executable, "-m", "bench.loadtool", "--port", str(cluster.nodes[name].port),
                              "--messages", str(share), "--publishers", "1", "--consumers", "1",
-                             "--topic", f"$queue/{queues[index]}",
+                             "--topic", f"$queue/{queues[index]}", "--window", str(window),
                              "--client-prefix", f"s{len(names)}r{replication}-{index}",
                              "--json", str(work / f"{tag}.json")],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)))
@@ -375,9 +375,14 @@ def print_grpc(row: dict[str, Any]) -> None:
         messages, items = grpc[kind]
         if not messages:
             continue
-        line = (f"      {kind:<19} {messages:>8,} stream msgs carrying {items:>9,}: "
-                f"{messages / delivered:.4f} per queue message delivered, "
-                f"{items / messages:.1f} queue messages per stream message")
+        if kind == "link_frame":  # the gRPC messages themselves, their items the stream messages they carried
+            line = (f"      {'gRPC (link frames)':<19} {messages:>8,} messages carrying {items:>9,} stream msgs: "
+                    f"{messages / delivered:.4f} per queue message delivered, "
+                    f"{items / messages:.1f} stream messages per gRPC message")
+        else:
+            line = (f"      {kind:<19} {messages:>8,} stream msgs carrying {items:>9,}: "
+                    f"{messages / delivered:.4f} per queue message delivered, "
+                    f"{items / messages:.1f} queue messages per stream message")
         rate = row["idle_per_node_s"].get(kind, 0.0)
         if rate:
             idle = rate * row["idle_s"]
@@ -404,6 +409,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", default=",".join(STEPS),
                         help=f"comma-separated steps to run, of {', '.join(STEPS)} (default: all)")
+    parser.add_argument("--window", type=int, default=64,
+                        help="PUBLISHes each load tool's publisher keeps in flight in the scale step (default: 64)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write every row as JSON to PATH")
     args = parser.parse_args()
     interrupt_on_signals()
@@ -424,10 +431,10 @@ def main() -> None:
             print(f"  forwarded / local CPU per message: {statistics.median(ratios):.2f}x "
                   f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
         if "scale" in steps:
-            scale = [one_vs_three(work / f"sc{i}", args.messages) for i in range(args.rounds)]
+            scale = [one_vs_three(work / f"sc{i}", args.messages, args.window) for i in range(args.rounds)]
             report["scale"] = scale
-            print("\n2. one node vs three (same total load; one load tool per node; queues of 6 partitions; "
-                  "CPU summed over all the brokers; median of rounds)")
+            print(f"\n2. one node vs three (same total load; one load tool per node, window {args.window}; queues of 6 "
+                  "partitions; CPU summed over all the brokers; median of rounds)")
             base_cpu = statistics.median(r[0]["cpu_s_per_100k"] for r in scale)
             base_rate = statistics.median(r[0]["wall_msgs_per_s"] for r in scale)
             for index in range(len(scale[0])):
