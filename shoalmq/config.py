@@ -306,4 +306,41 @@ def build_config(file_values: Mapping[str, Any] | None = None,
                             for name, queue in values.get("queues", {}).items()}
     except ConfigError as exc:
         raise ConfigError(f"--replication-factor: {exc}") from None
+    _fit_payloads(values, file_values)
     return Config(**values)
+
+
+def publish_size(topic: str, payload: int) -> int:
+    """Bytes of a QoS 1 PUBLISH of ``payload`` bytes to ``topic``, fixed header included."""
+    remaining = 2 + len(topic.encode()) + 2 + payload
+    return 1 + max(1, (remaining.bit_length() + 6) // 7) + remaining
+
+
+def _fit_payloads(values: dict[str, Any], file_values: Mapping[str, Any]) -> None:
+    """A queue's ``max_payload`` must fit in a packet, or a publish the queue would take is refused as an oversize
+    packet before the queue sees it. One set in the file that does not fit is refused; the default one (256 KiB)
+    is lowered to what ``max_packet_size`` allows."""
+    limit = values.get("max_packet_size", Config.max_packet_size)
+    declared = file_values.get("queues") if isinstance(file_values.get("queues"), Mapping) else {}
+    defaults_raw = file_values.get("queue_defaults")
+    checks = [("queue_defaults", "$queue/q", values.get("queue_defaults", QueueConfig()),  # (the shortest topic)
+               isinstance(defaults_raw, Mapping) and "max_payload" in defaults_raw)]
+    checks += [(f"queue {name!r}", f"$queue/{name}", queue,
+                isinstance(declared.get(name), Mapping) and "max_payload" in declared[name])
+               for name, queue in values.get("queues", {}).items()]
+    for what, topic, queue, explicit in checks:
+        size = publish_size(topic, queue.max_payload)
+        if size <= limit:
+            continue
+        if explicit:
+            raise ConfigError(f"{what}: max_payload {queue.max_payload:,} does not fit in max_packet_size {limit:,} "
+                              f"(a PUBLISH to {topic} carries at least {size - queue.max_payload} bytes more): raise "
+                              "max_packet_size or lower max_payload")
+        payload = max(limit - (size - queue.max_payload), 0)
+        while payload and publish_size(topic, payload) > limit:
+            payload -= 1
+        fitted = dataclasses.replace(queue, max_payload=payload)
+        if what == "queue_defaults":
+            values["queue_defaults"] = fitted
+        else:
+            values["queues"] = {**values["queues"], topic[7:]: fitted}

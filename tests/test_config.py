@@ -210,6 +210,32 @@ def test_bad_queue_settings(tmp_path: Path, text: str, message: str) -> None:
         load_config(["--config", str(path)])
 
 
+@pytest.mark.parametrize("text, message", [
+    ("queues: {big: {max_payload: 1048576}}\n",
+     r"queue 'big': max_payload 1,048,576 does not fit in max_packet_size 1,048,576 \(a PUBLISH to \$queue/big "
+     r"carries at least 18 bytes more\): raise max_packet_size or lower max_payload"),
+    ("queue_defaults: {max_payload: 2097152}\n",
+     r"queue_defaults: max_payload 2,097,152 does not fit in max_packet_size"),
+])
+def test_a_max_payload_that_no_packet_can_carry_is_refused_at_start(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "limits.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", str(path)])
+    # Raising the packet limit is the way out.
+    config = load_config(["--config", str(path), "--max-packet-size", str(4 << 20)])
+    assert config.max_packet_size == 4 << 20
+
+
+def test_the_default_max_payload_is_lowered_to_what_max_packet_size_allows(tmp_path: Path) -> None:
+    config = load_config(["--max-packet-size", "65536"])
+    assert config.queue_defaults.max_payload == 65536 - 16  # header (4), topic "$queue/q" (2 + 8), packet id (2)
+    path = tmp_path / "q.yaml"
+    path.write_text("queues: {orders: {partitions: 2}}\n")
+    assert load_config(["--config", str(path), "--max-packet-size", "65536"]).queues["orders"].max_payload == 65536 - 21
+    assert load_config([]).queue_defaults.max_payload == 256 * 1024  # fits the default 1 MiB packets
+
+
 def test_cluster_settings(tmp_path: Path) -> None:
     path = tmp_path / "node.yaml"
     path.write_text("etcd: http://10.0.0.1:2379,10.0.0.2:2379\nnode_id: n1\nrouting: direct\nlease_ttl: 7\n")

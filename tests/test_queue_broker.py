@@ -429,6 +429,45 @@ def test_frames_pipelined_behind_connect_are_served_in_order(broker: BrokerProce
         assert sorted(f.publish_fields()[2] for f in frames if f.type == 3) == [b"0", b"1", b"2"]
 
 
+def test_a_partial_frame_is_not_activity_and_silence_mid_frame_closes_at_1_5x_keep_alive(
+        broker: BrokerProcess) -> None:
+    """A client whose last whole packet came at t0 and that then sends part of a frame and goes silent is closed
+    1.5 x its keep-alive after t0: the partial frame does not count as a control packet [MQTT-3.1.2-24]."""
+    client = RawMqtt(broker.port, "partial", keep_alive=2)
+    client.send(b"\xc0\x00")  # PINGREQ: the last whole packet
+    assert client.read(5).type == 13
+    last_whole = time.monotonic()
+    with pytest.raises(TimeoutError):  # silent for 2.5 s of the 3 s allowed (and the broker says nothing)
+        client.read(2.5)
+    client.send(b"\x30\x7f\x00\x05$queu")  # a PUBLISH announcing 127 bytes, 7 of them sent
+    assert client.closed_by_broker(timeout=6)
+    closed_after = time.monotonic() - last_whole
+    assert 2.9 <= closed_after < 4.5, f"closed {closed_after:.1f} s after the last whole packet, not at ~3 s"
+
+
+@pytest.mark.parametrize("first", [0xF0, 0x00, 0x20, 0x90, 0x60, 0x36, 0x38, 0x10, ord("G")],
+                         ids=["reserved-15", "reserved-0", "connack", "suback", "pubrel-flags", "publish-qos3",
+                              "publish-qos0-dup", "second-connect", "http"])
+def test_a_byte_that_cannot_start_a_packet_closes_the_connection_when_it_arrives(broker: BrokerProcess,
+                                                                                 first: int) -> None:
+    client = RawMqtt(broker.port, f"bad-{first}", keep_alive=10)
+    started = time.monotonic()
+    client.send(bytes([first]))
+    assert client.closed_by_broker(timeout=5), "keep-alive would take 15 s"
+    assert time.monotonic() - started < 2
+
+
+def test_bytes_that_cannot_start_a_connect_close_the_connection_when_they_arrive(broker: BrokerProcess) -> None:
+    sock = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+    try:
+        started = time.monotonic()
+        sock.sendall(b"GET / HTTP/1.1\r\n")
+        assert sock.recv(10) == b"", "closed without an answer"
+        assert time.monotonic() - started < 2, "the connect timeout (10 s) is not what closed it"
+    finally:
+        sock.close()
+
+
 def test_a_busy_fast_path_client_is_not_taken_for_a_silent_one(broker: BrokerProcess) -> None:
     busy = RawMqtt(broker.port, "busy", keep_alive=1)
     deadline = time.monotonic() + 3.5  # more than 1.5 x its keep-alive, with no PINGREQ

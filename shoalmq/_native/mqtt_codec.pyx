@@ -21,7 +21,7 @@ from libc.stdint cimport uint8_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcmp, memcpy
 
-from ._errors import MalformedPacket
+from ._errors import MalformedPacket, PacketTooLarge
 
 __all__ = ["MAX_REMAINING_LENGTH", "MalformedPacket", "decode", "encode_acks", "encode_publishes", "encode_records"]
 
@@ -150,7 +150,7 @@ def decode(data, max_packet_size):
         if body < 0:
             break
         if body - pos + remaining > max_size:
-            raise MalformedPacket(f"packet of {body - pos + remaining} bytes exceeds max_packet_size "
+            raise PacketTooLarge(f"packet of {body - pos + remaining} bytes exceeds max_packet_size "
                                   f"{max_size}")
         kind = buf[pos] >> 4
         flags = buf[pos] & 0x0F

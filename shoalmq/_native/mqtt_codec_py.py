@@ -7,7 +7,7 @@ messages, for the same input (tests/test_mqtt_codec.py); the PUBLISH checks are 
 
 from operator import index
 
-from ._errors import MalformedPacket
+from ._errors import MalformedPacket, PacketTooLarge
 from .mqtt_packets import ACK_NAMES as _ACK_NAMES
 from .mqtt_packets import PUBACK, PUBCOMP, PUBLISH, PUBREL
 
@@ -57,7 +57,7 @@ def decode(data: bytes, max_packet_size: int) -> tuple[list[tuple], int]:
                 raise MalformedPacket("remaining length longer than 4 bytes [MQTT-2.2.3]")
         body = p
         if body - pos + remaining > max_size:
-            raise MalformedPacket(f"packet of {body - pos + remaining} bytes exceeds max_packet_size {max_size}")
+            raise PacketTooLarge(f"packet of {body - pos + remaining} bytes exceeds max_packet_size {max_size}")
         kind, flags = data[pos] >> 4, data[pos] & 0x0F
         if kind in (0, 15):
             raise MalformedPacket(f"reserved packet type {kind} [MQTT-2.2.1]")

@@ -31,7 +31,7 @@ from typing import Any
 
 from shoalmq._native import mqtt_codec
 from shoalmq._native.mqtt_packets import PUBACK, PUBLISH, PUBREL
-from shoalmq.broker.frames import MalformedPacket, check_frame
+from shoalmq.broker.frames import MalformedPacket, check_first_byte, check_frame, refusal
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
         self._buffer = b""
         self._held: list[tuple] = []
         self._frames = 0
+        self._decoded = 0  # packets decoded on this connection
         self._unacked = 0
         self._paused = False
         self._dead = False
@@ -88,13 +89,17 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
     def data_received(self, data: bytes) -> None:
         if self._dead:
             return
-        self.last_read = self._loop.time()
         buffer = self._buffer + data if self._buffer else data
         try:
             packets, consumed = mqtt_codec.decode(buffer, self.max_packet_size)
+            if consumed < len(buffer):  # part of a frame: its first byte must be able to start one
+                check_first_byte(buffer[consumed], first_frame=not (self._decoded or packets))
         except MalformedPacket as exc:
-            self._malformed(str(exc))
+            self._malformed(exc)
             return
+        if packets:  # keep-alive counts control packets: part of a frame is not one [MQTT-3.1.2-24]
+            self.last_read = self._loop.time()
+            self._decoded += len(packets)
         self._buffer = buffer[consumed:]
         if self.handler is None or self._held:
             self._held.extend(packets)
@@ -182,16 +187,16 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
         try:
             check_frame(first, body, first_frame=self._frames == 0)
         except MalformedPacket as exc:
-            self._malformed(str(exc))
+            self._malformed(exc)
             return False
         self._frames += 1
         super().data_received(bytes((first,)) + _remaining_length(len(body)) + body)
         return True
 
-    def _malformed(self, reason: str) -> None:
+    def _malformed(self, exc: MalformedPacket) -> None:
         self._dead = True
         peer = self._transport_ref.get_extra_info("peername") if self._transport_ref else None
         where = f"{peer[0]}:{peer[1]}" if peer else "?"
-        log.warning("connection from %s sent a malformed packet: %s; closing it", where, reason)
+        log.warning("connection from %s sent %s; closing it", where, refusal(exc))
         if self._transport_ref is not None:
             self._transport_ref.abort()

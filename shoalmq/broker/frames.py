@@ -18,7 +18,7 @@ from amqtt.adapters import ReaderAdapter
 # One exception for every malformed frame, from the codec (fast path) or from these checks. Deliberately not an
 # amqtt ``MQTTError``: amqtt's reader discards those and reads on (mid-packet); any other exception ends its reader
 # loop, which closes the connection.
-from shoalmq._native._errors import MalformedPacket
+from shoalmq._native._errors import MalformedPacket, PacketTooLarge
 from shoalmq._native.mqtt_packets import (
     CONNACK,
     CONNECT,
@@ -64,9 +64,15 @@ def _utf8_string(body: bytes, pos: int, what: str, *, wildcards: bool) -> tuple[
     return text, end
 
 
-def check_frame(first: int, body: bytes, *, first_frame: bool) -> None:
-    """Raise MalformedPacket unless the frame ``first`` (type and flags byte) + ``body`` is valid MQTT 3.1.1
-    from a client. Field contents that are not about framing (a CONNECT's fields, say) are left to amqtt."""
+def refusal(exc: MalformedPacket) -> str:
+    """How a refused packet is named in the log line that closes its connection."""
+    return f"{'an oversize' if isinstance(exc, PacketTooLarge) else 'a malformed'} packet: {exc}"
+
+
+def check_first_byte(first: int, *, first_frame: bool) -> None:
+    """Raise MalformedPacket unless ``first`` (a fixed header's type and flags byte) can start a valid MQTT 3.1.1
+    packet from a client: checked as soon as the byte arrives, so that bytes that cannot be MQTT (an HTTP request,
+    noise) close the connection at once instead of waiting for a frame that never completes."""
     kind, flags = first >> 4, first & 0x0F
     if first_frame != (kind == CONNECT):
         raise MalformedPacket("the first packet must be CONNECT, and only the first [MQTT-3.1.0-1] [MQTT-3.1.0-2]")
@@ -80,14 +86,23 @@ def check_frame(first: int, body: bytes, *, first_frame: bool) -> None:
             raise MalformedPacket("PUBLISH with QoS 3 [MQTT-3.3.1-4]")
         if qos == 0 and flags & 0x08:
             raise MalformedPacket("PUBLISH with QoS 0 and DUP set [MQTT-3.3.1-2]")
-        _, pos = _utf8_string(body, 0, "PUBLISH topic", wildcards=False)
-        if qos and pos + 2 > len(body):
-            raise MalformedPacket("PUBLISH without its packet identifier [MQTT-2.3.1]")
         return
     expected_flags = 0b0010 if kind in _FLAGS_0010 else 0
     if flags != expected_flags:
         raise MalformedPacket(f"packet type {kind} with flags {flags:#06b}, expected {expected_flags:#06b} "
                               "[MQTT-2.2.2-1] [MQTT-2.2.2-2]")
+
+
+def check_frame(first: int, body: bytes, *, first_frame: bool) -> None:
+    """Raise MalformedPacket unless the frame ``first`` (type and flags byte) + ``body`` is valid MQTT 3.1.1
+    from a client. Field contents that are not about framing (a CONNECT's fields, say) are left to amqtt."""
+    check_first_byte(first, first_frame=first_frame)
+    kind, flags = first >> 4, first & 0x0F
+    if kind == PUBLISH:
+        _, pos = _utf8_string(body, 0, "PUBLISH topic", wildcards=False)
+        if (flags >> 1) & 3 and pos + 2 > len(body):
+            raise MalformedPacket("PUBLISH without its packet identifier [MQTT-2.3.1]")
+        return
     if kind in _ID_ONLY and len(body) != 2:
         raise MalformedPacket(f"packet type {kind} must be 2 bytes long, is {len(body)}")
     if kind in (PINGREQ, DISCONNECT) and body:
@@ -156,8 +171,8 @@ class FrameGuardReader(ReaderAdapter):
         else:
             self._refuse(MalformedPacket("remaining length longer than 4 bytes [MQTT-2.2.3]"))
         if len(header) + length > self.max_packet_size:
-            self._refuse(MalformedPacket(f"packet of {len(header) + length} bytes exceeds max_packet_size "
-                                         f"{self.max_packet_size}"))
+            self._refuse(PacketTooLarge(f"packet of {len(header) + length} bytes exceeds max_packet_size "
+                                        f"{self.max_packet_size}"))
         try:
             body = await self._reader.readexactly(length)
         except asyncio.IncompleteReadError:

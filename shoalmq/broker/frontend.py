@@ -14,7 +14,7 @@ from typing import Any
 from amqtt.adapters import StreamWriterAdapter
 
 from shoalmq.broker.fastpath import QueueFastProtocol
-from shoalmq.broker.frames import FrameGuardReader, MalformedPacket
+from shoalmq.broker.frames import FrameGuardReader, MalformedPacket, refusal
 from shoalmq.broker.queue_broker import ShoalBroker
 from shoalmq.config import Config, HostPort
 from shoalmq.errors import StartupError, os_error_text
@@ -120,7 +120,7 @@ class MqttFrontEnd:
         peer = writer.get_extra_info("peername")
 
         def refused(exc: MalformedPacket) -> None:
-            log.warning("connection from %s:%s sent a malformed packet: %s; closing it", *peer[:2], exc)
+            log.warning("connection from %s:%s sent %s; closing it", *peer[:2], refusal(exc))
             writer.transport.abort()
 
         try:

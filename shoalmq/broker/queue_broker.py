@@ -300,6 +300,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             self.queues.subscribe(self, name, at_most_once=qos == 0)
 
     def handle_read_timeout(self) -> None:
+        if self._closing:
+            return  # closed already: said once, aborted once
         fast = getattr(self, "_fast", None)
         if fast is not None and self.session is not None and (
                 asyncio.get_running_loop().time() - fast.last_read < self.session.keep_alive):
@@ -307,6 +309,9 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         client = self.session.client_id if self.session else "?"
         log.info("client %s sent nothing within 1.5 x its keep-alive: closing its connection", client)
         self._close()
+        reader = getattr(self.reader, "feed_eof", None)
+        if reader is not None:
+            reader()  # amqtt's reader loop ends now, whether or not the aborted transport reports its loss
 
     async def stop(self) -> None:
         self._closing = True
