@@ -3,7 +3,7 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-NATIVE_MODULES = ["hashing", "mqtt_codec", "ring", "segment"]
+NATIVE_MODULES = ["hashing", "mqtt_codec", "ring", "segment", "topic_tree"]
 
 extensions = [
     Extension(
