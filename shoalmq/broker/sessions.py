@@ -1,0 +1,355 @@
+"""MQTT 3.1.1 sessions and the fan-out of ordinary topics, apart from any socket or codec.
+
+The engine the ordinary-topic path is built on (``docs/design.md``, "Ordinary topics and sessions"; the front end
+does not route through it yet). It is protocol-neutral: a connection is anything with ``write``, ``buffered`` and
+``close``; an MQTT 5 codec maps its packets onto the same calls (its session expiry and receive maximum become a
+session's ``persistent`` lifetime and ``limits.max_inflight``).
+
+- **Subscriptions** are kept per session (filter -> QoS) and in one ``TopicTree`` for all; a publish is matched once
+  per topic of a batch and goes to every matching session at min(publish QoS, subscription QoS) [MQTT-3.3.5-1].
+- **Outbound QoS 1 and 2**: at most ``max_inflight`` messages in flight per session, the rest queued in order (at
+  most ``max_queued`` messages and ``max_queued_bytes`` bytes; beyond that a message is dropped, counted, and logged
+  once per session). A persistent session keeps its queue and its messages in flight while offline; on resume, the
+  ones in flight go again first, in order, with DUP (or their PUBREL) [MQTT-4.4.0-1], then the queue.
+- **QoS 0** goes only to a connected session, never queued: to one whose connection is congested (``buffered``
+  over ``max_buffered``) it is dropped and counted.
+- **Inbound QoS 2** is delivered on PUBLISH and its packet id held until PUBREL, so a resent PUBLISH is not
+  delivered twice [MQTT-4.3.3-2].
+- **Retained messages**: a publish with RETAIN replaces the topic's retained message, an empty one clears it
+  [MQTT-3.3.1-5] [MQTT-3.3.1-10] [MQTT-3.3.1-11]; a SUBSCRIBE gets the retained messages its filter matches, with
+  RETAIN set [MQTT-3.3.1-6] [MQTT-3.3.1-8]; live deliveries have RETAIN clear [MQTT-3.3.1-9].
+- **Wills** are published through ``end(session, connection, will)`` when a connection ends without DISCONNECT.
+- **Writes**: what a session is sent in one event-loop turn goes in one ``write`` (``flush``, scheduled once per
+  turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from shoalmq._native import TopicTree
+from shoalmq._native.mqtt_packets import PUBLISH
+from shoalmq._native.topic_tree import check_filter
+
+log = logging.getLogger(__name__)
+
+PUBREL_FRAME = 0x62  # PUBREL with its required flags 0b0010
+SUBACK_FAILURE = 0x80
+
+
+@dataclass(slots=True)
+class Message:
+    """An application message as published (MQTT 5's properties will join it)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool = False
+
+
+@dataclass(slots=True)
+class Limits:
+    """Per-session bounds, as mosquitto names them."""
+
+    #: QoS 1 and 2 messages in flight to one session (mosquitto's ``max_inflight_messages``).
+    max_inflight: int = 20
+    #: Messages queued for one session beyond those in flight, or while it is offline (``max_queued_messages``).
+    max_queued: int = 1000
+    #: Bytes of payload queued for one session (``max_queued_bytes``; 0: no limit).
+    max_queued_bytes: int = 0
+    #: Bytes waiting in a connection's transport past which it gets no more QoS 0 messages.
+    max_buffered: int = 4 << 20
+
+
+class Connection(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def buffered(self) -> int: ...
+    def close(self) -> None: ...
+
+
+SENT, RELEASED = 0, 1  # an outbound QoS 2 message: PUBLISH sent; PUBREC received and PUBREL sent
+
+
+class Outbound:
+    __slots__ = ("packet_id", "message", "qos", "retain", "state")
+
+    def __init__(self, packet_id: int, message: Message, qos: int, retain: bool) -> None:
+        self.packet_id = packet_id
+        self.message = message
+        self.qos = qos
+        self.retain = retain  # sent as a retained message (on SUBSCRIBE), so resent as one
+        self.state = SENT
+
+
+class Session:
+    """What MQTT 3.1.1 keeps for a client id: subscriptions, outbound messages in flight and queued, inbound QoS 2
+    packet ids awaiting PUBREL. ``persistent`` (clean session off): kept after the connection ends."""
+
+    def __init__(self, client_id: str, persistent: bool, busy: Callable[[int], bool] | None = None) -> None:
+        self.client_id = client_id
+        self.persistent = persistent
+        self.subscriptions: dict[str, int] = {}
+        #: packet id -> message in flight, in the order they were sent.
+        self.inflight: dict[int, Outbound] = {}
+        #: (message, QoS, RETAIN flag to send) waiting for room in flight or for the client to come back.
+        self.queued: collections.deque[tuple[Message, int, bool]] = collections.deque()
+        self.queued_bytes = 0
+        #: Messages dropped for this session (queue full, QoS 0 to a congested or absent connection).
+        self.dropped = 0
+        self.inbound_qos2: set[int] = set()
+        self.connection: Connection | None = None
+        #: Packet ids used by others on the same connection (a connection's queue deliveries): skipped.
+        self.busy = busy
+        self._next_id = 0
+        self._out: list[bytes] = []
+        self._warned = False
+
+    def next_packet_id(self) -> int:
+        """The next identifier not in flight (nor ``busy``); RuntimeError if all 65,535 are."""
+        inflight, busy = self.inflight, self.busy
+        packet_id = self._next_id
+        for _ in range(65535):
+            packet_id = packet_id % 65535 + 1
+            if packet_id not in inflight and (busy is None or not busy(packet_id)):
+                self._next_id = packet_id
+                return packet_id
+        raise RuntimeError(f"client {self.client_id}: all 65,535 packet identifiers are in flight")
+
+
+def publish_frame(message: Message, qos: int, packet_id: int, *, dup: bool = False, retain: bool = False) -> bytes:
+    """One PUBLISH frame [MQTT-3.3]."""
+    topic = message.topic.encode()
+    length = 2 + len(topic) + (2 if qos else 0) + len(message.payload)
+    header = bytearray(((PUBLISH << 4) | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0),))
+    while True:
+        length, byte = divmod(length, 128)
+        header.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    ident = packet_id.to_bytes(2, "big") if qos else b""
+    return b"".join((header, len(topic).to_bytes(2, "big"), topic, ident, message.payload))
+
+
+def filter_matches(levels: list[str], topic: str) -> bool:
+    """Whether a filter (its levels, from ``check_filter``) matches a topic name [MQTT-4.7]."""
+    if topic.startswith("$") and levels[0] in ("+", "#"):
+        return False
+    names = topic.split("/")
+    for i, level in enumerate(levels):
+        if level == "#":
+            return True
+        if i >= len(names) or (level != "+" and level != names[i]):
+            return False
+    return len(levels) == len(names)
+
+
+class SessionEngine:
+    """Every session of a node, its subscriptions, the retained messages, and the fan-out between them."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.tree = TopicTree()
+        self.sessions: dict[str, Session] = {}
+        self.retained: dict[str, Message] = {}
+        self._dirty: list[Session] = []
+        self._flush_scheduled = False
+
+    # -- connections -------------------------------------------------------------------------------
+
+    def connect(self, client_id: str, clean: bool, connection: Connection,
+                busy: Callable[[int], bool] | None = None) -> tuple[Session, bool]:
+        """A connection of ``client_id`` was accepted: its session, and whether it was resumed (CONNACK's session
+        present flag [MQTT-3.2.2-2]). A resumed session sends what it has in flight again, then its queue."""
+        existing = self.sessions.get(client_id)
+        if existing is not None and existing.connection is not None and existing.connection is not connection:
+            older, existing.connection = existing.connection, None
+            existing._out.clear()
+            older.close()  # a newer connection of the client takes over [MQTT-3.1.4-2]
+        if existing is not None and (clean or not existing.persistent):
+            self._forget(existing)
+            existing = None
+        if existing is None:
+            session = Session(client_id, not clean, busy)
+            self.sessions[client_id] = session
+            present = False
+        else:
+            session, present = existing, True
+            session.busy = busy
+        session.connection = connection
+        if present:
+            self._resume(session)
+        return session, present
+
+    def end(self, session: Session, connection: Connection, will: Message | None = None) -> None:
+        """``connection`` of the session ended (``will``: it ended without DISCONNECT and the client left one,
+        published even when a newer connection took the session over [MQTT-3.1.2-8]). A persistent session
+        stays, queuing what arrives for it; a clean one is forgotten."""
+        if session.connection is connection:
+            session.connection = None
+            session._out.clear()
+            if not session.persistent:
+                self._forget(session)
+        if will is not None:
+            self.publish(will)
+
+    def _forget(self, session: Session) -> None:
+        for topic_filter in session.subscriptions:
+            self.tree.unsubscribe(topic_filter, session)
+        session.subscriptions.clear()
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+
+    def _resume(self, session: Session) -> None:
+        for out in session.inflight.values():
+            if out.state == RELEASED:
+                self._send(session, bytes((PUBREL_FRAME, 2)) + out.packet_id.to_bytes(2, "big"))
+            else:
+                self._send(session, publish_frame(out.message, out.qos, out.packet_id, dup=True, retain=out.retain))
+        self._pump(session)
+
+    # -- subscriptions -----------------------------------------------------------------------------
+
+    def subscribe(self, session: Session, requests: Iterable[tuple[str, int]]) -> list[int]:
+        """SUBSCRIBE: the granted QoS of each (filter, QoS), or 0x80 for a filter refused; then the retained
+        messages each filter matches [MQTT-3.8.4-3]."""
+        granted = []
+        for topic_filter, qos in requests:
+            try:
+                levels = check_filter(topic_filter)
+            except ValueError as exc:
+                log.info("client %s: subscription to %r refused: %s", session.client_id, topic_filter, exc)
+                granted.append(SUBACK_FAILURE)
+                continue
+            qos = min(qos, 2)
+            self.tree.subscribe(topic_filter, session, qos)
+            session.subscriptions[topic_filter] = qos
+            granted.append(qos)
+            for topic, message in self.retained.items():
+                if filter_matches(levels, topic):
+                    self._deliver(session, message, min(message.qos, qos), retain=True)
+        return granted
+
+    def unsubscribe(self, session: Session, filters: Iterable[str]) -> None:
+        for topic_filter in filters:
+            if session.subscriptions.pop(topic_filter, None) is not None:
+                self.tree.unsubscribe(topic_filter, session)
+
+    # -- publishing --------------------------------------------------------------------------------
+
+    def publish(self, message: Message) -> int:
+        """Route one message to every matching session; returns how many it went to."""
+        if message.retain:
+            if message.payload:
+                self.retained[message.topic] = message
+            else:
+                self.retained.pop(message.topic, None)
+        matched = self.tree.match(message.topic)
+        for session, qos in matched.items():
+            self._deliver(session, message, qos if qos < message.qos else message.qos, retain=False)
+        return len(matched)
+
+    def _deliver(self, session: Session, message: Message, qos: int, retain: bool) -> None:
+        connection = session.connection
+        if qos == 0:
+            if connection is None:
+                return  # at most once: not kept for an offline session
+            if connection.buffered() > self.limits.max_buffered:
+                self._drop(session, "its connection is congested", message)
+                return
+            self._send(session, publish_frame(message, 0, 0, retain=retain))
+            return
+        if connection is not None and not session.queued and len(session.inflight) < self.limits.max_inflight:
+            self._send_inflight(session, message, qos, retain)
+            return
+        limits = self.limits
+        if len(session.queued) >= limits.max_queued or (
+                limits.max_queued_bytes and session.queued_bytes + len(message.payload) > limits.max_queued_bytes):
+            self._drop(session, "its queue is full", message)
+            return
+        session.queued.append((message, qos, retain))
+        session.queued_bytes += len(message.payload)
+
+    def _send_inflight(self, session: Session, message: Message, qos: int, retain: bool) -> None:
+        packet_id = session.next_packet_id()
+        session.inflight[packet_id] = Outbound(packet_id, message, qos, retain)
+        self._send(session, publish_frame(message, qos, packet_id, retain=retain))
+
+    def _pump(self, session: Session) -> None:
+        """Send queued messages while the session has room in flight."""
+        queued, limit = session.queued, self.limits.max_inflight
+        while queued and len(session.inflight) < limit and session.connection is not None:
+            message, qos, retain = queued.popleft()
+            session.queued_bytes -= len(message.payload)
+            self._send_inflight(session, message, qos, retain)
+
+    def _drop(self, session: Session, why: str, message: Message) -> None:
+        session.dropped += 1
+        if not session._warned:
+            session._warned = True
+            log.warning("client %s: dropping messages because %s (first: QoS %d on %r); counted, logged once per "
+                        "session", session.client_id, why, message.qos, message.topic)
+
+    # -- acknowledgements ----------------------------------------------------------------------------
+
+    def puback(self, session: Session, packet_id: int) -> bool:
+        """PUBACK of a QoS 1 message; False if the id is not one (the caller may own it)."""
+        out = session.inflight.get(packet_id)
+        if out is None or out.qos != 1:
+            return False
+        del session.inflight[packet_id]
+        self._pump(session)
+        return True
+
+    def pubrec(self, session: Session, packet_id: int) -> bool:
+        """PUBREC of a QoS 2 message: PUBREL goes out, and the message stays in flight until PUBCOMP."""
+        out = session.inflight.get(packet_id)
+        if out is None or out.qos != 2:
+            return False
+        out.state = RELEASED
+        self._send(session, bytes((PUBREL_FRAME, 2)) + packet_id.to_bytes(2, "big"))
+        return True
+
+    def pubcomp(self, session: Session, packet_id: int) -> bool:
+        out = session.inflight.get(packet_id)
+        if out is None or out.qos != 2 or out.state != RELEASED:
+            return False
+        del session.inflight[packet_id]
+        self._pump(session)
+        return True
+
+    def receive_qos2(self, session: Session, packet_id: int) -> bool:
+        """An inbound QoS 2 PUBLISH: True if it is new (route it), False for a resend not yet released."""
+        if packet_id in session.inbound_qos2:
+            return False
+        session.inbound_qos2.add(packet_id)
+        return True
+
+    def release(self, session: Session, packet_id: int) -> None:
+        """PUBREL of an inbound QoS 2 message (the caller answers PUBCOMP)."""
+        session.inbound_qos2.discard(packet_id)
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def _send(self, session: Session, frame: bytes) -> None:
+        if session.connection is None:
+            return
+        if not session._out:
+            self._dirty.append(session)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self.flush)
+        session._out.append(frame)
+
+    def flush(self) -> None:
+        """Write what each session was sent this turn, one write per connection."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for session in dirty:
+            out, session._out = session._out, []
+            if out and session.connection is not None:
+                session.connection.write(b"".join(out))
