@@ -4,6 +4,9 @@ For every configuration (publishers/consumers, payload size) and round, it start
 durability, a new data directory) and runs the load tool on ``$queue/load``, then a fresh mosquitto (Debian's, on a
 free port, persistence on, ``max_queued_messages 0`` so that it drops nothing it acknowledged) with its consumers on
 ``$share/g/bench/load``, and prints the medians of the rounds and the ratios ShoalMQ / mosquitto.
+
+``--ordinary`` compares an ordinary topic instead: publishers and consumers on ``bench/load`` on both brokers (use
+one consumer: every consumer of an ordinary topic gets every message).
 """
 
 from __future__ import annotations
@@ -51,21 +54,24 @@ def load(port: int, pid: int, topic: str, sub_topic: str, messages: int, size: i
     return json.loads(out.read_text())
 
 
-def run_shoalmq(work: Path, messages: int, size: int, clients: int) -> dict:
+def run_shoalmq(work: Path, messages: int, size: int, clients: int, ordinary: bool = False) -> dict:
     port = free_port()
     data = work / f"shoal-{port}"
+    # No limit on a client's queue of ordinary messages, as mosquitto's max_queued_messages 0 below.
     broker = subprocess.Popen([str(BIN / "broker"), "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
-                               "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--log-level", "warning", "--max-queued-messages", "0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, broker)
-        return load(port, broker.pid, "$queue/load", "$queue/load", messages, size, clients, work / "r.json")
+        topic = "bench/load" if ordinary else "$queue/load"
+        return load(port, broker.pid, topic, topic, messages, size, clients, work / "r.json")
     finally:
         broker.terminate()
         broker.wait(30)
         shutil.rmtree(data, ignore_errors=True)
 
 
-def run_mosquitto(work: Path, messages: int, size: int, clients: int) -> dict:
+def run_mosquitto(work: Path, messages: int, size: int, clients: int, ordinary: bool = False) -> dict:
     port = free_port()
     store = work / f"mosq-{port}"
     store.mkdir()
@@ -76,8 +82,8 @@ def run_mosquitto(work: Path, messages: int, size: int, clients: int) -> dict:
     broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, broker)
-        return load(port, broker.pid, "bench/load", "$share/g/bench/load", messages, size, clients,
-                    work / "r.json")
+        return load(port, broker.pid, "bench/load", "bench/load" if ordinary else "$share/g/bench/load", messages,
+                    size, clients, work / "r.json")
     finally:
         broker.terminate()
         broker.wait(30)
@@ -90,6 +96,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="100,1024", help="payload sizes, comma-separated")
     parser.add_argument("--clients", default="1,2", help="publishers (= consumers) per run, comma-separated")
+    parser.add_argument("--ordinary", action="store_true", help="an ordinary topic (bench/load), not a queue")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     clients = [int(c) for c in args.clients.split(",")]
@@ -100,11 +107,12 @@ def main() -> int:
             for n in clients:
                 shoal, mosq = [], []
                 for _ in range(args.rounds):
-                    shoal.append(run_shoalmq(work, args.messages, size, n))
-                    mosq.append(run_mosquitto(work, args.messages, size, n))
+                    shoal.append(run_shoalmq(work, args.messages, size, n, args.ordinary))
+                    mosq.append(run_mosquitto(work, args.messages, size, n, args.ordinary))
                 rows.append((n, size, shoal, mosq))
     med = statistics.median
-    print(f"{args.messages} QoS 1 messages per run, {args.rounds} rounds, medians; ShoalMQ fsync vs mosquitto")
+    what = "an ordinary topic" if args.ordinary else "ShoalMQ fsync'd $queue/ vs mosquitto's shared subscription"
+    print(f"{args.messages} QoS 1 messages per run, {args.rounds} rounds, medians; {what}")
     print("| pub/con | size | ShoalMQ msgs/s | p50/p99 ms | CPU s/100K | mosquitto msgs/s | p50/p99 ms | CPU s/100K "
           "| throughput ratio | CPU ratio | lost/dup (ShoalMQ, mosquitto) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

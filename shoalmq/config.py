@@ -178,6 +178,13 @@ OPTIONS: tuple[Option, ...] = (
            "a new connection that sends no CONNECT within this time is closed"),
     Option("max_packet_size", "--max-packet-size", 1 << 20, _int_parser(64, 268_435_455), "BYTES",
            "largest MQTT packet accepted; a larger one closes the connection"),
+    Option("max_inflight_messages", "--max-inflight-messages", 20, _int_parser(1, 65535), "N",
+           "QoS 1 and 2 messages of ordinary topics in flight to one client at a time"),
+    Option("max_queued_messages", "--max-queued-messages", 1000, _int_parser(0, 1 << 31), "N",
+           "messages of ordinary topics queued for one client beyond those in flight, or while it is away with a "
+           "persistent session; more are dropped and counted (0: no limit)"),
+    Option("max_queued_bytes", "--max-queued-bytes", 0, _size_parser(0, 1 << 50), "BYTES",
+           "payload bytes queued for one client, as max_queued_messages (0: no limit)"),
     Option("etcd", "--etcd", None, _optional(_parse_endpoints), "URLS",
            "join a cluster coordinated by these etcd endpoints (comma-separated http://HOST:PORT, tried in turn); "
            "not set: a single node that needs nothing else"),
@@ -225,6 +232,9 @@ class Config:
     consumer_window: int = 128
     connect_timeout: int = 10
     max_packet_size: int = 1 << 20
+    max_inflight_messages: int = 20
+    max_queued_messages: int = 1000
+    max_queued_bytes: int = 0
     etcd: tuple[str, ...] | None = None
     node_id: str | None = None
     cluster: str = "shoalmq"

@@ -549,7 +549,7 @@ def test_acks_of_queue_and_ordinary_deliveries_in_one_write(broker: BrokerProces
         other.publishes(1, timeout=0.3)
 
 
-def test_fast_path_batches_a_read_s_acks_and_passes_amqtt_s_on_in_order() -> None:
+def test_fast_path_batches_a_read_s_acks_and_answers_the_rest_in_order() -> None:
     class Transport(asyncio.Transport):
         def get_extra_info(self, name: str, default: Any = None) -> Any:
             return default
@@ -559,11 +559,17 @@ def test_fast_path_batches_a_read_s_acks_and_passes_amqtt_s_on_in_order() -> Non
 
     class Handler:
         def __init__(self) -> None:
-            self.calls: list[list[int]] = []
+            self.calls: list[Any] = []
 
         def queue_acks(self, packet_ids: list[int]) -> list[int]:
-            self.calls.append(list(packet_ids))
-            return [i for i in packet_ids if i >= 100]  # ids from 100 up are amqtt's
+            self.calls.append(("queue", list(packet_ids)))
+            return [i for i in packet_ids if i >= 100]  # ids from 100 up are of ordinary deliveries
+
+        def ordinary_acks(self, kind: int, packet_ids: list[int]) -> None:
+            self.calls.append(("ordinary", kind, list(packet_ids)))
+
+        def write(self, data: bytes) -> None:
+            self.calls.append(("write", data))
 
     async def body() -> None:
         protocol = QueueFastProtocol(lambda reader, writer: None, 1 << 20)
@@ -573,9 +579,9 @@ def test_fast_path_batches_a_read_s_acks_and_passes_amqtt_s_on_in_order() -> Non
         protocol.link(handler)
         protocol.data_received(puback_packet(1) + puback_packet(100) + puback_packet(2) + b"\xc0\x00"
                                + puback_packet(3) + puback_packet(101))
-        assert handler.calls == [[1, 100, 2], [3, 101]]
-        reader = protocol._stream_reader
-        assert bytes(reader._buffer) == puback_packet(100) + b"\xc0\x00" + puback_packet(101)
+        assert handler.calls == [("queue", [1, 100, 2]), ("ordinary", 4, [100]), ("write", b"\xd0\x00"),
+                                 ("queue", [3, 101]), ("ordinary", 4, [101])]
+        assert bytes(protocol._stream_reader._buffer) == b"", "nothing of it is amqtt's"
 
     asyncio.run(body())
 

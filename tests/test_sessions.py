@@ -253,3 +253,14 @@ def test_an_inbound_qos2_publish_is_routed_once_until_released() -> None:
         engine.release(session, 9)
         assert engine.receive_qos2(session, 9)  # the id is free again
     run(body)
+
+
+def test_a_queue_limit_of_0_is_no_limit() -> None:
+    async def body(engine: SessionEngine) -> None:
+        session, _ = engine.connect("u", False, FakeConnection())
+        engine.subscribe(session, [("t", 1)])
+        engine.end(session, session.connection)
+        for i in range(5000):
+            engine.publish(msg("t", b"%d" % i, qos=1))
+        assert len(session.queued) == 5000 and session.dropped == 0
+    run(body, Limits(max_queued=0))

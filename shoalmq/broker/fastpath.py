@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shoalmq._native import mqtt_codec
-from shoalmq._native.mqtt_packets import PUBACK, PUBLISH, PUBREL
+from shoalmq._native.mqtt_packets import PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE
 from shoalmq.broker.frames import MalformedPacket, check_first_byte, check_frame, refusal
 
 log = logging.getLogger(__name__)
@@ -124,46 +124,81 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
 
     def _process(self, packets: list[tuple]) -> None:
         handler = self.handler
-        # Publishes to ``$`` topics, as runs of one topic and QoS: [topic, qos, packet ids, payloads].
+        # Publishes to ``$queue/`` (and the other ``$`` topics the queue side refuses), as runs of one topic and
+        # QoS: [topic, qos, packet ids, payloads]; publishes to ordinary topics, as decoded, in order.
         runs: list[tuple[str, int, list[int], list[bytes]]] = []
         run: tuple[str, int, list[int], list[bytes]] | None = None
-        acks: list[int] = []  # PUBACKs, most of them of queue deliveries
+        ordinary: list[tuple] = []
+        acks: list[int] = []  # PUBACKs, of queue deliveries and of ordinary ones
         for packet in packets:
             kind = packet[0]
             if kind == PUBLISH:
                 topic = packet[2]
-                if topic.startswith("$"):
+                if topic.startswith(("$queue", "$SYS")):
                     qos = (packet[1] >> 1) & 3
                     if run is None or qos != run[1] or topic != run[0]:
                         run = (topic, qos, [], [])
                         runs.append(run)
                     run[2].append(packet[3])
                     run[3].append(packet[4])
-                    continue
-            elif kind == PUBACK:
+                else:
+                    ordinary.append(packet)
+                continue
+            if kind == PUBACK:
                 acks.append(packet[2])
                 continue
             # Anything else: what came before it is handled first, in order.
             if runs:
                 self._publish(runs)
                 runs, run = [], None
+            if ordinary:
+                handler.ordinary_publishes(ordinary)
+                ordinary = []
             if acks and not self._acks(acks):
                 return
             acks = []
-            if kind == PUBREL and handler.queue_pubrel(packet[2]):
+            if kind == PUBREL:
+                if not handler.queue_pubrel(packet[2]):
+                    handler.ordinary_pubrel(packet[2])
                 continue
-            if not self._pass_to_amqtt(packet):
+            if kind in (PUBREC, PUBCOMP):
+                handler.ordinary_acks(kind, [packet[2]])
+                continue
+            if kind in (SUBSCRIBE, UNSUBSCRIBE, PINGREQ):
+                if not self._check(packet):
+                    return
+                if kind == SUBSCRIBE:
+                    handler.subscribe_packet(packet[2])
+                elif kind == UNSUBSCRIBE:
+                    handler.unsubscribe_packet(packet[2])
+                else:
+                    handler.write(b"\xd0\x00")  # PINGRESP
+                continue
+            if not self._pass_to_amqtt(packet):  # DISCONNECT (and what the guard refuses)
                 return
         if runs:
             self._publish(runs)
+        if ordinary:
+            handler.ordinary_publishes(ordinary)
         if acks:
             self._acks(acks)
 
+    def _check(self, packet: tuple) -> bool:
+        """The frame guard's checks, for a frame the fast path answers itself."""
+        first, body = _reencode(packet)
+        try:
+            check_frame(first, body, first_frame=False)
+        except MalformedPacket as exc:
+            self._malformed(exc)
+            return False
+        return True
+
     def _acks(self, packet_ids: list[int]) -> bool:
-        """Consumer PUBACKs to the handler as one batch; those of amqtt's deliveries go on to amqtt."""
-        for packet_id in self.handler.queue_acks(packet_ids):
-            if not self._pass_to_amqtt((PUBACK, 0, packet_id)):
-                return False
+        """Consumer PUBACKs to the handler as one batch; those that are not of queue deliveries are of ordinary
+        ones."""
+        others = self.handler.queue_acks(packet_ids)
+        if others:
+            self.handler.ordinary_acks(PUBACK, others)
         return True
 
     def _publish(self, runs: list[tuple[str, int, list[int], list[bytes]]]) -> None:

@@ -15,6 +15,7 @@ from amqtt.adapters import StreamWriterAdapter
 
 from shoalmq.broker.fastpath import QueueFastProtocol
 from shoalmq.broker.frames import FrameGuardReader, MalformedPacket, refusal
+from shoalmq.broker.sessions import Limits
 from shoalmq.broker.queue_broker import ShoalBroker
 from shoalmq.config import Config, HostPort
 from shoalmq.errors import StartupError, os_error_text
@@ -82,7 +83,11 @@ class MqttFrontEnd:
     async def start(self) -> None:
         """Start amqtt, then listen. StartupError if the address can't be bound."""
         logging.getLogger("amqtt.broker").addFilter(_QUIET_CLOSED)  # once: addFilter ignores a filter it has
-        self._broker = ShoalBroker(amqtt_config(self._config), self._queues, self._config.connect_timeout)
+        config = self._config
+        self._broker = ShoalBroker(amqtt_config(config), self._queues, config.connect_timeout,
+                                   Limits(max_inflight=config.max_inflight_messages,
+                                          max_queued=config.max_queued_messages,
+                                          max_queued_bytes=config.max_queued_bytes))
         await self._broker.start()
         listen = self._config.listen
         max_packet_size = self._config.max_packet_size

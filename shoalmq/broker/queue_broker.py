@@ -8,13 +8,14 @@ The overrides are few and named here; docs/design.md ("amqtt seams") lists them 
   classes it builds); bounds the wait for CONNECT (amqtt waits forever); and enforces keep-alive at 1.5 times
   the client's value, as MQTT 3.1.1 asks (amqtt never drops a silent client).
 - ``ShoalBroker.add_subscription`` / ``_del_subscription``: a ``$queue/`` filter registers the connection with the
-  queue manager instead of amqtt's subscription table, so a subscriber to ``#`` never sees queue traffic.
+  queue manager, any other with the session engine, never amqtt's subscription table, so a subscriber to ``#``
+  never sees queue traffic.
 - ``QueueProtocolHandler.queue_publishes`` / ``queue_acks`` / ``queue_pubrel``: the queue side of a connection,
   called in batches by the fast path (``shoalmq.broker.fastpath``), which takes ``$queue/`` frames off amqtt's
   reader. A ``$queue/`` publish is acknowledged (PUBACK, or PUBREC for QoS 2) only when its commit is durable; a
-  refused one closes the connection, and so does a publish to any other ``$`` topic (amqtt would leave it
-  half-dead). ``handle_publish``, ``handle_puback`` and ``handle_pubrel`` route to the same methods for any such
-  frame that reaches amqtt.
+  refused one closes the connection, and so does a publish to ``$SYS`` (amqtt would leave it half-dead).
+  ``handle_publish``, ``handle_puback`` and ``handle_pubrel`` route to the same methods for any such frame that
+  reaches amqtt.
 - ``ShoalBroker._handle_disconnect``: when a newer connection of the client took the session over, the older
   connection's end does not mark the session disconnected (amqtt would, and then drop the newer connection).
 - ``handle_read_timeout``: keep-alive expiry closes the connection. ``stop``: the consumer is gone; its
@@ -24,8 +25,15 @@ The overrides are few and named here; docs/design.md ("amqtt seams") lists them 
   flight, and a batch of deliveries takes its ids from amqtt's counter (``_packet_id``), skipping amqtt's
   ``inflight_in`` and ``inflight_out``.
 
-Ordinary topics are untouched: amqtt serves them as before. The connection's transport is reached through amqtt's
-``StreamWriterAdapter`` (its ``_writer``), to write acks and deliveries and to close the connection.
+- Ordinary topics: after CONNACK the fast path hands every ordinary PUBLISH, SUBSCRIBE, UNSUBSCRIBE and ack to
+  the handler (``ordinary_publishes``, ``subscribe_packet``, ``unsubscribe_packet``, ``ordinary_acks``,
+  ``ordinary_pubrel``), which drives the broker's ``SessionEngine`` (``shoalmq.broker.sessions``); the handler is
+  the engine's connection (``write``, ``buffered``, ``close``). ``ShoalBroker._broadcast_message`` and
+  ``retain_message`` route what amqtt still publishes itself (a will) through the engine, and CONNACK's session
+  present flag (``Session.parent``) is the engine's.
+
+The connection's transport is reached through amqtt's ``StreamWriterAdapter`` (its ``_writer``), to write acks and
+deliveries and to close the connection.
 """
 
 from __future__ import annotations
@@ -43,11 +51,41 @@ from amqtt.session import Session
 
 from shoalmq._native import mqtt_codec
 from shoalmq._native.mqtt_packets import PUBACK, PUBCOMP, PUBREC, SUBACK_FAILURE
+from shoalmq.broker.sessions import Limits, Message, SessionEngine
+from shoalmq.broker.sessions import Session as OrdinarySession
 from shoalmq.errors import ShoalError
 from shoalmq.queue.manager import BadQueueName, Delivery, QueueManager, is_queue_topic, queue_of_filter
 
 log = logging.getLogger(__name__)
 
+
+
+def _frame(first: int, body: bytes) -> bytes:
+    length, header = len(body), bytearray((first,))
+    while True:
+        length, byte = divmod(length, 128)
+        header.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(header) + body
+
+
+def parse_subscribe(body: bytes) -> tuple[int, list[tuple[str, int]]]:
+    """The packet id and (filter, requested QoS) pairs of a SUBSCRIBE body (checked by the frame guard)."""
+    pos, requests = 2, []
+    while pos < len(body):
+        length = int.from_bytes(body[pos:pos + 2], "big")
+        requests.append((body[pos + 2:pos + 2 + length].decode(), body[pos + 2 + length]))
+        pos += 3 + length
+    return int.from_bytes(body[:2], "big"), requests
+
+
+def parse_unsubscribe(body: bytes) -> tuple[int, list[str]]:
+    pos, filters = 2, []
+    while pos < len(body):
+        length = int.from_bytes(body[pos:pos + 2], "big")
+        filters.append(body[pos + 2:pos + 2 + length].decode())
+        pos += 2 + length
+    return int.from_bytes(body[:2], "big"), filters
 
 
 class QueueSession(Session):
@@ -62,6 +100,8 @@ class QueueSession(Session):
     queue_qos0: set[str]
     #: QoS 2 queue publishes stored (or being stored), waiting for PUBREL: packet id -> its commit [MQTT-4.3.3-2].
     queue_qos2: dict[int, asyncio.Future[None]]
+    #: The client's session of ordinary topics (``shoalmq.broker.sessions``), once it is connected.
+    ordinary: OrdinarySession | None = None
 
     @property
     def next_packet_id(self) -> int:
@@ -77,7 +117,8 @@ class QueueSession(Session):
         """Give each delivery the next free packet id, from amqtt's own counter (``_packet_id``; ids in amqtt's
         ``inflight_in``/``inflight_out`` or of queue deliveries are skipped), and hold it in ``queue_inflight``.
         What ``next_packet_id`` does for one id, inlined for a batch. AMQTTError if all 65,535 are in use."""
-        inflight, amqtt_in, amqtt_out = self.queue_inflight, self.inflight_in, self.inflight_out
+        inflight, amqtt_in = self.queue_inflight, self.inflight_in
+        amqtt_out = self.ordinary.inflight if self.ordinary is not None else self.inflight_out
         revoked = self.queue_revoked
         packet_id = self._packet_id
         ids = []
@@ -106,7 +147,9 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     window: int
 
     def _init_queue_state(self, queues: QueueManager, persistent: dict[str, dict[str, int]],
-                          live: dict[str, QueueProtocolHandler]) -> None:
+                          live: dict[str, QueueProtocolHandler], broker: ShoalBroker) -> None:
+        self.broker_of_queues = broker
+        self.engine = broker.engine
         self.queues = queues
         self.window = queues.consumer_window
         self._persistent = persistent
@@ -128,20 +171,21 @@ class QueueProtocolHandler(BrokerProtocolHandler):
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         topic = publish_packet.topic_name
-        if topic is None or not topic.startswith("$"):
+        if topic is None or not topic.startswith(("$queue", "$SYS")):
             await super().handle_publish(publish_packet)
             return
         self.queue_publishes([(topic, publish_packet.qos or 0, [publish_packet.packet_id or 0],
                                [bytes(publish_packet.data or b"")])])
 
     def queue_publishes(self, runs: list[tuple[str, int, list[int], list[bytes]]]) -> asyncio.Future[None] | None:
-        """Store publishes to ``$`` topics, given as runs of one topic and QoS: (topic, qos, packet ids, payloads).
+        """Store publishes to ``$queue/`` topics, given as runs of one topic and QoS: (topic, qos, packet ids,
+        payloads); the fast path sends ``$SYS`` publishes here too, to be refused.
 
         Each is acknowledged (PUBACK, or PUBREC for QoS 2) once its commit is durable, the acks of one commit in one
         write; commits resolve in order, so on a single node acks leave in the order the PUBLISHes came
         [MQTT-4.6.0-2] (on a cluster, those of a partition owned elsewhere follow its owner's answer). A run is
-        stored whole or not at all (``QueueManager.publish_many``). A publish that is refused, or to
-        a ``$`` topic that is not a queue, closes the connection, and nothing after it is stored. Returns the
+        stored whole or not at all (``QueueManager.publish_many``). A publish that is refused, or to a ``$SYS`` topic
+        or a ``$queue`` one that names no queue, closes the connection, and nothing after it is stored. Returns the
         commit the last acknowledged publish waits for (None if none does)."""
         by_flush: dict[int, tuple[asyncio.Future[None], list[bytes]]] = {}
         last: asyncio.Future[None] | None = None
@@ -149,7 +193,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             if self._closing:
                 break  # refused: nothing after it is stored
             if not is_queue_topic(topic):
-                self._refuse(f"publish to {topic!r}: topics starting with '$' are reserved")
+                self._refuse(f"publish to {topic!r}: " + ("$SYS topics are reserved for the broker"
+                             if topic.startswith("$SYS") else "not a queue topic ($queue/<name>)"))
                 break
             if qos == 2:
                 last = self._queue_publishes_qos2(topic, packet_ids, payloads, by_flush) or last
@@ -281,12 +326,88 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         acks, self._pending_acks = self._pending_acks, []
         self.queues.ack(acks)
 
+    # -- ordinary topics (shoalmq.broker.sessions) ---------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """The session engine's writes (its connection interface)."""
+        self._write(data)
+
+    def buffered(self) -> int:
+        transport = self._transport()
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def close(self) -> None:
+        self._close()
+
+    def ordinary_publishes(self, publishes: list[tuple]) -> None:
+        """PUBLISHes to ordinary topics, decoded (``(3, flags, topic, packet id, payload)``), in order: each routed
+        to the subscribers it matches, then acknowledged (PUBACK, or PUBREC for QoS 2) in one write. A QoS 2
+        publish sent again before its PUBREL is acknowledged again, not routed again [MQTT-4.3.3-2]."""
+        session = self.session.ordinary  # type: ignore[union-attr]
+        engine = self.engine
+        acks = bytearray()
+        for _, flags, topic, packet_id, payload in publishes:
+            qos = (flags >> 1) & 3
+            if qos == 2:
+                if engine.receive_qos2(session, packet_id):
+                    engine.publish(Message(topic, payload, 2, bool(flags & 1)))
+                acks += b"\x50\x02" + packet_id.to_bytes(2, "big")
+                continue
+            engine.publish(Message(topic, payload, qos, bool(flags & 1)))
+            if qos:
+                acks += b"\x40\x02" + packet_id.to_bytes(2, "big")
+        if acks:
+            self._write(bytes(acks))
+
+    def ordinary_acks(self, kind: int, packet_ids: list[int]) -> None:
+        """PUBACKs (``kind`` PUBACK), PUBRECs or PUBCOMPs of deliveries of ordinary topics; ids that are none of
+        its messages in flight are ignored (a late ack after a takeover, say)."""
+        session, engine = self.session.ordinary, self.engine  # type: ignore[union-attr]
+        if session is None:
+            return
+        ack = engine.puback if kind == PUBACK else engine.pubrec if kind == PUBREC else engine.pubcomp
+        for packet_id in packet_ids:
+            ack(session, packet_id)
+
+    def ordinary_pubrel(self, packet_id: int) -> None:
+        """PUBREL of an inbound QoS 2 publish: PUBCOMP [MQTT-4.3.3-2]."""
+        if self.session.ordinary is not None:  # type: ignore[union-attr]
+            self.engine.release(self.session.ordinary, packet_id)  # type: ignore[union-attr]
+        self._write(mqtt_codec.encode_acks(PUBCOMP, [packet_id]))
+
+    def subscribe_packet(self, body: bytes) -> None:
+        """SUBSCRIBE: queue filters to the queue manager, the others to the session engine; SUBACK, then the
+        retained messages the filters match [MQTT-3.8.4-1] [MQTT-3.8.4-3]."""
+        packet_id, requests = parse_subscribe(body)
+        granted = bytearray()
+        for topic_filter, qos in requests:
+            if topic_filter.startswith("$queue"):
+                granted.append(self.broker_of_queues.subscribe_queue(topic_filter, qos, self.session))
+            else:
+                granted += bytes(self.engine.subscribe(self.session.ordinary, [(topic_filter, qos)]))  # type: ignore
+        self._write(_frame(0x90, packet_id.to_bytes(2, "big") + bytes(granted)))
+
+    def unsubscribe_packet(self, body: bytes) -> None:
+        packet_id, filters = parse_unsubscribe(body)
+        ordinary = []
+        for topic_filter in filters:
+            if topic_filter.startswith("$queue"):
+                self.broker_of_queues._del_subscription(topic_filter, self.session)
+            else:
+                ordinary.append(topic_filter)
+        self.engine.unsubscribe(self.session.ordinary, ordinary)  # type: ignore[union-attr]
+        self._write(b"\xb0\x02" + packet_id.to_bytes(2, "big"))
+
     # -- connection life ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """After CONNACK: the connection's fast path takes over ``$queue/`` frames, and a client with a persistent
         session is a consumer of its queues again at once."""
         assert self.session is not None
+        session = self.session
+        session.ordinary, _ = self.engine.connect(  # type: ignore[attr-defined]
+            session.client_id, session.clean_session, self,
+            busy=lambda packet_id: packet_id in session.queue_inflight)  # type: ignore[attr-defined]
         # Linked before amqtt's start, which may wait (up to 10 s) for a PUBREL that the fast path holds.
         transport = self._transport()
         protocol = transport.get_protocol() if transport is not None else None
@@ -320,6 +441,9 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         if self._pending_acks:
             self._apply_acks()  # acks already read count, or those messages would be delivered again
         if self.session is not None:
+            ordinary = getattr(self.session, "ordinary", None)
+            if ordinary is not None:
+                self.engine.end(ordinary, self)  # (a will is published by amqtt's disconnect, through the engine)
             requeued = self.queues.consumer_gone(self)
             if requeued:
                 log.info("client %s left with %d unacknowledged queue message(s): requeued",
@@ -356,9 +480,12 @@ class QueueProtocolHandler(BrokerProtocolHandler):
 class ShoalBroker(Broker):
     """amqtt's broker with ``$queue/`` topics served by a ``QueueManager``."""
 
-    def __init__(self, config: dict[str, Any], queues: QueueManager, connect_timeout: float = 10.0) -> None:
+    def __init__(self, config: dict[str, Any], queues: QueueManager, connect_timeout: float = 10.0,
+                 limits: Limits | None = None) -> None:
         super().__init__(config)
         self.queues = queues
+        #: Sessions, subscriptions and retained messages of ordinary topics.
+        self.engine = SessionEngine(limits)
         #: Queue subscriptions of clients with clean session off: client id -> queue -> granted QoS. Kept in
         #: memory: they outlive a disconnect, not a broker restart.
         self.persistent_queue_subscriptions: dict[str, dict[str, int]] = {}
@@ -382,8 +509,9 @@ class ShoalBroker(Broker):
             session.queue_revoked = set()  # type: ignore[attr-defined]
             session.queue_qos0 = set()  # type: ignore[attr-defined]
             session.queue_qos2 = {}  # type: ignore[attr-defined]
+            session.ordinary = None  # type: ignore[attr-defined]
         handler.__class__ = QueueProtocolHandler
-        handler._init_queue_state(self.queues, self.persistent_queue_subscriptions, self._live)  # type: ignore
+        handler._init_queue_state(self.queues, self.persistent_queue_subscriptions, self._live, self)  # type: ignore
         previous = self._live.get(session.client_id)
         if previous is not None and previous is not handler:
             # [MQTT-3.1.4-2]: the newer connection of a client id takes over; amqtt leaves the older one open
@@ -393,15 +521,39 @@ class ShoalBroker(Broker):
         self._live[session.client_id] = handler  # type: ignore[assignment]
         if session.clean_session:
             self.persistent_queue_subscriptions.pop(session.client_id, None)
+        # CONNACK's session present flag [MQTT-3.2.2-2] is the session engine's answer: amqtt drops the persistent
+        # sessions of anonymous clients a second after they leave, and the engine keeps them.
+        kept = self.engine.sessions.get(session.client_id)
+        session.parent = int(not session.clean_session and kept is not None and kept.persistent)
         if session.keep_alive > 0:
             # [MQTT-3.1.2-24]: one and a half times the keep-alive (amqtt adds its own delay, 0 here).
             session.keep_alive = math.ceil(session.keep_alive * 1.5)
         return handler, session
 
+    async def _broadcast_message(self, session: Session | None, topic: str | None, data: bytes | bytearray | None,
+                                 force_qos: int | None = None) -> None:
+        """What amqtt still publishes itself (a will, when a connection ends without DISCONNECT) goes through the
+        session engine."""
+        if topic:
+            self.engine.publish(Message(topic, bytes(data or b""), force_qos or 0))
+
+    async def retain_message(self, source_session: Session | None, topic_name: str | None,
+                             data: bytes | bytearray | None, qos: int | None = None) -> None:
+        if topic_name:
+            self.engine.retain(topic_name, bytes(data or b""), qos or 0)
+
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         topic_filter, qos = subscription
-        if not topic_filter.startswith("$"):
-            return await super().add_subscription(subscription, session)
+        if not topic_filter.startswith("$queue"):
+            ordinary = getattr(session, "ordinary", None)
+            if ordinary is None:
+                return SUBACK_FAILURE
+            return self.engine.subscribe(ordinary, [(topic_filter, qos)])[0]
+        return self.subscribe_queue(topic_filter, qos, session)
+
+    def subscribe_queue(self, topic_filter: str, qos: int, session: Session) -> int:
+        """A ``$queue/`` subscription: the connection consumes the queue. Returns the QoS granted (at most 1),
+        or SUBACK_FAILURE."""
         try:
             name = queue_of_filter(topic_filter)
         except BadQueueName as exc:
@@ -421,8 +573,11 @@ class ShoalBroker(Broker):
         return granted
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
-        if not a_filter.startswith("$"):
-            return super()._del_subscription(a_filter, session)
+        if not a_filter.startswith("$queue"):
+            ordinary = getattr(session, "ordinary", None)
+            if ordinary is not None:
+                self.engine.unsubscribe(ordinary, [a_filter])
+            return 0
         try:
             name = queue_of_filter(a_filter)
         except BadQueueName:

@@ -58,7 +58,8 @@ class Limits:
 
     #: QoS 1 and 2 messages in flight to one session (mosquitto's ``max_inflight_messages``).
     max_inflight: int = 20
-    #: Messages queued for one session beyond those in flight, or while it is offline (``max_queued_messages``).
+    #: Messages queued for one session beyond those in flight, or while it is offline (``max_queued_messages``;
+    #: 0: no limit, as in mosquitto).
     max_queued: int = 1000
     #: Bytes of payload queued for one session (``max_queued_bytes``; 0: no limit).
     max_queued_bytes: int = 0
@@ -241,6 +242,13 @@ class SessionEngine:
 
     # -- publishing --------------------------------------------------------------------------------
 
+    def retain(self, topic: str, payload: bytes, qos: int) -> None:
+        """Keep (or, for an empty payload, clear) the retained message of ``topic`` without routing it."""
+        if payload:
+            self.retained[topic] = Message(topic, payload, qos, True)
+        else:
+            self.retained.pop(topic, None)
+
     def publish(self, message: Message) -> int:
         """Route one message to every matching session; returns how many it went to."""
         if message.retain:
@@ -267,7 +275,7 @@ class SessionEngine:
             self._send_inflight(session, message, qos, retain)
             return
         limits = self.limits
-        if len(session.queued) >= limits.max_queued or (
+        if (limits.max_queued and len(session.queued) >= limits.max_queued) or (
                 limits.max_queued_bytes and session.queued_bytes + len(message.payload) > limits.max_queued_bytes):
             self._drop(session, "its queue is full", message)
             return
