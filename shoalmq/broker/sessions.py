@@ -1,9 +1,9 @@
 """MQTT 3.1.1 sessions and the fan-out of ordinary topics, apart from any socket or codec.
 
-The engine the ordinary-topic path is built on (``docs/design.md``, "Ordinary topics and sessions"; the front end
-does not route through it yet). It is protocol-neutral: a connection is anything with ``write``, ``buffered`` and
-``close``; an MQTT 5 codec maps its packets onto the same calls (its session expiry and receive maximum become a
-session's ``persistent`` lifetime and ``limits.max_inflight``).
+The engine of ordinary topics (``docs/design.md``, "Ordinary topics and sessions"): the fast path decodes the
+packets and ``QueueProtocolHandler`` calls this. It is protocol-neutral: a connection is anything with ``write``,
+``buffered`` and ``close``; an MQTT 5 codec maps its packets onto the same calls (its session expiry and receive
+maximum become a session's ``persistent`` lifetime and ``limits.max_inflight``). Everything here is in memory.
 
 - **Subscriptions** are kept per session (filter -> QoS) and in one ``TopicTree`` for all; a publish is matched once
   per topic of a batch and goes to every matching session at min(publish QoS, subscription QoS) [MQTT-3.3.5-1].
