@@ -106,6 +106,23 @@ def _size_parser(low: int, high: int) -> Callable[[Any], int]:
     return parse
 
 
+#: mosquitto's units of ``persistent_client_expiration``: hours, days, weeks, months (30 days), years (365 days).
+DURATION_UNITS = {"h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}
+
+
+def _parse_expiration(value: Any) -> int:
+    """Seconds, from a whole number of seconds or mosquitto's ``<n>h|d|w|m|y``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        if text[:-1].isdigit() and int(text[:-1]) > 0 and text[-1:] in DURATION_UNITS:
+            return int(text[:-1]) * DURATION_UNITS[text[-1]]
+    raise ValueError(f"expected a number of seconds or a duration like 2h, 1d, 1w, 1m (30 days), 1y, got {value!r}")
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """A parser for a setting whose absence (None, or an empty string) means "not set"."""
     def parse_optional(value: Any) -> Any:
@@ -185,6 +202,9 @@ OPTIONS: tuple[Option, ...] = (
            "persistent session; more are dropped and counted (0: no limit)"),
     Option("max_queued_bytes", "--max-queued-bytes", 0, _size_parser(0, 1 << 50), "BYTES",
            "payload bytes queued for one client, as max_queued_messages (0: no limit)"),
+    Option("persistent_client_expiration", "--persistent-client-expiration", None, _optional(_parse_expiration),
+           "DURATION", "forget a persistent session whose client has been away this long (seconds, or mosquitto's "
+           "2h, 1d, 1w, 1m, 1y; not set: keep it until the broker stops)"),
     Option("etcd", "--etcd", None, _optional(_parse_endpoints), "URLS",
            "join a cluster coordinated by these etcd endpoints (comma-separated http://HOST:PORT, tried in turn); "
            "not set: a single node that needs nothing else"),
@@ -235,6 +255,7 @@ class Config:
     max_inflight_messages: int = 20
     max_queued_messages: int = 1000
     max_queued_bytes: int = 0
+    persistent_client_expiration: int | None = None
     etcd: tuple[str, ...] | None = None
     node_id: str | None = None
     cluster: str = "shoalmq"

@@ -505,6 +505,8 @@ class RawMqtt:
         connack = self.read()
         if connack.type != 2 or connack.body[1] != 0:
             raise ConnectionError(f"CONNECT refused: {connack}")
+        #: CONNACK's session present flag [MQTT-3.2.2-2].
+        self.session_present = bool(connack.body[0] & 1)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

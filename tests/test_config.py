@@ -258,3 +258,16 @@ def test_cluster_settings(tmp_path: Path) -> None:
 def test_bad_cluster_settings(args: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(args)
+
+
+@pytest.mark.parametrize("text, seconds", [("3600", 3600), ("2h", 7200), ("1d", 86400), ("1w", 604800),
+                                           ("1m", 30 * 86400), ("1y", 365 * 86400)])
+def test_persistent_client_expiration_takes_seconds_or_mosquitto_s_durations(text: str, seconds: int) -> None:
+    assert load_config(["--persistent-client-expiration", text]).persistent_client_expiration == seconds
+    assert load_config([]).persistent_client_expiration is None
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "2x", "h", "1.5h"])
+def test_a_bad_expiration_names_the_flag(text: str) -> None:
+    with pytest.raises(ConfigError, match="--persistent-client-expiration: expected a number of seconds"):
+        load_config(["--persistent-client-expiration", text])

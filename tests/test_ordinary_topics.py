@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BrokerFactory
-from tests.support import BrokerProcess, RawMqtt, connect_packet, puback_packet, subscribe_packet
+from tests.support import BrokerProcess, RawMqtt, connect_packet, puback_packet, subscribe_packet, wait_until
 
 
 def read_rss_kib(pid: int) -> int:
@@ -90,6 +90,7 @@ def test_messages_in_flight_are_sent_again_with_dup_in_order_on_resume(broker: B
     first.send(puback_packet(held[0].publish_fields()[1]))  # only the first is acknowledged
     first.close()
     again = RawMqtt(broker.port, "resume", clean_session=False)
+    assert again.session_present
     resent = [again.read(5) for _ in range(2)]
     assert [f.publish_fields()[2] for f in resent] == [b"1", b"2"]
     assert [f.publish_fields()[1] for f in resent] == [f.publish_fields()[1] for f in held[1:]]
@@ -137,5 +138,19 @@ def test_the_queue_limits_are_the_flags(broker_factory: BrokerFactory, mqtt_clie
         back.send(puback_packet(frame.publish_fields()[1]))
     rest = [back.read(5) for _ in range(2)]
     assert [f.publish_fields()[2] for f in rest] == [b"3", b"4"], "5 kept in all, the other 15 dropped"
+    with pytest.raises(TimeoutError):
+        back.read(0.5)
+
+
+def test_a_persistent_session_away_past_its_expiration_is_forgotten(broker_factory: BrokerFactory,
+                                                                     mqtt_client) -> None:
+    broker = broker_factory(["--persistent-client-expiration", "1"])
+    away = mqtt_client(broker.port, client_id="leaver", clean_session=False)
+    away.subscribe("exp/#", qos=1)
+    away.disconnect()
+    mqtt_client(broker.port).publish("exp/x", b"kept for a second", qos=1)
+    wait_until(lambda: "session of client leaver expired" in broker.log, 10, "the session's expiry")
+    back = RawMqtt(broker.port, "leaver", clean_session=False)
+    assert back.session_present is False
     with pytest.raises(TimeoutError):
         back.read(0.5)

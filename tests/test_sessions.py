@@ -264,3 +264,26 @@ def test_a_queue_limit_of_0_is_no_limit() -> None:
             engine.publish(msg("t", b"%d" % i, qos=1))
         assert len(session.queued) == 5000 and session.dropped == 0
     run(body, Limits(max_queued=0))
+
+
+def test_a_persistent_session_expires_after_its_client_stays_away(caplog: pytest.LogCaptureFixture) -> None:
+    async def body(engine: SessionEngine) -> None:
+        gone, back = FakeConnection(), FakeConnection()
+        lost, _ = engine.connect("gone", False, gone)
+        kept, _ = engine.connect("back", False, back)
+        for session in (lost, kept):
+            engine.subscribe(session, [("t", 1)])
+        engine.end(lost, gone)
+        engine.end(kept, back)
+        engine.publish(msg("t", "queued", qos=1))
+        again = FakeConnection()
+        resumed, present = engine.connect("back", False, again)  # back in time: its expiry is called off
+        assert present and resumed is kept
+        with caplog.at_level(logging.INFO, logger="shoalmq.broker.sessions"):
+            await asyncio.sleep(0.15)
+        assert "gone" not in engine.sessions and "back" in engine.sessions
+        assert engine.publish(msg("t", "after")) == 1, "the expired session's subscription is gone too"
+        assert any("session of client gone expired after 0 s away: 1 queued" in r.message for r in caplog.records)
+        fresh, present = engine.connect("gone", False, FakeConnection())
+        assert not present and fresh is not lost
+    run(body, Limits(expiry=0.1))

@@ -87,7 +87,8 @@ class MqttFrontEnd:
         self._broker = ShoalBroker(amqtt_config(config), self._queues, config.connect_timeout,
                                    Limits(max_inflight=config.max_inflight_messages,
                                           max_queued=config.max_queued_messages,
-                                          max_queued_bytes=config.max_queued_bytes))
+                                          max_queued_bytes=config.max_queued_bytes,
+                                          expiry=config.persistent_client_expiration))
         await self._broker.start()
         listen = self._config.listen
         max_packet_size = self._config.max_packet_size

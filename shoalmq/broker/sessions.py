@@ -21,6 +21,8 @@ maximum become a session's ``persistent`` lifetime and ``limits.max_inflight``).
 - **Wills** are published through ``end(session, connection, will)`` when a connection ends without DISCONNECT.
 - **Writes**: what a session is sent in one event-loop turn goes in one ``write`` (``flush``, scheduled once per
   turn).
+- **Expiry**: a persistent session whose client stays away ``limits.expiry`` seconds is forgotten, with what it
+  held (mosquitto's ``persistent_client_expiration``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class Limits:
     max_queued_bytes: int = 0
     #: Bytes waiting in a connection's transport past which it gets no more QoS 0 messages.
     max_buffered: int = 4 << 20
+    #: Seconds a persistent session is kept while its client is away (mosquitto's
+    #: ``persistent_client_expiration``; None: until the broker stops).
+    expiry: float | None = None
 
 
 class Connection(Protocol):
@@ -109,6 +114,7 @@ class Session:
         self._next_id = 0
         self._out: list[bytes] = []
         self._warned = False
+        self._expiry: asyncio.TimerHandle | None = None
 
     def next_packet_id(self) -> int:
         """The next identifier not in flight (nor ``busy``); RuntimeError if all 65,535 are."""
@@ -181,6 +187,9 @@ class SessionEngine:
         else:
             session, present = existing, True
             session.busy = busy
+            if session._expiry is not None:
+                session._expiry.cancel()
+                session._expiry = None
         session.connection = connection
         if present:
             self._resume(session)
@@ -195,8 +204,17 @@ class SessionEngine:
             session._out.clear()
             if not session.persistent:
                 self._forget(session)
+            elif self.limits.expiry is not None:
+                session._expiry = asyncio.get_running_loop().call_later(self.limits.expiry, self._expire, session)
         if will is not None:
             self.publish(will)
+
+    def _expire(self, session: Session) -> None:
+        session._expiry = None
+        if session.connection is None and self.sessions.get(session.client_id) is session:
+            log.info("session of client %s expired after %.0f s away: %d queued and %d in-flight message(s) "
+                     "dropped", session.client_id, self.limits.expiry, len(session.queued), len(session.inflight))
+            self._forget(session)
 
     def _forget(self, session: Session) -> None:
         for topic_filter in session.subscriptions:
