@@ -1,22 +1,27 @@
-"""The batched front end: ``$queue/`` traffic parsed in bulk from each socket read, beside amqtt.
+"""The batched front end: every packet after CONNECT parsed in bulk from each socket read, beside amqtt.
 
 amqtt reads a packet field by field, with a task per packet: ~100 µs of CPU per packet. ``QueueFastProtocol``
 is the connection's asyncio protocol instead. Each read is split into frames by the Cython codec
 (``shoalmq._native.mqtt_codec``), many per call, and then:
 
-- a PUBLISH to a ``$`` topic goes, with the others of the same read, to ``QueueProtocolHandler.queue_publishes``,
-  as runs of one topic and QoS: one call into the queue manager per run, one write of acks per commit;
-- the PUBACKs of a read go to the handler as one list (``queue_acks``; applied as one batch per loop iteration),
-  and those of amqtt's own deliveries go on to amqtt; a PUBREL of a QoS 2 queue publish goes to the handler;
-- every other frame (CONNECT, SUBSCRIBE, PINGREQ, ordinary publishes, their acks, DISCONNECT, ...) is checked by
-  the frame guard's rules and fed, whole, to the amqtt stream reader behind the protocol, which handles it as before.
+- a PUBLISH to a ``$queue`` (or ``$SYS``, to be refused) topic goes, with the others of the same read, to
+  ``QueueProtocolHandler.queue_publishes``, as runs of one topic and QoS: one call into the queue manager per
+  run, one write of acks per commit;
+- the PUBACKs of a read go to the handler as one list (``queue_acks``; applied as one batch per loop iteration);
+  a PUBREL of a QoS 2 queue publish goes to the handler;
+- a PUBLISH to an ordinary topic goes, with the others of the same read, to ``ordinary_publishes`` (the session
+  engine, ``shoalmq.broker.sessions``); PUBACKs that are not of queue deliveries, PUBRECs, PUBCOMPs and PUBRELs
+  go to the engine through the handler; SUBSCRIBE and UNSUBSCRIBE are checked by the frame guard's rules and
+  answered by the handler; PINGREQ is answered here;
+- CONNECT and DISCONNECT are checked by the frame guard's rules and fed, whole, to the amqtt stream reader behind
+  the protocol, which handles them.
 
 Frames that arrive before amqtt has answered the CONNECT (it creates the handler) wait, in order, and are processed
 once it has. A malformed frame closes the connection, with the reason logged once.
 
 Ordering: ``$queue/`` publishes are stored and acknowledged in the order they came. PUBACKs of QoS 1 publishes to
-ordinary topics (amqtt's) and to queues (ours) are two streams, each in order; across them, MQTT's rule that PUBACKs
-follow the order of the PUBLISHes [MQTT-4.6.0-2] is not kept.
+ordinary topics (sent once routed) and to queues (once durable) are two streams, each in order; across them,
+MQTT's rule that PUBACKs follow the order of the PUBLISHes [MQTT-4.6.0-2] is not kept.
 
 Flow control: a publisher that outruns the disk is slowed by withheld PUBACKs; once ``MAX_UNACKED`` of its publishes
 wait for a commit, the protocol stops reading its socket until they are acknowledged.

@@ -170,12 +170,14 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     # -- publishing -----------------------------------------------------------------------------------
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
-        topic = publish_packet.topic_name
-        if topic is None or not topic.startswith(("$queue", "$SYS")):
-            await super().handle_publish(publish_packet)
-            return
-        self.queue_publishes([(topic, publish_packet.qos or 0, [publish_packet.packet_id or 0],
-                               [bytes(publish_packet.data or b"")])])
+        """A PUBLISH that reached amqtt's reader (the fast path takes them all) goes where the fast path's go."""
+        topic = publish_packet.topic_name or ""
+        qos, payload = publish_packet.qos or 0, bytes(publish_packet.data or b"")
+        if topic.startswith(("$queue", "$SYS")):
+            self.queue_publishes([(topic, qos, [publish_packet.packet_id or 0], [payload])])
+        elif self.session is not None and self.session.ordinary is not None:  # type: ignore[attr-defined]
+            flags = (qos << 1) | (1 if publish_packet.retain_flag else 0)
+            self.ordinary_publishes([(3, flags, topic, publish_packet.packet_id or 0, payload)])
 
     def queue_publishes(self, runs: list[tuple[str, int, list[int], list[bytes]]]) -> asyncio.Future[None] | None:
         """Store publishes to ``$queue/`` topics, given as runs of one topic and QoS: (topic, qos, packet ids,
@@ -343,6 +345,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         """PUBLISHes to ordinary topics, decoded (``(3, flags, topic, packet id, payload)``), in order: each routed
         to the subscribers it matches, then acknowledged (PUBACK, or PUBREC for QoS 2) in one write. A QoS 2
         publish sent again before its PUBREL is acknowledged again, not routed again [MQTT-4.3.3-2]."""
+        if self._closing:
+            return  # refused: nothing after it is taken
         session = self.session.ordinary  # type: ignore[union-attr]
         engine = self.engine
         acks = bytearray()
@@ -378,6 +382,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     def subscribe_packet(self, body: bytes) -> None:
         """SUBSCRIBE: queue filters to the queue manager, the others to the session engine; SUBACK, then the
         retained messages the filters match [MQTT-3.8.4-1] [MQTT-3.8.4-3]."""
+        if self._closing:
+            return  # refused: nothing after it is taken
         packet_id, requests = parse_subscribe(body)
         granted = bytearray()
         for topic_filter, qos in requests:
@@ -388,6 +394,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         self._write(_frame(0x90, packet_id.to_bytes(2, "big") + bytes(granted)))
 
     def unsubscribe_packet(self, body: bytes) -> None:
+        if self._closing:
+            return  # refused: nothing after it is taken
         packet_id, filters = parse_unsubscribe(body)
         ordinary = []
         for topic_filter in filters:
