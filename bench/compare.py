@@ -5,8 +5,9 @@ durability, a new data directory) and runs the load tool on ``$queue/load``, the
 free port, persistence on, ``max_queued_messages 0`` so that it drops nothing it acknowledged) with its consumers on
 ``$share/g/bench/load``, and prints the medians of the rounds and the ratios ShoalMQ / mosquitto.
 
-``--ordinary`` compares an ordinary topic instead: publishers and consumers on ``bench/load`` on both brokers (use
-one consumer: every consumer of an ordinary topic gets every message).
+``--ordinary`` compares an ordinary topic instead: publishers and consumers on ``bench/load`` on both brokers, every
+consumer getting every message (the load tool's ``--fan-out``); ``--consumers`` and ``--qos`` set those of each run
+(``--ordinary --clients 1 --consumers 10 --qos 0``: a QoS 0 fan-out to ten).
 """
 
 from __future__ import annotations
@@ -45,11 +46,15 @@ def wait_listening(port: int, process: subprocess.Popen, timeout: float = 15.0) 
     raise RuntimeError(f"nothing listening on {port} after {timeout} s")
 
 
+#: Extra load tool flags of every run (``main`` sets them: consumers, QoS, fan-out).
+LOAD_FLAGS: list[str] = []
+
+
 def load(port: int, pid: int, topic: str, sub_topic: str, messages: int, size: int, clients: int,
          out: Path) -> dict:
     subprocess.run([sys.executable, "-m", "bench.loadtool", "--port", str(port), "--topic", topic, "--sub-topic",
                     sub_topic, "--messages", str(messages), "--size", str(size), "--publishers", str(clients),
-                    "--consumers", str(clients), "--broker-pid", str(pid), "--json", str(out)],
+                    "--consumers", str(clients), "--broker-pid", str(pid), "--json", str(out), *LOAD_FLAGS],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=600)
     return json.loads(out.read_text())
 
@@ -96,8 +101,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="100,1024", help="payload sizes, comma-separated")
     parser.add_argument("--clients", default="1,2", help="publishers (= consumers) per run, comma-separated")
-    parser.add_argument("--ordinary", action="store_true", help="an ordinary topic (bench/load), not a queue")
+    parser.add_argument("--ordinary", action="store_true", help="an ordinary topic (bench/load), not a queue: "
+                        "every consumer gets every message (the load tool's --fan-out)")
+    parser.add_argument("--consumers", type=int, default=None, help="consumers per run (default: as --clients)")
+    parser.add_argument("--qos", type=int, choices=(0, 1), default=1)
     args = parser.parse_args()
+    if args.consumers is not None:
+        LOAD_FLAGS.extend(["--consumers", str(args.consumers)])  # (the later flag wins)
+    LOAD_FLAGS.extend(["--qos", str(args.qos)] + (["--fan-out"] if args.ordinary else []))
     sizes = [int(s) for s in args.sizes.split(",")]
     clients = [int(c) for c in args.clients.split(",")]
     rows = []
@@ -112,7 +123,8 @@ def main() -> int:
                 rows.append((n, size, shoal, mosq))
     med = statistics.median
     what = "an ordinary topic" if args.ordinary else "ShoalMQ fsync'd $queue/ vs mosquitto's shared subscription"
-    print(f"{args.messages} QoS 1 messages per run, {args.rounds} rounds, medians; {what}")
+    fan = f", {args.consumers} consumers" if args.consumers is not None else ""
+    print(f"{args.messages} QoS {args.qos} messages per run{fan}, {args.rounds} rounds, medians; {what}")
     print("| pub/con | size | ShoalMQ msgs/s | p50/p99 ms | CPU s/100K | mosquitto msgs/s | p50/p99 ms | CPU s/100K "
           "| throughput ratio | CPU ratio | lost/dup (ShoalMQ, mosquitto) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -123,7 +135,7 @@ def main() -> int:
         s_cpu, q_cpu = m(shoal, "broker_cpu_per_100k"), m(mosq, "broker_cpu_per_100k")
         lost = (sum(r["lost"] for r in shoal), sum(r["duplicates"] for r in shoal),
                 sum(r["lost"] for r in mosq), sum(r["duplicates"] for r in mosq))
-        print(f"| {n}/{n} | {size} B | {s_rate:,.0f} | {m(shoal, 'latency_p50_ms'):.1f}/"
+        print(f"| {n}/{args.consumers or n} | {size} B | {s_rate:,.0f} | {m(shoal, 'latency_p50_ms'):.1f}/"
               f"{m(shoal, 'latency_p99_ms'):.1f} | {s_cpu:.2f} | {q_rate:,.0f} | {m(mosq, 'latency_p50_ms'):.1f}/"
               f"{m(mosq, 'latency_p99_ms'):.1f} | {q_cpu:.2f} | {s_rate / q_rate:.2f}x | {s_cpu / q_cpu:.2f}x | "
               f"{lost[0]}/{lost[1]}, {lost[2]}/{lost[3]} |")

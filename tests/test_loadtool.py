@@ -109,6 +109,25 @@ def test_shared_subscription_run_accounts_for_every_message(mosquitto: Mosquitto
     assert "broker CPU / 100K" in result.stdout
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker_kind", ["mosquitto", "shoalmq"])
+def test_a_fan_out_run_counts_every_consumer_s_copy(broker_kind: str, mosquitto: MosquittoProcess,
+                                                    broker_factory, tmp_path: Path) -> None:
+    broker = mosquitto if broker_kind == "mosquitto" else broker_factory()
+    report_path = tmp_path / "fan.json"
+    messages = 3_000
+    result = run_loadtool(
+        "--port", str(broker.port), "--publishers", "1", "--consumers", "3", "--messages", str(messages),
+        "--size", "100", "--topic", "fan/t", "--sub-topic", "fan/t", "--fan-out", "--client-prefix", "f",
+        "--json", str(report_path),
+    )
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    report = json.loads(report_path.read_text())
+    assert report["fan_out"] is True and report["acked"] == messages
+    assert report["delivered"] == report["delivered_unique"] == 3 * messages, "every consumer got every message"
+    assert report["lost"] == 0 and report["duplicates"] == 0
+
+
 def test_a_paced_run_sends_no_faster_than_the_rate(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
     """``--rate`` paces the publishers (message i is due at i / rate s): the run cannot end before its schedule."""
     report_path = tmp_path / "paced.json"

@@ -287,3 +287,26 @@ def test_a_persistent_session_expires_after_its_client_stays_away(caplog: pytest
         fresh, present = engine.connect("gone", False, FakeConnection())
         assert not present and fresh is not lost
     run(body, Limits(expiry=0.1))
+
+
+def test_a_subscriber_still_acknowledging_holds_its_publishers_back_past_half_its_queue() -> None:
+    async def body(engine: SessionEngine) -> None:
+        conn = FakeConnection()
+        session, _ = engine.connect("slow", True, conn)
+        engine.subscribe(session, [("t/#", 1)])
+        for i in range(2 + 4):
+            engine.publish(msg("t/x", f"{i}", qos=1))
+        assert len(session.queued) == 4 and not engine.holding_back("t/x")  # high water: 10 // 2 = 5
+        engine.publish(msg("t/x", "5", qos=1))
+        assert engine.holding_back("t/x") and not engine.holding_back("other")
+        session.last_ack -= 2  # no acknowledgement for longer than stalled_after: it holds nobody
+        assert not engine.holding_back("t/x")
+        await turn()
+        [first, *_] = conn.publishes()
+        assert engine.puback(session, first[3])  # acknowledging again (and one more sent from the queue)
+        assert not engine.holding_back("t/x"), "4 queued: under the high-water mark again"
+        engine.publish(msg("t/x", "6", qos=1))
+        assert engine.holding_back("t/x")
+        engine.end(session, conn)  # gone: holds nobody
+        assert not engine.holding_back("t/x")
+    run(body, Limits(max_inflight=2, max_queued=10, stalled_after=1.0))

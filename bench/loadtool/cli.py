@@ -90,6 +90,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--rate", type=float, default=0.0, metavar="MSGS_PER_S",
                         help="pace the publishers to this many messages per second in total (0: as fast as the "
                              "window allows); for latency at a given load")
+    parser.add_argument("--fan-out", action="store_true",
+                        help="every consumer gets every message (an ordinary topic), instead of one of them "
+                             "(a queue or a shared subscription): lost and duplicates are counted per consumer")
     parser.add_argument("--topic", default="bench/load", metavar="TOPIC", help="the topic publishers send to")
     parser.add_argument("--sub-topic", default=None, metavar="FILTER",
                         help="the topic filter consumers subscribe to (QoS 1), e.g. $share/g/bench/load "
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         size=args.size, window=args.window, client_prefix=args.client_prefix,
         drain_timeout=args.drain_timeout, connect_timeout=args.connect_timeout,
         run_id=random.randrange(1, 2**32), per_publisher=per_publisher, consumers=args.consumers,
-        rate=args.rate / p if args.rate > 0 else 0.0,
+        rate=args.rate / p if args.rate > 0 else 0.0, fan_out=args.fan_out,
     )
     control = ctx.Queue()
     go = ctx.Event()
@@ -261,19 +264,29 @@ def summarize(args: argparse.Namespace, per_publisher: Sequence[int], pubs: list
         else:
             confirmed[start:start + r["sent"]] = True
 
-    keys = np.concatenate([np.frombuffer(r["keys"], dtype=np.uint64) for r in cons] or [np.zeros(0, np.uint64)])
-    lats = np.concatenate([np.frombuffer(r["lats"], dtype=np.int64) for r in cons] or [np.zeros(0, np.int64)])
-    pub_of = (keys >> np.uint64(32)).astype(np.int64)
-    seq_of = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    valid = pub_of < len(per_publisher)
-    valid[valid] = seq_of[valid] < limits[pub_of[valid]]
-    flat = offsets[pub_of[valid]] + seq_of[valid]
-    counts = np.bincount(flat, minlength=total)
-    deliveries = int(valid.sum())
-    unique = int(np.count_nonzero(counts))
-    duplicates = deliveries - unique
-    lost = int(np.count_nonzero(confirmed & (counts == 0)))
-    foreign = sum(r["foreign"] for r in cons) + int((~valid).sum())
+    def tally(results: list[dict[str, Any]]) -> tuple[Any, Any, int, int, int, int, int]:
+        """(keys' valid mask, latencies, deliveries, unique, duplicates, lost, invalid) of these consumers' keys."""
+        keys = np.concatenate([np.frombuffer(r["keys"], dtype=np.uint64) for r in results]
+                              or [np.zeros(0, np.uint64)])
+        lats = np.concatenate([np.frombuffer(r["lats"], dtype=np.int64) for r in results]
+                              or [np.zeros(0, np.int64)])
+        pub_of = (keys >> np.uint64(32)).astype(np.int64)
+        seq_of = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        valid = pub_of < len(per_publisher)
+        valid[valid] = seq_of[valid] < limits[pub_of[valid]]
+        counts = np.bincount(offsets[pub_of[valid]] + seq_of[valid], minlength=total)
+        deliveries, unique = int(valid.sum()), int(np.count_nonzero(counts))
+        return (valid, lats, deliveries, unique, deliveries - unique,
+                int(np.count_nonzero(confirmed & (counts == 0))), int((~valid).sum()))
+
+    # Competing consumers: each message once, to any of them. Fan-out: each message to every consumer, so each
+    # consumer is tallied alone and the figures summed.
+    groups = [[r] for r in cons] if args.fan_out else [cons]
+    tallies = [tally(group) for group in groups]
+    valid = np.concatenate([t[0] for t in tallies])
+    lats = np.concatenate([t[1] for t in tallies])
+    deliveries, unique, duplicates, lost = (sum(t[i] for t in tallies) for i in (2, 3, 4, 5))
+    foreign = sum(r["foreign"] for r in cons) + sum(t[6] for t in tallies)
 
     sent = sum(r["sent"] for r in pubs)
     acked = sum(r["acked"] for r in pubs) if args.qos else None
@@ -304,6 +317,7 @@ def summarize(args: argparse.Namespace, per_publisher: Sequence[int], pubs: list
         "qos": args.qos,
         "window": args.window,
         "rate": args.rate,
+        "fan_out": args.fan_out,
         "topic": args.topic,
         "sub_topic": args.sub_topic,
         "published": sent,

@@ -56,6 +56,7 @@ class Settings:
     per_publisher: tuple[int, ...]  # messages each publisher sends
     consumers: int
     rate: float = 0.0  # messages per second for each publisher; 0: as fast as the window allows
+    fan_out: bool = False  # every consumer gets every message (an ordinary topic), not one of the consumers
 
 
 def _cpu() -> float:
@@ -297,8 +298,8 @@ def _consumer(index: int, control: Any, settings: Settings, progress: Any, expec
 
 def _consume(conn: Connection, index: int, settings: Settings, progress: Any, expected: Any,
              seen_shared: Any) -> dict[str, Any]:
-    """Receive until every expected message was delivered (to any consumer), or nothing new arrived for
-    ``drain_timeout`` seconds after the publishers finished.
+    """Receive until every expected message was delivered (to any consumer; with ``fan_out``, to this one), or
+    nothing new arrived for ``drain_timeout`` seconds after the publishers finished.
 
     ``progress[i]`` is consumer i's count of first deliveries, ``seen_shared`` a byte per message of the run
     (set by whichever consumer gets it first), ``expected.value`` the messages to wait for (-1 while the
@@ -315,7 +316,9 @@ def _consume(conn: Connection, index: int, settings: Settings, progress: Any, ex
     limits = list(settings.per_publisher)
     npub = len(limits)
     offsets = [sum(limits[:i]) for i in range(npub)]
-    seen = memoryview(seen_shared).cast("B")
+    # Fan-out: this consumer must see every message itself, so the first deliveries it counts are its own.
+    seen = memoryview(bytearray(len(seen_shared)) if settings.fan_out else seen_shared).cast("B")
+    fan_out = settings.fan_out
 
     keys = array("Q")
     lats = array("q")
@@ -403,7 +406,7 @@ def _consume(conn: Connection, index: int, settings: Settings, progress: Any, ex
                 progress[index] = unique
 
         # Stop conditions.
-        total = sum(progress)
+        total = unique if fan_out else sum(progress)
         now_s = monotonic()
         if total != last_total:
             last_total = total

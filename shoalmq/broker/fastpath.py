@@ -24,7 +24,9 @@ ordinary topics (sent once routed) and to queues (once durable) are two streams,
 MQTT's rule that PUBACKs follow the order of the PUBLISHes [MQTT-4.6.0-2] is not kept.
 
 Flow control: a publisher that outruns the disk is slowed by withheld PUBACKs; once ``MAX_UNACKED`` of its publishes
-wait for a commit, the protocol stops reading its socket until they are acknowledged.
+wait for a commit, the protocol stops reading its socket until they are acknowledged. A publisher that outruns the
+subscribers of an ordinary topic is held the same way (``hold("subscribers")``, by the handler) while one of them
+that is still acknowledging has a queue past its high-water mark.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
         self._frames = 0
         self._decoded = 0  # packets decoded on this connection
         self._unacked = 0
-        self._paused = False
+        self._holds: set[str] = set()  # why the socket is not read: "commits", "subscribers"
         self._dead = False
         self._transport_ref: asyncio.Transport | None = None
 
@@ -211,16 +213,26 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
         flush = self.handler.queue_publishes(runs)
         if acked and flush is not None:
             self._unacked += acked
-            if self._unacked >= MAX_UNACKED and not self._paused:
-                self._paused = True
-                self._transport_ref.pause_reading()  # type: ignore[union-attr]
+            if self._unacked >= MAX_UNACKED:
+                self.hold("commits")
             flush.add_done_callback(lambda f, n=acked: self._acknowledged(n))
 
     def _acknowledged(self, count: int) -> None:
         self._unacked -= count
-        if self._paused and self._unacked < MAX_UNACKED // 2 and not self._dead:
-            self._paused = False
-            self._transport_ref.resume_reading()  # type: ignore[union-attr]
+        if self._unacked < MAX_UNACKED // 2:
+            self.release("commits")
+
+    def hold(self, reason: str) -> None:
+        """Stop reading the socket for ``reason`` (until ``release`` of every reason held)."""
+        if not self._holds and not self._dead:
+            self._transport_ref.pause_reading()  # type: ignore[union-attr]
+        self._holds.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self._holds:
+            self._holds.discard(reason)
+            if not self._holds and not self._dead:
+                self._transport_ref.resume_reading()  # type: ignore[union-attr]
 
     def _pass_to_amqtt(self, packet: tuple) -> bool:
         first, body = _reencode(packet)

@@ -58,6 +58,9 @@ from shoalmq.queue.manager import BadQueueName, Delivery, QueueManager, is_queue
 
 log = logging.getLogger(__name__)
 
+#: Seconds between checks whether a publisher held back by its subscribers may be read again.
+HOLD_CHECK = 0.005
+
 
 
 def _frame(first: int, body: bytes) -> bytes:
@@ -150,6 +153,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                           live: dict[str, QueueProtocolHandler], broker: ShoalBroker) -> None:
         self.broker_of_queues = broker
         self.engine = broker.engine
+        self._fast: Any = None  # the connection's QueueFastProtocol, once linked
+        self._held_topics: set[str] | None = None  # topics whose subscribers hold this publisher back
         self.queues = queues
         self.window = queues.consumer_window
         self._persistent = persistent
@@ -350,7 +355,9 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         session = self.session.ordinary  # type: ignore[union-attr]
         engine = self.engine
         acks = bytearray()
+        topics = set()
         for _, flags, topic, packet_id, payload in publishes:
+            topics.add(topic)
             qos = (flags >> 1) & 3
             if qos == 2:
                 if engine.receive_qos2(session, packet_id):
@@ -362,6 +369,20 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                 acks += b"\x40\x02" + packet_id.to_bytes(2, "big")
         if acks:
             self._write(bytes(acks))
+        if self._fast is not None and self._held_topics is None and any(map(engine.holding_back, topics)):
+            self._held_topics = topics
+            self._fast.hold("subscribers")
+            asyncio.get_running_loop().call_later(HOLD_CHECK, self._check_held)
+
+    def _check_held(self) -> None:
+        """Read the publisher again once no subscriber of what it sent holds it back."""
+        if self._closing or self._held_topics is None:
+            return
+        if any(map(self.engine.holding_back, self._held_topics)):
+            asyncio.get_running_loop().call_later(HOLD_CHECK, self._check_held)
+            return
+        self._held_topics = None
+        self._fast.release("subscribers")
 
     def ordinary_acks(self, kind: int, packet_ids: list[int]) -> None:
         """PUBACKs (``kind`` PUBACK), PUBRECs or PUBCOMPs of deliveries of ordinary topics; ids that are none of
@@ -431,7 +452,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     def handle_read_timeout(self) -> None:
         if self._closing:
             return  # closed already: said once, aborted once
-        fast = getattr(self, "_fast", None)
+        fast = self._fast
         if fast is not None and self.session is not None and (
                 asyncio.get_running_loop().time() - fast.last_read < self.session.keep_alive):
             return  # amqtt saw nothing, but the client is busy on the fast path

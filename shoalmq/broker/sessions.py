@@ -21,6 +21,10 @@ maximum become a session's ``persistent`` lifetime and ``limits.max_inflight``).
 - **Wills** are published through ``end(session, connection, will)`` when a connection ends without DISCONNECT.
 - **Writes**: what a session is sent in one event-loop turn goes in one ``write`` (``flush``, scheduled once per
   turn).
+- **Publishers are held back** (``holding_back``) while a subscriber of their topic that is still acknowledging
+  has more than half its queue limit waiting: the front end stops reading the publisher until it drains, so a
+  fast publisher does not overflow a subscriber that is merely slower; one that stopped acknowledging (for
+  ``stalled_after``) holds nobody, and its queue limits apply.
 - **Expiry**: a persistent session whose client stays away ``limits.expiry`` seconds is forgotten, with what it
   held (mosquitto's ``persistent_client_expiration``).
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -70,6 +75,14 @@ class Limits:
     #: Seconds a persistent session is kept while its client is away (mosquitto's
     #: ``persistent_client_expiration``; None: until the broker stops).
     expiry: float | None = None
+    #: Seconds since its last acknowledgement after which a subscriber no longer holds back publishers.
+    stalled_after: float = 1.0
+
+    @property
+    def high_water(self) -> int:
+        """Queued messages past which a subscriber that is still acknowledging holds its publishers back: half of
+        ``max_queued`` (10,000 without a limit)."""
+        return max(self.max_queued // 2, 1) if self.max_queued else 10_000
 
 
 class Connection(Protocol):
@@ -115,6 +128,9 @@ class Session:
         self._out: list[bytes] = []
         self._warned = False
         self._expiry: asyncio.TimerHandle | None = None
+        #: When the client last acknowledged a message (or connected): a subscriber that stopped acknowledging
+        #: does not hold publishers back.
+        self.last_ack = 0.0
 
     def next_packet_id(self) -> int:
         """The next identifier not in flight (nor ``busy``); RuntimeError if all 65,535 are."""
@@ -191,6 +207,7 @@ class SessionEngine:
                 session._expiry.cancel()
                 session._expiry = None
         session.connection = connection
+        session.last_ack = time.monotonic()
         if present:
             self._resume(session)
         return session, present
@@ -279,6 +296,15 @@ class SessionEngine:
             self._deliver(session, message, qos if qos < message.qos else message.qos, retain=False)
         return len(matched)
 
+    def holding_back(self, topic: str) -> bool:
+        """Whether a subscriber of ``topic`` has a queue past its high-water mark while it still acknowledges
+        (within ``stalled_after``): its publishers should wait (a subscriber that stopped, or is away, does not
+        hold anyone back: its queue limits apply)."""
+        high, stalled = self.limits.high_water, self.limits.stalled_after
+        now = time.monotonic()
+        return any(len(session.queued) >= high and session.connection is not None
+                   and now - session.last_ack < stalled for session in self.tree.match(topic))
+
     def _deliver(self, session: Session, message: Message, qos: int, retain: bool) -> None:
         connection = session.connection
         if qos == 0:
@@ -328,6 +354,7 @@ class SessionEngine:
         if out is None or out.qos != 1:
             return False
         del session.inflight[packet_id]
+        session.last_ack = time.monotonic()
         self._pump(session)
         return True
 
@@ -345,6 +372,7 @@ class SessionEngine:
         if out is None or out.qos != 2 or out.state != RELEASED:
             return False
         del session.inflight[packet_id]
+        session.last_ack = time.monotonic()
         self._pump(session)
         return True
 
