@@ -80,6 +80,7 @@ def test_etcdctl_shows_three_nodes_and_an_owner_for_every_partition(cluster: Clu
     lines = listing.splitlines()
     entries = dict(zip(lines[::2], lines[1::2], strict=True))
     for node in ("n1", "n2", "n3"):
+        assert f"/shoalmq/nodes/{node}" in entries, f"no key of {node} right after it owned partitions:\n{listing}"
         info = json.loads(entries[f"/shoalmq/nodes/{node}"])
         assert info["node_id"] == node and info["mqtt"] == f"127.0.0.1:{cluster.nodes[node].port}"
         assert info["grpc"].startswith("127.0.0.1:") and info["version"]

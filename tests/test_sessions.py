@@ -310,3 +310,13 @@ def test_a_subscriber_still_acknowledging_holds_its_publishers_back_past_half_it
         engine.end(session, conn)  # gone: holds nobody
         assert not engine.holding_back("t/x")
     run(body, Limits(max_inflight=2, max_queued=10, stalled_after=1.0))
+
+
+def test_a_publisher_is_not_held_back_by_its_own_subscription() -> None:
+    async def body(engine: SessionEngine) -> None:
+        session, _ = engine.connect("self", True, FakeConnection())
+        engine.subscribe(session, [("loop", 1)])
+        for i in range(10):
+            engine.publish(msg("loop", f"{i}", qos=1))
+        assert engine.holding_back("loop") and not engine.holding_back("loop", session)
+    run(body, Limits(max_inflight=2, max_queued=10))

@@ -369,7 +369,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                 acks += b"\x40\x02" + packet_id.to_bytes(2, "big")
         if acks:
             self._write(bytes(acks))
-        if self._fast is not None and self._held_topics is None and any(map(engine.holding_back, topics)):
+        if self._fast is not None and self._held_topics is None and any(
+                engine.holding_back(topic, session) for topic in topics):
             self._held_topics = topics
             self._fast.hold("subscribers")
             asyncio.get_running_loop().call_later(HOLD_CHECK, self._check_held)
@@ -378,7 +379,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         """Read the publisher again once no subscriber of what it sent holds it back."""
         if self._closing or self._held_topics is None:
             return
-        if any(map(self.engine.holding_back, self._held_topics)):
+        publisher = self.session.ordinary  # type: ignore[union-attr]
+        if any(self.engine.holding_back(topic, publisher) for topic in self._held_topics):
             asyncio.get_running_loop().call_later(HOLD_CHECK, self._check_held)
             return
         self._held_topics = None

@@ -296,13 +296,14 @@ class SessionEngine:
             self._deliver(session, message, qos if qos < message.qos else message.qos, retain=False)
         return len(matched)
 
-    def holding_back(self, topic: str) -> bool:
-        """Whether a subscriber of ``topic`` has a queue past its high-water mark while it still acknowledges
-        (within ``stalled_after``): its publishers should wait (a subscriber that stopped, or is away, does not
-        hold anyone back: its queue limits apply)."""
+    def holding_back(self, topic: str, publisher: Session | None = None) -> bool:
+        """Whether a subscriber of ``topic`` (other than ``publisher``, whose acks are not read while it is held)
+        has a queue past its high-water mark while it still acknowledges (within ``stalled_after``): its
+        publishers should wait (a subscriber that stopped, or is away, does not hold anyone back: its queue limits
+        apply)."""
         high, stalled = self.limits.high_water, self.limits.stalled_after
         now = time.monotonic()
-        return any(len(session.queued) >= high and session.connection is not None
+        return any(len(session.queued) >= high and session.connection is not None and session is not publisher
                    and now - session.last_ack < stalled for session in self.tree.match(topic))
 
     def _deliver(self, session: Session, message: Message, qos: int, retain: bool) -> None:
