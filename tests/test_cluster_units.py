@@ -324,6 +324,37 @@ def test_a_consumer_node_asks_each_owner_for_what_its_consumers_hold_and_take() 
     run(body())
 
 
+def test_a_credit_sent_early_grows_to_what_consumers_that_ack_nothing_may_hold() -> None:
+    """Consumers that hold messages without acking (their acks would carry credits) still get more, up to their
+    windows: a credit sent while they held 81 (81 + 16) is raised by each tick as they hold more, not left below a
+    quarter's change (seen: 97 of a 128-message window delivered, then nothing for 20 s)."""
+    from shoalmq.cluster import routing
+
+    async def body() -> None:
+        manager = clustered(FakeCluster())
+
+        class View:
+            node_id, nodes, owners = "n1", {}, {}
+
+        router = Router(manager, View())  # type: ignore[arg-type]
+        router._credits["q"] = 128
+        client = routing.RouteClient(router, "n2", "127.0.0.1:1")
+        client.start()
+        proxy = router.proxies[("n2", "q", 0)] = RemotePartition(client, "q", 0, 3)
+        client._sent["q"] = 97  # (held 81 + the least prefetch)
+        offset = 0
+        for _ in range(4):  # the owner fills each credit; the consumers take all and ack nothing
+            more = client._sent["q"] - offset
+            proxy.add([b"\x00\x00m"] * more, list(range(offset, offset + more)), bytes([1] * more))
+            offset += more
+            proxy.take(more)
+            client.tick(0.1)
+        assert client._sent["q"] == offset + routing.PREFETCH_MIN >= 128 + routing.PREFETCH_MIN - 8
+        await client.close()
+
+    run(body())
+
+
 def test_a_transferred_partition_keeps_its_offsets_delivery_counts_and_high_water_mark() -> None:
     """A handoff moves the same messages, not new ones: the new owner stores them at their offsets with their
     delivery counts, and continues its offsets after the old owner's; where its own log is already past them (it

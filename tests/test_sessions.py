@@ -320,3 +320,22 @@ def test_a_publisher_is_not_held_back_by_its_own_subscription() -> None:
             engine.publish(msg("loop", f"{i}", qos=1))
         assert engine.holding_back("loop") and not engine.holding_back("loop", session)
     run(body, Limits(max_inflight=2, max_queued=10))
+
+
+def test_a_subscriber_still_reading_with_a_full_buffer_holds_its_publishers_back() -> None:
+    async def body(engine: SessionEngine) -> None:
+        conn = FakeConnection()
+        session, _ = engine.connect("reader", True, conn)
+        engine.subscribe(session, [("q0", 0)])
+        conn.backlog = 600
+        assert engine.holding_back("q0"), "over half of max_buffered, and it has not stalled yet"
+        conn.backlog = 550  # it reads: still held back while its buffer is over half
+        assert engine.holding_back("q0")
+        conn.backlog = 400
+        assert not engine.holding_back("q0")
+        conn.backlog = 900
+        session.last_drained -= 2  # nothing read for longer than stalled_after: it holds nobody
+        assert not engine.holding_back("q0")
+        conn.backlog = 800  # reading again
+        assert engine.holding_back("q0")
+    run(body, Limits(max_buffered=1000, stalled_after=1.0))

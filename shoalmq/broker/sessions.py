@@ -22,9 +22,10 @@ maximum become a session's ``persistent`` lifetime and ``limits.max_inflight``).
 - **Writes**: what a session is sent in one event-loop turn goes in one ``write`` (``flush``, scheduled once per
   turn).
 - **Publishers are held back** (``holding_back``) while a subscriber of their topic that is still acknowledging
-  has more than half its queue limit waiting: the front end stops reading the publisher until it drains, so a
-  fast publisher does not overflow a subscriber that is merely slower; one that stopped acknowledging (for
-  ``stalled_after``) holds nobody, and its queue limits apply.
+  has more than half its queue limit waiting, or one still reading (its write buffer shrinks) has more than half
+  of ``max_buffered`` waiting: the front end stops reading the publisher until it drains, so a fast publisher
+  does not overflow a subscriber that is merely slower; one that stopped (for ``stalled_after``) holds nobody,
+  and its limits apply.
 - **Expiry**: a persistent session whose client stays away ``limits.expiry`` seconds is forgotten, with what it
   held (mosquitto's ``persistent_client_expiration``).
 """
@@ -131,6 +132,10 @@ class Session:
         #: When the client last acknowledged a message (or connected): a subscriber that stopped acknowledging
         #: does not hold publishers back.
         self.last_ack = 0.0
+        #: The connection's write buffer when last looked at, and when it was last seen to shrink: a subscriber
+        #: whose buffer shrinks is still reading (what QoS 0, which has no acks, tells of progress).
+        self.last_buffered = 0
+        self.last_drained = 0.0
 
     def next_packet_id(self) -> int:
         """The next identifier not in flight (nor ``busy``); RuntimeError if all 65,535 are."""
@@ -207,7 +212,7 @@ class SessionEngine:
                 session._expiry.cancel()
                 session._expiry = None
         session.connection = connection
-        session.last_ack = time.monotonic()
+        session.last_ack = session.last_drained = time.monotonic()
         if present:
             self._resume(session)
         return session, present
@@ -298,13 +303,26 @@ class SessionEngine:
 
     def holding_back(self, topic: str, publisher: Session | None = None) -> bool:
         """Whether a subscriber of ``topic`` (other than ``publisher``, whose acks are not read while it is held)
-        has a queue past its high-water mark while it still acknowledges (within ``stalled_after``): its
-        publishers should wait (a subscriber that stopped, or is away, does not hold anyone back: its queue limits
-        apply)."""
-        high, stalled = self.limits.high_water, self.limits.stalled_after
+        should make its publishers wait: it has a queue past its high-water mark while it still acknowledges, or
+        a connection with more than half of ``max_buffered`` waiting while it still reads (its buffer shrank),
+        within ``stalled_after`` either way. A subscriber that stopped, or is away, holds nobody back: its queue
+        limits apply, and QoS 0 past ``max_buffered`` is dropped."""
+        limits = self.limits
+        high, stalled, buffer_high = limits.high_water, limits.stalled_after, limits.max_buffered // 2
         now = time.monotonic()
-        return any(len(session.queued) >= high and session.connection is not None and session is not publisher
-                   and now - session.last_ack < stalled for session in self.tree.match(topic))
+        for session in self.tree.match(topic):
+            connection = session.connection
+            if connection is None or session is publisher:
+                continue
+            if len(session.queued) >= high and now - session.last_ack < stalled:
+                return True
+            buffered = connection.buffered()
+            if buffered < session.last_buffered:
+                session.last_drained = now
+            session.last_buffered = buffered
+            if buffered > buffer_high and now - session.last_drained < stalled:
+                return True
+        return False
 
     def _deliver(self, session: Session, message: Message, qos: int, retain: bool) -> None:
         connection = session.connection

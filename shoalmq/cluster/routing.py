@@ -339,14 +339,17 @@ class RouteClient:
         self._taken[queue] = self._taken.get(queue, 0) + count
 
     def tick(self, seconds: float) -> None:
-        """Measure the rates, and send credits that changed by more than a quarter (acks carry the others)."""
+        """Measure the rates, and send credits that changed by more than a quarter, or grew by half the least
+        prefetch (acks carry the others). Without the second rule a credit could stay below what the consumers
+        here may hold while they ack nothing: 97 of a 128-message window delivered, then none, as the credit sent
+        early (held then + prefetch) was never raised by less than a quarter."""
         for queue in self.router.credits():
             rate = self._taken.pop(queue, 0) / seconds
             previous = self._rate.get(queue)
             self._rate[queue] = rate if previous is None else 0.7 * previous + 0.3 * rate
             credit = self.credit_for(queue)
             sent = self._sent.get(queue, 0)
-            if self.connected and abs(credit - sent) * 4 > sent:
+            if self.connected and (abs(credit - sent) * 4 > sent or credit >= sent + PREFETCH_MIN // 2):
                 self.credit(queue, credit)
 
     def _received(self, message: broker_pb2.RouteDeliveries) -> None:
