@@ -9,3 +9,18 @@ SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 
 ACK_NAMES = {PUBACK: "PUBACK", PUBREC: "PUBREC", PUBREL: "PUBREL", PUBCOMP: "PUBCOMP"}
 #: SUBACK's return code for a refused subscription [MQTT-3.9.3].
 SUBACK_FAILURE = 0x80
+
+
+def fixed_header(first: int, remaining: int) -> bytes:
+    """A fixed header: the type-and-flags byte ``first`` and ``remaining`` as a remaining length [MQTT-2.2.3]."""
+    header = bytearray((first,))
+    while True:
+        remaining, byte = divmod(remaining, 128)
+        header.append(byte | (0x80 if remaining else 0))
+        if not remaining:
+            return bytes(header)
+
+
+def frame(first: int, body: bytes) -> bytes:
+    """A whole packet: its fixed header, then ``body``."""
+    return fixed_header(first, len(body)) + body

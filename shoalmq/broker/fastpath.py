@@ -37,22 +37,23 @@ from collections.abc import Callable
 from typing import Any
 
 from shoalmq._native import mqtt_codec
-from shoalmq._native.mqtt_packets import PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE
+from shoalmq._native.mqtt_packets import (
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    frame,
+)
 from shoalmq.broker.frames import MalformedPacket, check_first_byte, check_frame, refusal
 
 log = logging.getLogger(__name__)
 
 #: Publishes of one connection waiting for their commit before its socket stops being read.
 MAX_UNACKED = 4096
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, byte = divmod(n, 128)
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _reencode(packet: tuple) -> tuple[int, bytes]:
@@ -242,7 +243,7 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
             self._malformed(exc)
             return False
         self._frames += 1
-        super().data_received(bytes((first,)) + _remaining_length(len(body)) + body)
+        super().data_received(frame(first, body))
         return True
 
     def _malformed(self, exc: MalformedPacket) -> None:

@@ -50,7 +50,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
 from shoalmq._native import mqtt_codec
-from shoalmq._native.mqtt_packets import PUBACK, PUBCOMP, PUBREC, SUBACK_FAILURE
+from shoalmq._native.mqtt_packets import PUBACK, PUBCOMP, PUBREC, SUBACK_FAILURE, frame
 from shoalmq.broker.sessions import Limits, Message, SessionEngine
 from shoalmq.broker.sessions import Session as OrdinarySession
 from shoalmq.errors import ShoalError
@@ -61,15 +61,6 @@ log = logging.getLogger(__name__)
 #: Seconds between checks whether a publisher held back by its subscribers may be read again.
 HOLD_CHECK = 0.005
 
-
-
-def _frame(first: int, body: bytes) -> bytes:
-    length, header = len(body), bytearray((first,))
-    while True:
-        length, byte = divmod(length, 128)
-        header.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(header) + body
 
 
 def parse_subscribe(body: bytes) -> tuple[int, list[tuple[str, int]]]:
@@ -414,7 +405,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                 granted.append(self.broker_of_queues.subscribe_queue(topic_filter, qos, self.session))
             else:
                 granted += bytes(self.engine.subscribe(self.session.ordinary, [(topic_filter, qos)]))  # type: ignore
-        self._write(_frame(0x90, packet_id.to_bytes(2, "big") + bytes(granted)))
+        self._write(frame(0x90, packet_id.to_bytes(2, "big") + bytes(granted)))
 
     def unsubscribe_packet(self, body: bytes) -> None:
         if self._closing:

@@ -40,14 +40,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from shoalmq._native import TopicTree
-from shoalmq._native.mqtt_packets import PUBLISH
+from shoalmq._native import TopicTree, mqtt_codec
+from shoalmq._native.mqtt_packets import PUBLISH, PUBREL, SUBACK_FAILURE, fixed_header
 from shoalmq._native.topic_tree import check_filter
 
 log = logging.getLogger(__name__)
 
-PUBREL_FRAME = 0x62  # PUBREL with its required flags 0b0010
-SUBACK_FAILURE = 0x80
 
 
 @dataclass(slots=True)
@@ -152,13 +150,8 @@ class Session:
 def publish_frame(message: Message, qos: int, packet_id: int, *, dup: bool = False, retain: bool = False) -> bytes:
     """One PUBLISH frame [MQTT-3.3]."""
     topic = message.topic.encode()
-    length = 2 + len(topic) + (2 if qos else 0) + len(message.payload)
-    header = bytearray(((PUBLISH << 4) | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0),))
-    while True:
-        length, byte = divmod(length, 128)
-        header.append(byte | (0x80 if length else 0))
-        if not length:
-            break
+    header = fixed_header((PUBLISH << 4) | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0),
+                          2 + len(topic) + (2 if qos else 0) + len(message.payload))
     ident = packet_id.to_bytes(2, "big") if qos else b""
     return b"".join((header, len(topic).to_bytes(2, "big"), topic, ident, message.payload))
 
@@ -248,7 +241,7 @@ class SessionEngine:
     def _resume(self, session: Session) -> None:
         for out in session.inflight.values():
             if out.state == RELEASED:
-                self._send(session, bytes((PUBREL_FRAME, 2)) + out.packet_id.to_bytes(2, "big"))
+                self._send(session, mqtt_codec.encode_acks(PUBREL, [out.packet_id]))
             else:
                 self._send(session, publish_frame(out.message, out.qos, out.packet_id, dup=True, retain=out.retain))
         self._pump(session)
@@ -383,7 +376,7 @@ class SessionEngine:
         if out is None or out.qos != 2:
             return False
         out.state = RELEASED
-        self._send(session, bytes((PUBREL_FRAME, 2)) + packet_id.to_bytes(2, "big"))
+        self._send(session, mqtt_codec.encode_acks(PUBREL, [packet_id]))
         return True
 
     def pubcomp(self, session: Session, packet_id: int) -> bool:
