@@ -16,7 +16,6 @@ from typing import Any
 
 import yaml
 
-from shoalmq._native.mqtt_packets import fixed_header
 from shoalmq.errors import ConfigError, os_error_text
 from shoalmq.queue.config import CLUSTER_REPLICATION_FACTOR, MAX_REPLICATION_FACTOR, QueueConfig, queue_config_from_mapping, queue_configs_from_mapping
 
@@ -345,7 +344,8 @@ def build_config(file_values: Mapping[str, Any] | None = None,
 def publish_size(topic: str, payload: int) -> int:
     """Bytes of a QoS 1 PUBLISH of ``payload`` bytes to ``topic``, fixed header included."""
     remaining = 2 + len(topic.encode()) + 2 + payload
-    return len(fixed_header(0x32, remaining)) + remaining
+    # (the remaining length's own bytes, computed here: importing shoalmq._native would load numpy)
+    return 1 + max(1, (remaining.bit_length() + 6) // 7) + remaining
 
 
 def _fit_payloads(values: dict[str, Any], file_values: Mapping[str, Any]) -> None:
