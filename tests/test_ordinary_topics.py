@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import BrokerFactory
-from tests.support import BrokerProcess, RawMqtt, connect_packet, puback_packet, subscribe_packet, wait_until
+from tests.support import (BrokerProcess, RawMqtt, connect_packet, puback_packet, publish_packet, subscribe_packet,
+                           wait_until)
+
+
+def _send_quietly(client: RawMqtt, packets: list[bytes]) -> None:
+    """Send ``packets`` in chunks until the broker goes away."""
+    try:
+        for i in range(0, len(packets), 50):
+            client.send(b"".join(packets[i:i + 50]))
+    except OSError:
+        pass
 
 
 def read_rss_kib(pid: int) -> int:
@@ -154,3 +165,101 @@ def test_a_persistent_session_away_past_its_expiration_is_forgotten(broker_facto
     assert back.session_present is False
     with pytest.raises(TimeoutError):
         back.read(0.5)
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_persistent_session_and_retained_messages_survive_the_broker_stopping(broker: BrokerProcess, mqtt_client,
+                                                                                stop: str) -> None:
+    sub = mqtt_client(broker.port, client_id="durable", clean_session=False)
+    sub.subscribe("jobs/#", qos=1)
+    sub.subscribe("$queue/work", qos=1)  # a queue subscription is kept with the session too
+    sub.disconnect()
+    pub = mqtt_client(broker.port)
+    pub.publish("cfg/mode", b"kept", qos=1, retain=True)
+    for i in range(999):
+        pub.client.publish("jobs/x", b"%d" % i, qos=1)
+    pub.publish("jobs/x", b"last", qos=1)  # PUBACKs come in order: every one before it is acknowledged too
+    pub.disconnect()
+    if stop == "SIGKILL":
+        broker.kill()
+    else:
+        broker.stop()
+    broker.start()
+    assert "1 persistent session(s) holding 1000 message(s), and 1 retained message(s), recovered" in broker.log
+    back = mqtt_client(broker.port, client_id="durable", clean_session=False)
+    got = back.expect(1000, timeout=30)
+    assert [m.payload for m in got] == [b"%d" % i for i in range(999)] + [b"last"]
+    assert back.no_message(0.3)
+    mqtt_client(broker.port).publish("$queue/work", b"a job", qos=1)
+    [job] = back.expect(1)
+    assert (job.topic, job.payload) == ("$queue/work", b"a job")
+    late = mqtt_client(broker.port)
+    late.subscribe("cfg/#", qos=1)
+    [retained] = late.expect(1)
+    assert (retained.topic, retained.payload, retained.retain) == ("cfg/mode", b"kept", True)
+
+
+def test_kill_9_under_load_loses_no_acknowledged_message_of_an_offline_persistent_session(
+        broker_factory: BrokerFactory, mqtt_client) -> None:
+    """A publisher sends 10,000 QoS 1 messages as fast as it can; the broker is killed once 1,000 PUBACKs are in.
+    Every payload PUBACKed before the kill arrives after the restart, once each and in order."""
+    broker = broker_factory(["--max-queued-messages", "0"])
+    sub = mqtt_client(broker.port, client_id="offline", clean_session=False)
+    sub.subscribe("load/#", qos=1)
+    sub.disconnect()
+    pub = RawMqtt(broker.port, "loader")
+    sender = threading.Thread(target=lambda: _send_quietly(
+        pub, [publish_packet("load/x", b"%d" % i, qos=1, packet_id=i) for i in range(1, 10001)]), daemon=True)
+    sender.start()
+    acked = []
+    while len(acked) < 1000:
+        frame = pub.read(10)
+        assert frame.type == 4
+        acked.append(int.from_bytes(frame.body[:2], "big"))
+    broker.kill()
+    try:
+        while True:  # PUBACKs the broker wrote before it died count too
+            frame = pub.read(10)
+            acked.append(int.from_bytes(frame.body[:2], "big"))
+    except (EOFError, OSError):
+        pass
+    sender.join(10)
+    assert acked == list(range(1, len(acked) + 1)), "PUBACKs in order"
+    broker.start()
+    back = RawMqtt(broker.port, "offline", clean_session=False)
+    assert back.session_present
+    received = []
+    try:
+        while True:
+            frame = back.read(1.0)
+            if frame.type == 3:
+                _, packet_id, payload = frame.publish_fields()
+                received.append(int(payload))
+                back.send(puback_packet(packet_id))
+    except TimeoutError:
+        pass
+    assert set(acked) <= set(received), f"lost: {sorted(set(acked) - set(received))[:10]}"
+    assert received == sorted(set(received)), "no duplicates, in order"
+
+
+@pytest.mark.parametrize("topic", ["$queue/once", "plain/once"])
+def test_a_qos_2_publish_awaiting_pubrel_is_not_taken_twice_after_a_kill_9(broker: BrokerProcess, mqtt_client,
+                                                                          topic: str) -> None:
+    sub = mqtt_client(broker.port, client_id="taker", clean_session=False)
+    sub.subscribe(topic, qos=1)
+    sub.disconnect()
+    pub = RawMqtt(broker.port, "exactly-once", clean_session=False)
+    pub.send(publish_packet(topic, b"only one", qos=2, packet_id=9))
+    assert pub.read(10).type == 5  # PUBREC: stored; no PUBREL yet
+    broker.kill()
+    broker.start()
+    again = RawMqtt(broker.port, "exactly-once", clean_session=False)
+    assert again.session_present
+    again.send(publish_packet(topic, b"only one", qos=2, packet_id=9, dup=True))  # the retransmission
+    assert again.read(10).type == 5
+    again.send(b"\x62\x02\x00\x09")  # PUBREL
+    assert again.read(10).type == 7  # PUBCOMP
+    back = mqtt_client(broker.port, client_id="taker", clean_session=False)
+    [got] = back.expect(1, timeout=10)
+    assert got.payload == b"only one"
+    assert back.no_message(0.5), "stored once"

@@ -339,3 +339,134 @@ def test_a_subscriber_still_reading_with_a_full_buffer_holds_its_publishers_back
         conn.backlog = 800  # reading again
         assert engine.holding_back("q0")
     run(body, Limits(max_buffered=1000, stalled_after=1.0))
+
+
+# -- durability (a SessionStore over the in-memory backend: what a restart reads back) ---------------------------
+
+def durable_run(body: Callable[[Callable[[], SessionEngine]], Any], limits: Limits | None = None) -> None:
+    """``body(restart)``: each call of ``restart()`` flushes the store so far and returns a new engine recovered
+    from the same backend, as a broker started again on the same data directory."""
+    from shoalmq.broker.session_store import SessionStore
+    from shoalmq.queue.storage import MemoryBackend, Store
+
+    async def main() -> None:
+        backend = MemoryBackend()
+        stores: list[Store] = []
+
+        async def restart() -> SessionEngine:
+            if stores:
+                await stores[-1].flush()
+            store = Store(backend)
+            stores.append(store)
+            engine = SessionEngine(limits, SessionStore(store))
+            engine.recover()
+            return engine
+        await body(restart)
+        await stores[-1].flush()
+    asyncio.run(main())
+
+
+def test_a_persistent_session_its_messages_and_the_retained_ones_are_read_back_after_a_restart() -> None:
+    async def body(restart) -> None:
+        engine = await restart()
+        conn = FakeConnection()
+        session, _ = engine.connect("keeper", False, conn)
+        engine.subscribe(session, [("jobs/#", 2), ("alerts", 1)])
+        engine.set_queue_subscription(session, "orders", 1)
+        engine.receive_qos2(session, 77)  # an inbound QoS 2 publish awaiting PUBREL
+        engine.publish(msg("cfg/a", "retained", qos=1, retain=True))
+        engine.publish(msg("cfg/b", "cleared", qos=0, retain=True))
+        engine.publish(msg("cfg/b", "", qos=0, retain=True))
+        for i in range(5):
+            engine.publish(msg("jobs/x", f"{i}", qos=1 if i != 2 else 2))
+        await turn()
+        sent = conn.publishes()  # 0..2 in flight (max_inflight 3), 3 and 4 queued
+        assert [p[1] for p in sent] == [b"0", b"1", b"2"]
+        engine.puback(session, sent[0][3])  # 3 goes out
+        engine.pubrec(session, sent[2][3])  # the QoS 2 one is released
+        await turn()
+        assert [p[1] for p in conn.publishes()] == [b"3"]
+        engine.end(session, conn)
+        engine.publish(msg("jobs/y", "while away", qos=1))
+        engine.publish(msg("jobs/y", "at most once", qos=0))  # not kept for an absent session
+
+        engine = await restart()
+        assert set(engine.retained) == {"cfg/a"} and engine.retained["cfg/a"].payload == b"retained"
+        kept = engine.sessions["keeper"]
+        assert kept.subscriptions == {"jobs/#": 2, "alerts": 1} and kept.queues == {"orders": 1}
+        assert kept.inbound_qos2 == {77}
+        assert not engine.receive_qos2(kept, 77), "a resend of the unreleased QoS 2 publish is not routed again"
+        again = FakeConnection()
+        resumed, present = engine.connect("keeper", False, again)
+        assert present and resumed is kept
+        await turn()
+        packets = again.packets()
+        # In flight again, in order: 1 with DUP, the released QoS 2 one as its PUBREL, 3 with DUP; then the queue.
+        assert [(p[0], p[4] if p[0] == PUBLISH else None) for p in packets] == [
+            (PUBLISH, b"1"), (PUBREL, None), (PUBLISH, b"3")]
+        assert all(p[1] & 8 for p in packets if p[0] == PUBLISH)
+        assert packets[1][2] == sent[2][3], "the PUBREL keeps its packet id"
+        assert engine.puback(resumed, packets[0][3]) and engine.pubcomp(resumed, packets[1][2])
+        await turn()
+        assert [p[1] for p in again.publishes()] == [b"4", b"while away"]
+        # The subscription tree was rebuilt: a live publish reaches it.
+        for packet_id in list(resumed.inflight):
+            assert engine.puback(resumed, packet_id)
+        engine.publish(msg("alerts", "live", qos=1))
+        await turn()
+        assert [p[1] for p in again.publishes()] == [b"live"]
+    durable_run(body, Limits(max_inflight=3))
+
+
+def test_what_is_acknowledged_or_forgotten_is_gone_after_a_restart() -> None:
+    async def body(restart) -> None:
+        engine = await restart()
+        conn = FakeConnection()
+        session, _ = engine.connect("gone", False, conn)
+        engine.subscribe(session, [("t", 1)])
+        for i in range(3):
+            engine.publish(msg("t", f"{i}", qos=1))
+        await turn()
+        for p in conn.publishes():
+            engine.puback(session, p[3])
+        other, _ = engine.connect("clean-later", False, FakeConnection())
+        engine.subscribe(other, [("u", 1)])
+        engine.publish(msg("u", "for the second", qos=1))
+        engine.connect("clean-later", True, FakeConnection())  # clean session: the stored one is forgotten
+
+        engine = await restart()
+        assert set(engine.sessions) == {"gone"}
+        assert not engine.sessions["gone"].inflight and not engine.sessions["gone"].queued
+        assert engine.durable.store.backend.dbs["session_messages"] == {}
+    durable_run(body)
+
+
+def test_an_expiry_counts_the_time_away_before_a_restart() -> None:
+    async def body(restart) -> None:
+        engine = await restart()
+        for name in ("left-long-ago", "left-just-now"):
+            session, _ = engine.connect(name, False, FakeConnection())
+            engine.subscribe(session, [("t", 1)])
+            engine.end(session, session.connection)
+        engine.sessions["left-long-ago"].left_at -= 3600
+        engine._store_session(engine.sessions["left-long-ago"])
+        engine = await restart()
+        assert set(engine.sessions) == {"left-just-now"}
+    durable_run(body, Limits(expiry=600))
+
+
+def test_a_publish_to_a_persistent_session_waits_for_the_commit_that_stores_it() -> None:
+    async def body(restart) -> None:
+        engine = await restart()
+        session, _ = engine.connect("p", False, FakeConnection())
+        engine.subscribe(session, [("t", 1)])
+        engine.end(session, session.connection)
+        assert engine.take_flush() is not None
+        assert engine.take_flush() is None, "nothing written since"
+        engine.publish(msg("t", "kept", qos=1))
+        flush = engine.take_flush()
+        assert flush is not None and not flush.done()
+        await flush
+        engine.publish(msg("nobody/listens", "x", qos=1))
+        assert engine.take_flush() is None
+    durable_run(body)

@@ -791,6 +791,31 @@ def test_async_mode_keeps_acknowledged_messages_when_a_commit_fails() -> None:
     run(body())
 
 
+def test_staged_writes_ride_the_next_commit_the_last_one_per_key_wins_and_a_failed_commit_keeps_them() -> None:
+    async def body() -> None:
+        backend = FlakyBackend()
+        store = Store(backend)
+        store.stage("sessions", b"a", b"1")
+        store.stage("sessions", b"a", b"2")  # the last write of a key before a commit wins
+        store.stage("retained", b"t", b"x")
+        flush = store.pending_flush
+        await flush
+        assert backend.dbs["sessions"] == {b"a": b"2"} and backend.dbs["retained"] == {b"t": b"x"}
+        backend.failing = True
+        store.stage("sessions", b"a", None)  # a delete
+        store.stage("sessions", b"b", b"3")
+        failed = store.pending_flush
+        with pytest.raises(StorageError):
+            await failed
+        store.stage("sessions", b"b", b"4")  # newer than the failed commit's write of the key: it wins
+        backend.failing = False
+        await store.flush()
+        assert backend.dbs["sessions"] == {b"b": b"4"} and backend.dbs["retained"] == {b"t": b"x"}
+        await store.close()
+
+    run(body())
+
+
 # -- replication's seam: append_at, advance_to, truncate, committed offset, epoch, read_messages ------------------
 
 def uncommitted_count(part) -> int:

@@ -51,6 +51,7 @@ from amqtt.session import Session
 
 from shoalmq._native import mqtt_codec
 from shoalmq._native.mqtt_packets import PUBACK, PUBCOMP, PUBREC, SUBACK_FAILURE, frame
+from shoalmq.broker.session_store import SessionStore
 from shoalmq.broker.sessions import Limits, Message, SessionEngine
 from shoalmq.broker.sessions import Session as OrdinarySession
 from shoalmq.errors import ShoalError
@@ -140,17 +141,18 @@ class QueueProtocolHandler(BrokerProtocolHandler):
     queues: QueueManager
     window: int
 
-    def _init_queue_state(self, queues: QueueManager, persistent: dict[str, dict[str, int]],
-                          live: dict[str, QueueProtocolHandler], broker: ShoalBroker) -> None:
+    def _init_queue_state(self, queues: QueueManager, live: dict[str, QueueProtocolHandler],
+                          broker: ShoalBroker) -> None:
         self.broker_of_queues = broker
         self.engine = broker.engine
         self._fast: Any = None  # the connection's QueueFastProtocol, once linked
         self._held_topics: set[str] | None = None  # topics whose subscribers hold this publisher back
         self.queues = queues
         self.window = queues.consumer_window
-        self._persistent = persistent
         self._live = live
         self._pending_acks: list[Delivery] = []
+        #: The last commit that acknowledgements of ordinary publishes wait for, and the acks waiting for it.
+        self._ordinary_acks_waiting: tuple[asyncio.Future[None], list[bytes]] | None = None
         self._ack_scheduled = False
         self._closing = False
 
@@ -218,11 +220,16 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                               by_flush: dict[int, tuple[asyncio.Future[None], list[bytes]]]
                               ) -> asyncio.Future[None] | None:
         """QoS 2 publishes one by one: a retransmission of one stored already is only acknowledged again
-        [MQTT-4.3.3-2]."""
+        [MQTT-4.3.3-2]. A persistent session also records the packet id (with the message's commit) until PUBREL,
+        so a retransmission after the client was away, or after a restart, is not stored twice."""
         qos2 = self.session.queue_qos2  # type: ignore[union-attr]
+        ordinary = self.session.ordinary  # type: ignore[union-attr]
         last = None
         for packet_id, payload in zip(packet_ids, payloads):
             flush = qos2.get(packet_id)
+            if flush is None and ordinary is not None and packet_id in ordinary.inbound_qos2:
+                flush = qos2[packet_id] = asyncio.get_running_loop().create_future()
+                flush.set_result(None)  # stored before: acknowledged again
             if flush is None:
                 try:
                     flush = self.queues.publish(topic, payload)
@@ -230,6 +237,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                     self._refuse(f"publish to {topic!r} refused: {exc}")
                     break
                 qos2[packet_id] = flush
+                if ordinary is not None and ordinary.persistent:
+                    self.engine.receive_qos2(ordinary, packet_id)
             entry = by_flush.get(id(flush))
             if entry is None:
                 entry = by_flush[id(flush)] = (flush, [])
@@ -253,6 +262,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         if packet_id not in qos2:
             return False
         del qos2[packet_id]
+        if self.session.ordinary is not None:  # type: ignore[union-attr]
+            self.engine.release(self.session.ordinary, packet_id)  # type: ignore[union-attr]
         self._write(mqtt_codec.encode_acks(PUBCOMP, [packet_id]))
         return True
 
@@ -347,6 +358,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         engine = self.engine
         acks = bytearray()
         topics = set()
+        engine.take_flush()  # (what was written before these publishes is not theirs to wait for)
         for _, flags, topic, packet_id, payload in publishes:
             topics.add(topic)
             qos = (flags >> 1) & 3
@@ -359,12 +371,32 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             if qos:
                 acks += b"\x40\x02" + packet_id.to_bytes(2, "big")
         if acks:
-            self._write(bytes(acks))
+            self._acknowledge_ordinary(engine.take_flush(), bytes(acks))
         if self._fast is not None and self._held_topics is None and any(
                 engine.holding_back(topic, session) for topic in topics):
             self._held_topics = topics
             self._fast.hold("subscribers")
             asyncio.get_running_loop().call_later(HOLD_CHECK, self._check_held)
+
+    def _acknowledge_ordinary(self, flush: asyncio.Future[None] | None, acks: bytes) -> None:
+        """Acknowledge publishes to ordinary topics once what they changed on disk (a persistent session's copy, a
+        retained message) is durable, in the order they came [MQTT-4.6.0-2]: acks that wait for nothing still wait
+        behind earlier ones that wait for a commit."""
+        waiting = self._ordinary_acks_waiting
+        if flush is None and waiting is None:
+            self._write(acks)
+            return
+        if flush is None or (waiting is not None and flush is waiting[0]):
+            waiting[1].append(acks)  # type: ignore[index]
+            return
+        entry = self._ordinary_acks_waiting = (flush, [acks])
+        flush.add_done_callback(lambda f: self._ordinary_acks_durable(entry))
+
+    def _ordinary_acks_durable(self, entry: tuple[asyncio.Future[None], list[bytes]]) -> None:
+        flush, acks = entry
+        if self._ordinary_acks_waiting is entry:
+            self._ordinary_acks_waiting = None
+        self._acknowledge(flush, b"".join(acks))
 
     def _check_held(self) -> None:
         """Read the publisher again once no subscriber of what it sent holds it back."""
@@ -437,7 +469,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             self._fast = protocol
             protocol.link(self)
         await super().start()
-        for name, qos in self._persistent.get(self.session.client_id, {}).items():
+        for name, qos in session.ordinary.queues.items():  # type: ignore[attr-defined]
             if qos == 0:
                 self.session.queue_qos0.add(name)  # type: ignore[attr-defined]
             self.queues.subscribe(self, name, at_most_once=qos == 0)
@@ -506,11 +538,13 @@ class ShoalBroker(Broker):
                  limits: Limits | None = None) -> None:
         super().__init__(config)
         self.queues = queues
-        #: Sessions, subscriptions and retained messages of ordinary topics.
-        self.engine = SessionEngine(limits)
-        #: Queue subscriptions of clients with clean session off: client id -> queue -> granted QoS. Kept in
-        #: memory: they outlive a disconnect, not a broker restart.
-        self.persistent_queue_subscriptions: dict[str, dict[str, int]] = {}
+        #: Sessions, subscriptions and retained messages of ordinary topics (a persistent session also keeps its
+        #: queue subscriptions), stored with the queues' commits and read back here.
+        self.engine = SessionEngine(limits, SessionStore(queues.store))
+        sessions, messages = self.engine.recover()
+        if sessions or self.engine.retained:
+            log.info("%d persistent session(s) holding %d message(s), and %d retained message(s), recovered",
+                     sessions, messages, len(self.engine.retained))
         #: The current connection of each client id.
         self._live: dict[str, QueueProtocolHandler] = {}
         #: Seconds a new connection has to send CONNECT.
@@ -533,7 +567,7 @@ class ShoalBroker(Broker):
             session.queue_qos2 = {}  # type: ignore[attr-defined]
             session.ordinary = None  # type: ignore[attr-defined]
         handler.__class__ = QueueProtocolHandler
-        handler._init_queue_state(self.queues, self.persistent_queue_subscriptions, self._live, self)  # type: ignore
+        handler._init_queue_state(self.queues, self._live, self)  # type: ignore[attr-defined]
         previous = self._live.get(session.client_id)
         if previous is not None and previous is not handler:
             # [MQTT-3.1.4-2]: the newer connection of a client id takes over; amqtt leaves the older one open
@@ -541,8 +575,6 @@ class ShoalBroker(Broker):
             log.info("client %s connected again: closing its previous connection", session.client_id)
             previous._close()
         self._live[session.client_id] = handler  # type: ignore[assignment]
-        if session.clean_session:
-            self.persistent_queue_subscriptions.pop(session.client_id, None)
         # CONNACK's session present flag [MQTT-3.2.2-2] is the session engine's answer: amqtt drops the persistent
         # sessions of anonymous clients a second after they leave, and the engine keeps them.
         kept = self.engine.sessions.get(session.client_id)
@@ -590,8 +622,9 @@ class ShoalBroker(Broker):
         else:
             session.queue_qos0.discard(name)  # type: ignore[attr-defined]
         self.queues.subscribe(handler, name, at_most_once=granted == 0)
-        if not session.clean_session:
-            self.persistent_queue_subscriptions.setdefault(session.client_id, {})[name] = granted
+        ordinary = getattr(session, "ordinary", None)
+        if ordinary is not None:
+            self.engine.set_queue_subscription(ordinary, name, granted)
         return granted
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
@@ -604,7 +637,9 @@ class ShoalBroker(Broker):
             name = queue_of_filter(a_filter)
         except BadQueueName:
             return 0
-        self.persistent_queue_subscriptions.get(session.client_id, {}).pop(name, None)
+        ordinary = getattr(session, "ordinary", None)
+        if name is not None and ordinary is not None:
+            self.engine.set_queue_subscription(ordinary, name, None)
         handler = self._handler_of(session)
         if name is None or handler is None or name not in self.queues.subscriptions(handler):
             return 0

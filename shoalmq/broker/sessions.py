@@ -3,7 +3,10 @@
 The engine of ordinary topics (``docs/design.md``, "Ordinary topics and sessions"): the fast path decodes the
 packets and ``QueueProtocolHandler`` calls this. It is protocol-neutral: a connection is anything with ``write``,
 ``buffered`` and ``close``; an MQTT 5 codec maps its packets onto the same calls (its session expiry and receive
-maximum become a session's ``persistent`` lifetime and ``limits.max_inflight``). Everything here is in memory.
+maximum become a session's ``persistent`` lifetime and ``limits.max_inflight``). With a ``SessionStore``
+(``shoalmq.broker.session_store``), what a persistent session holds and the retained messages are written through
+the node's group commit as they change, and ``recover`` reads them back at start; ``take_flush`` is the commit a
+publish waits for before it is acknowledged. Without one, everything is in memory.
 
 - **Subscriptions** are kept per session (filter -> QoS) and in one ``TopicTree`` for all; a publish is matched once
   per topic of a batch and goes to every matching session at min(publish QoS, subscription QoS) [MQTT-3.3.5-1].
@@ -43,6 +46,7 @@ from typing import Protocol
 from shoalmq._native import TopicTree, mqtt_codec
 from shoalmq._native.mqtt_packets import PUBLISH, PUBREL, SUBACK_FAILURE, fixed_header
 from shoalmq._native.topic_tree import check_filter
+from shoalmq.broker.session_store import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +98,15 @@ SENT, RELEASED = 0, 1  # an outbound QoS 2 message: PUBLISH sent; PUBREC receive
 
 
 class Outbound:
-    __slots__ = ("packet_id", "message", "qos", "retain", "state")
+    __slots__ = ("packet_id", "message", "qos", "retain", "state", "seq")
 
-    def __init__(self, packet_id: int, message: Message, qos: int, retain: bool) -> None:
+    def __init__(self, packet_id: int, message: Message, qos: int, retain: bool, seq: int = 0) -> None:
         self.packet_id = packet_id
         self.message = message
         self.qos = qos
         self.retain = retain  # sent as a retained message (on SUBSCRIBE), so resent as one
         self.state = SENT
+        self.seq = seq  # its key in the session store (0: not stored)
 
 
 class Session:
@@ -114,12 +119,17 @@ class Session:
         self.subscriptions: dict[str, int] = {}
         #: packet id -> message in flight, in the order they were sent.
         self.inflight: dict[int, Outbound] = {}
-        #: (message, QoS, RETAIN flag to send) waiting for room in flight or for the client to come back.
-        self.queued: collections.deque[tuple[Message, int, bool]] = collections.deque()
+        #: (message, QoS, RETAIN flag to send, seq in the session store or 0) waiting for room in flight or for
+        #: the client to come back.
+        self.queued: collections.deque[tuple[Message, int, bool, int]] = collections.deque()
         self.queued_bytes = 0
         #: Messages dropped for this session (queue full, QoS 0 to a congested or absent connection).
         self.dropped = 0
         self.inbound_qos2: set[int] = set()
+        #: Queue subscriptions of a persistent session (queue -> granted QoS), kept for the broker's queues.
+        self.queues: dict[str, int] = {}
+        #: When its client left (unix time), for an expiry that outlives a restart.
+        self.left_at: float | None = None
         self.connection: Connection | None = None
         #: Packet ids used by others on the same connection (a connection's queue deliveries): skipped.
         self.busy = busy
@@ -172,13 +182,86 @@ def filter_matches(levels: list[str], topic: str) -> bool:
 class SessionEngine:
     """Every session of a node, its subscriptions, the retained messages, and the fan-out between them."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, durable: SessionStore | None = None) -> None:
         self.limits = limits or Limits()
+        self.durable = durable
         self.tree = TopicTree()
         self.sessions: dict[str, Session] = {}
         self.retained: dict[str, Message] = {}
         self._dirty: list[Session] = []
         self._flush_scheduled = False
+        self._seq = 0  # the last seq given to a stored message
+
+    # -- durability --------------------------------------------------------------------------------
+
+    def recover(self) -> tuple[int, int]:
+        """Read back the persistent sessions and retained messages of the session store (in the running loop:
+        expiry timers are armed); returns (sessions, messages) recovered."""
+        durable = self.durable
+        if durable is None:
+            return 0, 0
+        stored, retained = durable.load()
+        for topic, payload, qos in retained:
+            self.retained[topic] = Message(topic, payload, qos, True)
+        count = 0
+        now = time.time()
+        for record in stored:
+            session = Session(record.client_id, True)
+            session.queues = record.queues
+            session.inbound_qos2 = set(record.inbound)
+            for topic_filter, qos in record.subscriptions.items():
+                try:
+                    check_filter(topic_filter)
+                except ValueError:
+                    continue
+                self.tree.subscribe(topic_filter, session, qos)
+                session.subscriptions[topic_filter] = qos
+            for m in record.messages:
+                self._seq = max(self._seq, m.seq)
+                message = Message(m.topic, m.payload, m.qos)
+                if m.packet_id and m.packet_id not in session.inflight:
+                    out = Outbound(m.packet_id, message, m.qos, m.retain, m.seq)
+                    out.state = RELEASED if m.released else SENT
+                    session.inflight[m.packet_id] = out
+                    session._next_id = m.packet_id
+                else:
+                    session.queued.append((message, m.qos, m.retain, m.seq))
+                    session.queued_bytes += len(m.payload)
+                count += 1
+            self.sessions[record.client_id] = session
+            # Away since it left, or (connected when the broker stopped) since now.
+            session.left_at = record.left_at if record.left_at is not None else now
+            if record.left_at is None:
+                self._store_session(session)
+            if self.limits.expiry is not None:
+                remaining = self.limits.expiry - (now - session.left_at)
+                if remaining <= 0:
+                    self._expire(session)
+                    continue
+                session._expiry = asyncio.get_running_loop().call_later(remaining, self._expire, session)
+        return len(self.sessions), count
+
+    def take_flush(self) -> asyncio.Future[None] | None:
+        """The commit that makes durable what the engine wrote since the last call (None: nothing to wait for)."""
+        return self.durable.take_flush() if self.durable is not None else None
+
+    def _store_session(self, session: Session) -> None:
+        if self.durable is not None and session.persistent:
+            self.durable.put_session(session.client_id, session.subscriptions, session.queues,
+                                     session.inbound_qos2, session.left_at)
+
+    def set_queue_subscription(self, session: Session, queue: str, qos: int | None) -> None:
+        """A persistent session's subscription to a queue (None: unsubscribed), kept with the session."""
+        if not session.persistent:
+            return
+        if qos is None:
+            if session.queues.pop(queue, None) is None:
+                return
+        else:
+            if session.queues.get(queue) == qos:
+                return
+            session.queues[queue] = qos
+        self._store_session(session)
 
     # -- connections -------------------------------------------------------------------------------
 
@@ -206,6 +289,9 @@ class SessionEngine:
                 session._expiry = None
         session.connection = connection
         session.last_ack = session.last_drained = time.monotonic()
+        if session.persistent:
+            session.left_at = None
+            self._store_session(session)
         if present:
             self._resume(session)
         return session, present
@@ -219,8 +305,12 @@ class SessionEngine:
             session._out.clear()
             if not session.persistent:
                 self._forget(session)
-            elif self.limits.expiry is not None:
-                session._expiry = asyncio.get_running_loop().call_later(self.limits.expiry, self._expire, session)
+            else:
+                session.left_at = time.time()
+                self._store_session(session)
+                if self.limits.expiry is not None:
+                    session._expiry = asyncio.get_running_loop().call_later(self.limits.expiry, self._expire,
+                                                                            session)
         if will is not None:
             self.publish(will)
 
@@ -237,6 +327,10 @@ class SessionEngine:
         session.subscriptions.clear()
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            if self.durable is not None and session.persistent:
+                seqs = [out.seq for out in session.inflight.values() if out.seq]
+                seqs += [entry[3] for entry in session.queued if entry[3]]
+                self.durable.delete_session(session.client_id, seqs)
 
     def _resume(self, session: Session) -> None:
         for out in session.inflight.values():
@@ -266,29 +360,37 @@ class SessionEngine:
             for topic, message in self.retained.items():
                 if filter_matches(levels, topic):
                     self._deliver(session, message, min(message.qos, qos), retain=True)
+        self._store_session(session)
         return granted
 
     def unsubscribe(self, session: Session, filters: Iterable[str]) -> None:
+        changed = False
         for topic_filter in filters:
             if session.subscriptions.pop(topic_filter, None) is not None:
                 self.tree.unsubscribe(topic_filter, session)
+                changed = True
+        if changed:
+            self._store_session(session)
 
     # -- publishing --------------------------------------------------------------------------------
 
     def retain(self, topic: str, payload: bytes, qos: int) -> None:
         """Keep (or, for an empty payload, clear) the retained message of ``topic`` without routing it."""
-        if payload:
-            self.retained[topic] = Message(topic, payload, qos, True)
-        else:
-            self.retained.pop(topic, None)
+        self._set_retained(Message(topic, payload, qos, True))
+
+    def _set_retained(self, message: Message) -> None:
+        durable, topic = self.durable, message.topic
+        if message.payload:
+            self.retained[topic] = message
+            if durable is not None:
+                durable.put_retained(topic, message.payload, message.qos)
+        elif self.retained.pop(topic, None) is not None and durable is not None:
+            durable.delete_retained(topic)
 
     def publish(self, message: Message) -> int:
         """Route one message to every matching session; returns how many it went to."""
         if message.retain:
-            if message.payload:
-                self.retained[message.topic] = message
-            else:
-                self.retained.pop(message.topic, None)
+            self._set_retained(message)
         matched = self.tree.match(message.topic)
         for session, qos in matched.items():
             self._deliver(session, message, qos if qos < message.qos else message.qos, retain=False)
@@ -327,29 +429,39 @@ class SessionEngine:
                 return
             self._send(session, publish_frame(message, 0, 0, retain=retain))
             return
+        seq = 0
+        if session.persistent and self.durable is not None:
+            self._seq += 1
+            seq = self._seq
         if connection is not None and not session.queued and len(session.inflight) < self.limits.max_inflight:
-            self._send_inflight(session, message, qos, retain)
+            self._send_inflight(session, message, qos, retain, seq)
             return
         limits = self.limits
         if (limits.max_queued and len(session.queued) >= limits.max_queued) or (
                 limits.max_queued_bytes and session.queued_bytes + len(message.payload) > limits.max_queued_bytes):
             self._drop(session, "its queue is full", message)
             return
-        session.queued.append((message, qos, retain))
+        session.queued.append((message, qos, retain, seq))
         session.queued_bytes += len(message.payload)
+        if seq:
+            self.durable.put_message(session.client_id, seq, message.topic, message.payload, qos,  # type: ignore
+                                     retain, 0)
 
-    def _send_inflight(self, session: Session, message: Message, qos: int, retain: bool) -> None:
+    def _send_inflight(self, session: Session, message: Message, qos: int, retain: bool, seq: int) -> None:
         packet_id = session.next_packet_id()
-        session.inflight[packet_id] = Outbound(packet_id, message, qos, retain)
+        session.inflight[packet_id] = Outbound(packet_id, message, qos, retain, seq)
+        if seq:
+            self.durable.put_message(session.client_id, seq, message.topic, message.payload, qos,  # type: ignore
+                                     retain, packet_id)
         self._send(session, publish_frame(message, qos, packet_id, retain=retain))
 
     def _pump(self, session: Session) -> None:
         """Send queued messages while the session has room in flight."""
         queued, limit = session.queued, self.limits.max_inflight
         while queued and len(session.inflight) < limit and session.connection is not None:
-            message, qos, retain = queued.popleft()
+            message, qos, retain, seq = queued.popleft()
             session.queued_bytes -= len(message.payload)
-            self._send_inflight(session, message, qos, retain)
+            self._send_inflight(session, message, qos, retain, seq)
 
     def _drop(self, session: Session, why: str, message: Message) -> None:
         session.dropped += 1
@@ -366,6 +478,8 @@ class SessionEngine:
         if out is None or out.qos != 1:
             return False
         del session.inflight[packet_id]
+        if out.seq:
+            self.durable.delete_message(session.client_id, out.seq)  # type: ignore[union-attr]
         session.last_ack = time.monotonic()
         self._pump(session)
         return True
@@ -376,6 +490,10 @@ class SessionEngine:
         if out is None or out.qos != 2:
             return False
         out.state = RELEASED
+        if out.seq:
+            message = out.message
+            self.durable.put_message(session.client_id, out.seq, message.topic, b"", 2,  # type: ignore[union-attr]
+                                     out.retain, packet_id, released=True)
         self._send(session, mqtt_codec.encode_acks(PUBREL, [packet_id]))
         return True
 
@@ -384,6 +502,8 @@ class SessionEngine:
         if out is None or out.qos != 2 or out.state != RELEASED:
             return False
         del session.inflight[packet_id]
+        if out.seq:
+            self.durable.delete_message(session.client_id, out.seq)  # type: ignore[union-attr]
         session.last_ack = time.monotonic()
         self._pump(session)
         return True
@@ -393,11 +513,14 @@ class SessionEngine:
         if packet_id in session.inbound_qos2:
             return False
         session.inbound_qos2.add(packet_id)
+        self._store_session(session)
         return True
 
     def release(self, session: Session, packet_id: int) -> None:
         """PUBREL of an inbound QoS 2 message (the caller answers PUBCOMP)."""
-        session.inbound_qos2.discard(packet_id)
+        if packet_id in session.inbound_qos2:
+            session.inbound_qos2.discard(packet_id)
+            self._store_session(session)
 
     # -- writes -----------------------------------------------------------------------------------
 

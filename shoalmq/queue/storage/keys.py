@@ -24,6 +24,10 @@ Three named databases, all keys big-endian so that byte order is numeric order:
                history (``PartitionLog.epochs``: each leader epoch with the first offset written in it, both
                increasing), none for a partition that has none (a 20-byte value). A value of the older
                12-byte form (pid | next_offset) reads as epoch 0, with no history.
+
+Three more hold the persistent sessions of ordinary topics and the retained messages, written through the same
+group commit (``Store.stage``; the layout is ``shoalmq.broker.session_store``'s): ``sessions``,
+``session_messages`` and ``retained``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ SEGMENTS = "segments"
 STATES = "states"
 PARTITIONS = "partitions"
 QUEUES = "queues"
-DATABASES = (SEGMENTS, STATES, PARTITIONS, QUEUES)
+SESSIONS = "sessions"
+SESSION_MESSAGES = "session_messages"
+RETAINED = "retained"
+DATABASES = (SEGMENTS, STATES, PARTITIONS, QUEUES, SESSIONS, SESSION_MESSAGES, RETAINED)
 
 ACKED = 255
 MAX_DELIVERIES_COUNTED = 254

@@ -1181,6 +1181,8 @@ class Store:
         self.on_acked: Callable[[PartitionLog, list[int]], None] | None = None
         self._queue_definitions: dict[str, dict] = {}
         self._pending_definitions: list[tuple[str, dict]] = []
+        #: Writes outside the partition logs (``stage``), the last one per key: a value, or None to delete.
+        self._staged: dict[tuple[str, bytes], bytes | None] = {}
         self.commits = 0
         self._recovered: dict[tuple[str, int], tuple[int, int, int, list[tuple[int, int]], list[_Segment]]] = {}
         self._recover()
@@ -1225,6 +1227,20 @@ class Store:
         self._pending_definitions.append((name, definition))
         if not self._commit_requested and self._timer is None:
             self._timer = self._loop.call_later(self.flush_interval, self._commit_now)
+
+    def stage(self, db: str, key: bytes, value: bytes | None) -> None:
+        """Write ``value`` under ``key`` in ``db`` (None: delete the key) with the next commit, which is asked for
+        as an append asks for it; ``pending_flush`` is then that commit's flush. Of several writes to one key
+        before a commit, the last one wins. A commit that fails keeps them for its retry (a newer write to the same
+        key still wins)."""
+        self._staged[(db, key)] = value
+        if not self._commit_requested:
+            self._request_commit()
+
+    @property
+    def pending_flush(self) -> asyncio.Future[None]:
+        """The flush of the next commit: done once what was enqueued or staged so far is durable."""
+        return self._flush
 
     def known_partitions(self) -> list[tuple[str, int]]:
         """The (queue, partition) pairs this store holds, recovered or opened."""
@@ -1347,6 +1363,12 @@ class Store:
         commit.definitions, self._pending_definitions = self._pending_definitions, []
         for name, definition in commit.definitions:
             puts.append((K.QUEUES, name.encode(), json.dumps(definition, sort_keys=True).encode()))
+        commit.staged, self._staged = self._staged, {}
+        for (db, key), value in commit.staged.items():
+            if value is None:
+                deletes.append((db, key))
+            else:
+                puts.append((db, key, value))
         for part in self._dirty_partitions:
             self._collect(part, commit, puts, deletes)
         self._dirty_partitions = set()
@@ -1528,6 +1550,8 @@ class Store:
                 self._dirty_partitions.add(part)
         self.failure = error
         self._pending_definitions[:0] = commit.definitions
+        for key, value in commit.staged.items():
+            self._staged.setdefault(key, value)  # (a newer write of the key, staged since, wins)
         for part, segments in commit.states:
             # Kept in memory, written by the next commit (but not those a truncation removed meanwhile).
             part._dirty_segments.update(s for s in segments if s.remaining != DROPPED)
@@ -1567,7 +1591,7 @@ class Store:
 
     async def flush(self) -> None:
         """Wait until everything enqueued or changed so far is committed; StorageError if a commit fails."""
-        while self._committing or self._dirty_partitions or self._pending_definitions:
+        while self._committing or self._dirty_partitions or self._pending_definitions or self._staged:
             if not self._committing:
                 self._commit_requested = True
                 self._start_commit()
@@ -1608,5 +1632,7 @@ class _Commit:
     count: int
     registered: list[PartitionLog] = field(default_factory=list)
     definitions: list[tuple[str, dict]] = field(default_factory=list)
+    #: What ``stage`` wrote: (db, key) -> value, or None for a delete.
+    staged: dict[tuple[str, bytes], bytes | None] = field(default_factory=dict)
     #: Per partition: the segment keys (first offsets) a truncation left it to delete or rewrite.
     truncations: list[tuple[PartitionLog, set[int]]] = field(default_factory=list)
