@@ -661,3 +661,15 @@ def test_a_publisher_that_outruns_the_disk_stops_being_read() -> None:
         assert protocol._unacked == 0 and transport.resumed == 1
 
     asyncio.run(body())
+
+
+def test_pubacks_follow_the_order_of_the_publishes_across_queues_and_ordinary_topics(broker: BrokerProcess) -> None:
+    """Queue publishes wait for their commit and ordinary ones to a topic nobody keeps do not: their PUBACKs
+    still leave in the order the PUBLISHes came [MQTT-4.6.0-2]."""
+    client = RawMqtt(broker.port, "mixed")
+    topics = ["$queue/mixed", "plain/nobody", "$queue/mixed", "plain/nobody", "plain/nobody", "$queue/mixed"] * 20
+    client.send(b"".join(publish_packet(topic, b"x", qos=1, packet_id=i + 1) for i, topic in enumerate(topics)))
+    acks = [client.read(10) for _ in topics]
+    assert all(frame.type == 4 for frame in acks)
+    assert [int.from_bytes(frame.body[:2], "big") for frame in acks] == list(range(1, len(topics) + 1))
+    client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -60,8 +61,11 @@ def msg(topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) ->
 
 
 def test_publish_frames_decode_to_what_was_encoded() -> None:
-    for qos, packet_id, dup, retain in [(0, 0, False, False), (1, 7, True, False), (2, 65535, False, True)]:
-        frame = publish_frame(msg("a/é", b"x" * 300), qos, packet_id, dup=dup, retain=retain)
+    shared = msg("a/é", b"x" * 300)  # live deliveries reuse what was encoded for it before
+    for qos, packet_id, dup, retain in [(0, 0, False, False), (1, 7, True, False), (2, 65535, False, True),
+                                        (1, 9, False, False), (2, 10, False, False), (0, 0, False, False),
+                                        (1, 11, False, False)]:
+        frame = publish_frame(shared, qos, packet_id, dup=dup, retain=retain)
         [(kind, flags, topic, got_id, payload)], consumed = mqtt_codec.decode(frame, 1 << 20)
         assert (kind, topic, got_id, payload, consumed) == (PUBLISH, "a/é", packet_id, b"x" * 300, len(frame))
         assert ((flags >> 1) & 3, bool(flags & 8), bool(flags & 1)) == (qos, dup, retain)
@@ -470,3 +474,28 @@ def test_a_publish_to_a_persistent_session_waits_for_the_commit_that_stores_it()
         engine.publish(msg("nobody/listens", "x", qos=1))
         assert engine.take_flush() is None
     durable_run(body)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_retained_index_finds_what_the_spec_says_a_filter_matches(seed: int) -> None:
+    from shoalmq._native.topic_tree import check_filter
+    from shoalmq.broker.sessions import RetainedMessages
+    from tests.test_topic_tree import brute_force_matches, random_filter, random_topic
+
+    rng = random.Random(seed)
+    index, held = RetainedMessages(), set()
+    for step in range(800):
+        topic = random_topic(rng)
+        if rng.random() < 0.6:
+            index.set(msg(topic, "x", retain=True))
+            held.add(topic)
+        else:
+            assert index.clear_topic(topic) == (topic in held)
+            held.discard(topic)
+        assert set(index) == held
+        topic_filter = random_filter(rng)
+        found = [m.topic for m in index.matching(check_filter(topic_filter))]
+        assert sorted(found) == sorted(t for t in held if brute_force_matches(topic_filter, t)), (step, topic_filter)
+    for topic in list(held):
+        index.clear_topic(topic)
+    assert not index._root.children, "cleared levels are pruned"

@@ -19,9 +19,8 @@ is the connection's asyncio protocol instead. Each read is split into frames by 
 Frames that arrive before amqtt has answered the CONNECT (it creates the handler) wait, in order, and are processed
 once it has. A malformed frame closes the connection, with the reason logged once.
 
-Ordering: ``$queue/`` publishes are stored and acknowledged in the order they came. PUBACKs of QoS 1 publishes to
-ordinary topics (sent once routed) and to queues (once durable) are two streams, each in order; across them,
-MQTT's rule that PUBACKs follow the order of the PUBLISHes [MQTT-4.6.0-2] is not kept.
+Ordering: publishes are handed on in the order they came (a run of ``$queue/`` publishes ends where an ordinary one
+comes), and the handler acknowledges them in that order, whatever each waits for (a commit, a peer) [MQTT-4.6.0-2].
 
 Flow control: a publisher that outruns the disk is slowed by withheld PUBACKs; once ``MAX_UNACKED`` of its publishes
 wait for a commit, the protocol stops reading its socket until they are acknowledged. A publisher that outruns the
@@ -143,6 +142,9 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
             if kind == PUBLISH:
                 topic = packet[2]
                 if topic.startswith(("$queue", "$SYS")):
+                    if ordinary:  # (in the order they came: their acks are one stream [MQTT-4.6.0-2])
+                        handler.ordinary_publishes(ordinary)
+                        ordinary = []
                     qos = (packet[1] >> 1) & 3
                     if run is None or qos != run[1] or topic != run[0]:
                         run = (topic, qos, [], [])
@@ -150,6 +152,9 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
                     run[2].append(packet[3])
                     run[3].append(packet[4])
                 else:
+                    if runs:
+                        self._publish(runs)
+                        runs, run = [], None
                     ordinary.append(packet)
                 continue
             if kind == PUBACK:

@@ -39,6 +39,7 @@ deliveries and to close the connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 from typing import Any
@@ -151,8 +152,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         self.window = queues.consumer_window
         self._live = live
         self._pending_acks: list[Delivery] = []
-        #: The last commit that acknowledgements of ordinary publishes wait for, and the acks waiting for it.
-        self._ordinary_acks_waiting: tuple[asyncio.Future[None], list[bytes]] | None = None
+        #: Acknowledgements of publishes waiting, in order: (what they wait for, the acks).
+        self._acks_waiting: collections.deque[tuple[asyncio.Future[None], list[bytes]]] = collections.deque()
         self._ack_scheduled = False
         self._closing = False
 
@@ -181,9 +182,9 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         """Store publishes to ``$queue/`` topics, given as runs of one topic and QoS: (topic, qos, packet ids,
         payloads); the fast path sends ``$SYS`` publishes here too, to be refused.
 
-        Each is acknowledged (PUBACK, or PUBREC for QoS 2) once its commit is durable, the acks of one commit in one
-        write; commits resolve in order, so on a single node acks leave in the order the PUBLISHes came
-        [MQTT-4.6.0-2] (on a cluster, those of a partition owned elsewhere follow its owner's answer). A run is
+        Each is acknowledged (PUBACK, or PUBREC for QoS 2) once its commit is durable (on a cluster, a partition
+        owned elsewhere: once its owner answers), in the order the PUBLISHes came, ordinary ones included
+        [MQTT-4.6.0-2] (``_acknowledge_in_order``). A run is
         stored whole or not at all (``QueueManager.publish_many``). A publish that is refused, or to a ``$SYS`` topic
         or a ``$queue`` one that names no queue, closes the connection, and nothing after it is stored. Returns the
         commit the last acknowledged publish waits for (None if none does)."""
@@ -212,8 +213,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             entry[1].append(mqtt_codec.encode_acks(PUBACK, packet_ids))
             last = flush
         for flush, acks in by_flush.values():
-            data = b"".join(acks)
-            flush.add_done_callback(lambda f, data=data: self._acknowledge(f, data))
+            self._acknowledge_in_order(flush, b"".join(acks))
         return last
 
     def _queue_publishes_qos2(self, topic: str, packet_ids: list[int], payloads: list[bytes],
@@ -246,11 +246,30 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             last = flush
         return last
 
-    def _acknowledge(self, flush: asyncio.Future[None], acks: bytes) -> None:
-        if flush.exception() is not None:
-            self._refuse(f"publish not stored: {flush.exception()}")
+    def _acknowledge_in_order(self, flush: asyncio.Future[None] | None, acks: bytes) -> None:
+        """Send ``acks`` once ``flush`` (the commit, or a peer's answer, the publishes wait for; None: nothing) is
+        done and every ack before them was sent: one stream per connection, in the order the PUBLISHes came
+        [MQTT-4.6.0-2], whatever each waits for. A publish not stored closes the connection, unacknowledged
+        with everything after it."""
+        waiting = self._acks_waiting
+        if not waiting and (flush is None or (flush.done() and flush.exception() is None)):
+            self._write(acks)
             return
-        self._write(acks)
+        if waiting and (flush is None or flush is waiting[-1][0]):
+            waiting[-1][1].append(acks)
+            return
+        waiting.append((flush, [acks]))  # type: ignore[arg-type]
+        flush.add_done_callback(self._acks_ready)  # type: ignore[union-attr]
+
+    def _acks_ready(self, _: asyncio.Future[None]) -> None:
+        waiting = self._acks_waiting
+        while waiting and waiting[0][0].done():
+            flush, acks = waiting.popleft()
+            if flush.exception() is not None:
+                waiting.clear()
+                self._refuse(f"publish not stored: {flush.exception()}")
+                return
+            self._write(b"".join(acks))
 
     async def handle_pubrel(self, pubrel: Any) -> None:
         if not self.queue_pubrel(pubrel.packet_id):
@@ -371,32 +390,12 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             if qos:
                 acks += b"\x40\x02" + packet_id.to_bytes(2, "big")
         if acks:
-            self._acknowledge_ordinary(engine.take_flush(), bytes(acks))
+            self._acknowledge_in_order(engine.take_flush(), bytes(acks))
         if self._fast is not None and self._held_topics is None and any(
                 engine.holding_back(topic, session) for topic in topics):
             self._held_topics = topics
             self._fast.hold("subscribers")
             asyncio.get_running_loop().call_later(HOLD_CHECK, self._check_held)
-
-    def _acknowledge_ordinary(self, flush: asyncio.Future[None] | None, acks: bytes) -> None:
-        """Acknowledge publishes to ordinary topics once what they changed on disk (a persistent session's copy, a
-        retained message) is durable, in the order they came [MQTT-4.6.0-2]: acks that wait for nothing still wait
-        behind earlier ones that wait for a commit."""
-        waiting = self._ordinary_acks_waiting
-        if flush is None and waiting is None:
-            self._write(acks)
-            return
-        if flush is None or (waiting is not None and flush is waiting[0]):
-            waiting[1].append(acks)  # type: ignore[index]
-            return
-        entry = self._ordinary_acks_waiting = (flush, [acks])
-        flush.add_done_callback(lambda f: self._ordinary_acks_durable(entry))
-
-    def _ordinary_acks_durable(self, entry: tuple[asyncio.Future[None], list[bytes]]) -> None:
-        flush, acks = entry
-        if self._ordinary_acks_waiting is entry:
-            self._ordinary_acks_waiting = None
-        self._acknowledge(flush, b"".join(acks))
 
     def _check_held(self) -> None:
         """Read the publisher again once no subscriber of what it sent holds it back."""

@@ -39,8 +39,8 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shoalmq._native import TopicTree, mqtt_codec
@@ -60,6 +60,10 @@ class Message:
     payload: bytes
     qos: int
     retain: bool = False
+    #: Encoded once for all its subscribers (``publish_frame``): the QoS 0 frame, and the part of a QoS 1/2
+    #: frame after its first byte up to the packet id (the same for both: the packet id is in the length).
+    frame0: bytes | None = field(default=None, repr=False, compare=False)
+    head: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(slots=True)
@@ -158,7 +162,25 @@ class Session:
 
 
 def publish_frame(message: Message, qos: int, packet_id: int, *, dup: bool = False, retain: bool = False) -> bytes:
-    """One PUBLISH frame [MQTT-3.3]."""
+    """One PUBLISH frame [MQTT-3.3]. A live delivery (neither DUP nor RETAIN) reuses what was encoded for the
+    message's other subscribers: all of a QoS 0 frame, all but the first byte and packet id of a QoS 1/2 one."""
+    if not (dup or retain):
+        if qos == 0:
+            frame0 = message.frame0
+            if frame0 is None:
+                frame0 = message.frame0 = _encode_publish(message, 0, 0, False, False)
+            return frame0
+        head = message.head
+        if head is None:
+            head = message.head = _encode_publish(message, 1, 0, False, False)[1:-2 - len(message.payload)]
+        return b"".join((_FIRST_BYTE[qos], head, packet_id.to_bytes(2, "big"), message.payload))
+    return _encode_publish(message, qos, packet_id, dup, retain)
+
+
+_FIRST_BYTE = {qos: bytes(((PUBLISH << 4) | (qos << 1),)) for qos in (1, 2)}
+
+
+def _encode_publish(message: Message, qos: int, packet_id: int, dup: bool, retain: bool) -> bytes:
     topic = message.topic.encode()
     header = fixed_header((PUBLISH << 4) | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0),
                           2 + len(topic) + (2 if qos else 0) + len(message.payload))
@@ -166,17 +188,89 @@ def publish_frame(message: Message, qos: int, packet_id: int, *, dup: bool = Fal
     return b"".join((header, len(topic).to_bytes(2, "big"), topic, ident, message.payload))
 
 
-def filter_matches(levels: list[str], topic: str) -> bool:
-    """Whether a filter (its levels, from ``check_filter``) matches a topic name [MQTT-4.7]."""
-    if topic.startswith("$") and levels[0] in ("+", "#"):
-        return False
-    names = topic.split("/")
-    for i, level in enumerate(levels):
-        if level == "#":
-            return True
-        if i >= len(names) or (level != "+" and level != names[i]):
+class _Level:
+    __slots__ = ("children", "message")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Level] = {}
+        self.message: Message | None = None
+
+
+class RetainedMessages(Mapping[str, Message]):
+    """The retained messages, by topic, and in a tree of topic levels so that a SUBSCRIBE finds those its filter
+    matches by walking the filter (``matching``), not by testing every retained topic."""
+
+    def __init__(self) -> None:
+        self._by_topic: dict[str, Message] = {}
+        self._root = _Level()
+
+    def __getitem__(self, topic: str) -> Message:
+        return self._by_topic[topic]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_topic)
+
+    def __len__(self) -> int:
+        return len(self._by_topic)
+
+    def set(self, message: Message) -> None:
+        node = self._root
+        for name in message.topic.split("/"):
+            child = node.children.get(name)
+            if child is None:
+                child = node.children[name] = _Level()
+            node = child
+        node.message = message
+        self._by_topic[message.topic] = message
+
+    def clear_topic(self, topic: str) -> bool:
+        """Forget the retained message of ``topic``; False if it had none. Emptied levels are pruned."""
+        if self._by_topic.pop(topic, None) is None:
             return False
-    return len(levels) == len(names)
+        path = [self._root]
+        names = topic.split("/")
+        for name in names:
+            path.append(path[-1].children[name])
+        path[-1].message = None
+        for depth in range(len(names), 0, -1):
+            node = path[depth]
+            if node.message is not None or node.children:
+                break
+            del path[depth - 1].children[names[depth - 1]]
+        return True
+
+    def matching(self, levels: list[str]) -> list[Message]:
+        """The retained messages whose topics the filter (its levels, from ``check_filter``) matches [MQTT-4.7];
+        a wildcard first level matches no ``$`` topic [MQTT-4.7.2-1]."""
+        found: list[Message] = []
+        last = len(levels)
+
+        def subtree(node: _Level, top: bool) -> None:
+            if node.message is not None:
+                found.append(node.message)
+            for name, child in node.children.items():
+                if not (top and name.startswith("$")):
+                    subtree(child, False)
+
+        def walk(node: _Level, depth: int) -> None:
+            if depth == last:
+                if node.message is not None:
+                    found.append(node.message)
+                return
+            level = levels[depth]
+            if level == "#":
+                subtree(node, depth == 0)  # (includes the parent level itself: "a/#" matches "a")
+            elif level == "+":
+                for name, child in node.children.items():
+                    if not (depth == 0 and name.startswith("$")):
+                        walk(child, depth + 1)
+            else:
+                child = node.children.get(level)
+                if child is not None:
+                    walk(child, depth + 1)
+
+        walk(self._root, 0)
+        return found
 
 
 class SessionEngine:
@@ -187,7 +281,7 @@ class SessionEngine:
         self.durable = durable
         self.tree = TopicTree()
         self.sessions: dict[str, Session] = {}
-        self.retained: dict[str, Message] = {}
+        self.retained = RetainedMessages()
         self._dirty: list[Session] = []
         self._flush_scheduled = False
         self._seq = 0  # the last seq given to a stored message
@@ -202,7 +296,7 @@ class SessionEngine:
             return 0, 0
         stored, retained = durable.load()
         for topic, payload, qos in retained:
-            self.retained[topic] = Message(topic, payload, qos, True)
+            self.retained.set(Message(topic, payload, qos, True))
         count = 0
         now = time.time()
         for record in stored:
@@ -357,9 +451,8 @@ class SessionEngine:
             self.tree.subscribe(topic_filter, session, qos)
             session.subscriptions[topic_filter] = qos
             granted.append(qos)
-            for topic, message in self.retained.items():
-                if filter_matches(levels, topic):
-                    self._deliver(session, message, min(message.qos, qos), retain=True)
+            for message in self.retained.matching(levels):
+                self._deliver(session, message, min(message.qos, qos), retain=True)
         self._store_session(session)
         return granted
 
@@ -381,10 +474,10 @@ class SessionEngine:
     def _set_retained(self, message: Message) -> None:
         durable, topic = self.durable, message.topic
         if message.payload:
-            self.retained[topic] = message
+            self.retained.set(message)
             if durable is not None:
                 durable.put_retained(topic, message.payload, message.qos)
-        elif self.retained.pop(topic, None) is not None and durable is not None:
+        elif self.retained.clear_topic(topic) and durable is not None:
             durable.delete_retained(topic)
 
     def publish(self, message: Message) -> int:
