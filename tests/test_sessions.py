@@ -331,16 +331,21 @@ def test_a_subscriber_still_reading_with_a_full_buffer_holds_its_publishers_back
         conn = FakeConnection()
         session, _ = engine.connect("reader", True, conn)
         engine.subscribe(session, [("q0", 0)])
-        conn.backlog = 600
+
+        def state(written: int, backlog: int) -> None:  # bytes written to it so far, and still in its buffer
+            session.written, conn.backlog = written, backlog
+        state(600, 600)
         assert engine.holding_back("q0"), "over half of max_buffered, and it has not stalled yet"
-        conn.backlog = 550  # it reads: still held back while its buffer is over half
+        state(1200, 900)  # the broker fills it faster than it reads, but it reads: still held back
         assert engine.holding_back("q0")
-        conn.backlog = 400
+        state(1200, 400)
         assert not engine.holding_back("q0")
-        conn.backlog = 900
+        state(1700, 900)
         session.last_drained -= 2  # nothing read for longer than stalled_after: it holds nobody
         assert not engine.holding_back("q0")
-        conn.backlog = 800  # reading again
+        state(1800, 1000)  # nothing drained (100 more written, 100 more waiting): still stalled
+        assert not engine.holding_back("q0")
+        state(1800, 900)  # reading again
         assert engine.holding_back("q0")
     run(body, Limits(max_buffered=1000, stalled_after=1.0))
 

@@ -25,7 +25,7 @@ publish waits for before it is acknowledged. Without one, everything is in memor
 - **Writes**: what a session is sent in one event-loop turn goes in one ``write`` (``flush``, scheduled once per
   turn).
 - **Publishers are held back** (``holding_back``) while a subscriber of their topic that is still acknowledging
-  has more than half its queue limit waiting, or one still reading (its write buffer shrinks) has more than half
+  has more than half its queue limit waiting, or one still reading (its write buffer drains) has more than half
   of ``max_buffered`` waiting: the front end stops reading the publisher until it drains, so a fast publisher
   does not overflow a subscriber that is merely slower; one that stopped (for ``stalled_after``) holds nobody,
   and its limits apply.
@@ -144,9 +144,11 @@ class Session:
         #: When the client last acknowledged a message (or connected): a subscriber that stopped acknowledging
         #: does not hold publishers back.
         self.last_ack = 0.0
-        #: The connection's write buffer when last looked at, and when it was last seen to shrink: a subscriber
-        #: whose buffer shrinks is still reading (what QoS 0, which has no acks, tells of progress).
-        self.last_buffered = 0
+        #: Bytes written to the connection, how many of them had left its write buffer when last looked at, and
+        #: when that last grew: a subscriber whose buffer drains is still reading (what QoS 0, which has no acks,
+        #: tells of progress), even while the broker fills the buffer faster.
+        self.written = 0
+        self.last_drained_bytes = 0
         self.last_drained = 0.0
 
     def next_packet_id(self) -> int:
@@ -382,6 +384,7 @@ class SessionEngine:
                 session._expiry.cancel()
                 session._expiry = None
         session.connection = connection
+        session.written = session.last_drained_bytes = 0
         session.last_ack = session.last_drained = time.monotonic()
         if session.persistent:
             session.left_at = None
@@ -492,7 +495,7 @@ class SessionEngine:
     def holding_back(self, topic: str, publisher: Session | None = None) -> bool:
         """Whether a subscriber of ``topic`` (other than ``publisher``, whose acks are not read while it is held)
         should make its publishers wait: it has a queue past its high-water mark while it still acknowledges, or
-        a connection with more than half of ``max_buffered`` waiting while it still reads (its buffer shrank),
+        a connection with more than half of ``max_buffered`` waiting while it still reads (its buffer drained),
         within ``stalled_after`` either way. A subscriber that stopped, or is away, holds nobody back: its queue
         limits apply, and QoS 0 past ``max_buffered`` is dropped."""
         limits = self.limits
@@ -505,9 +508,10 @@ class SessionEngine:
             if len(session.queued) >= high and now - session.last_ack < stalled:
                 return True
             buffered = connection.buffered()
-            if buffered < session.last_buffered:
+            drained = session.written - buffered
+            if drained > session.last_drained_bytes:
                 session.last_drained = now
-            session.last_buffered = buffered
+                session.last_drained_bytes = drained
             if buffered > buffer_high and now - session.last_drained < stalled:
                 return True
         return False
@@ -634,4 +638,6 @@ class SessionEngine:
         for session in dirty:
             out, session._out = session._out, []
             if out and session.connection is not None:
-                session.connection.write(b"".join(out))
+                data = b"".join(out)
+                session.written += len(data)
+                session.connection.write(data)
