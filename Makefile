@@ -44,7 +44,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 system-deps:
 	@if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v mosquitto_pub >/dev/null \
-			|| ! command -v mosquitto >/dev/null || ! command -v ip >/dev/null; then \
+			|| ! command -v mosquitto >/dev/null || ! command -v mosquitto_passwd >/dev/null \
+			|| ! command -v ip >/dev/null; then \
 		echo "installing $(DEB_PACKAGES) with apt-get"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); \

@@ -131,6 +131,33 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse_optional
 
 
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        return value.strip().lower() in ("true", "yes", "on", "1")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _parse_listen(value: Any) -> HostPort | None:
+    """``HOST:PORT``, or ``none`` for no plain listener."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    return HostPort.parse(value)
+
+
+def _parse_tls_listen(value: Any) -> HostPort | None:
+    """``HOST:PORT``, or ``HOST`` alone for port 8883, or ``none``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        _, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or (text.startswith("[") and text.endswith("]")):
+            value = f"{text}:8883"  # a host (or a bracketed IPv6 address) alone
+    return HostPort.parse(value)
+
+
 def _parse_name(value: Any) -> str:
     if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
         raise ValueError(f"expected 1-64 letters, digits, '.', '_' or '-', got {value!r}")
@@ -169,8 +196,8 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("listen", "--listen", "127.0.0.1:1883", HostPort.parse, "HOST:PORT",
-           "address for MQTT over TCP"),
+    Option("listen", "--listen", "127.0.0.1:1883", _parse_listen, "HOST:PORT",
+           "address for MQTT over TCP (none: no plain listener)"),
     Option("data_dir", "--data-dir", "./data", _parse_path, "PATH",
            "directory for the node's durable state (created if missing; one broker per directory)"),
     Option("log_level", "--log-level", "info", _choice_parser(LOG_LEVELS, any_case=True), "LEVEL",
@@ -227,6 +254,30 @@ OPTIONS: tuple[Option, ...] = (
     Option("assigner", "--assigner", "hash", _choice_parser(ASSIGNER_NAMES), "NAME",
            "how partitions are placed on nodes: hash (leader at (p + hash(queue)) mod N, followers the next "
            "nodes), rendezvous (rendezvous hashing with bounded load: a join or leave moves about 1/N)"),
+    Option("tls_listen", "--tls-listen", None, _parse_tls_listen, "HOST:PORT",
+           "address for MQTT over TLS (HOST alone: port 8883; needs certfile and keyfile; not set: none)"),
+    Option("certfile", "--certfile", None, _optional(_parse_path), "PATH",
+           "the TLS listener's certificate chain (PEM)"),
+    Option("keyfile", "--keyfile", None, _optional(_parse_path), "PATH", "the TLS listener's private key (PEM)"),
+    Option("cafile", "--cafile", None, _optional(_parse_path), "PATH",
+           "CA certificates (PEM) that client certificates must be signed by"),
+    Option("require_certificate", "--require-certificate", False, _parse_bool, "BOOL",
+           "TLS clients must present a certificate signed by cafile"),
+    Option("use_identity_as_username", "--use-identity-as-username", False, _parse_bool, "BOOL",
+           "a TLS client's certificate common name is its username (no password is checked; needs "
+           "require_certificate)"),
+    Option("password_file", "--password-file", None, _optional(_parse_path), "PATH",
+           "users and password hashes in mosquitto's format (as mosquitto_passwd writes them); re-read on SIGHUP"),
+    Option("acl_file", "--acl-file", None, _optional(_parse_path), "PATH",
+           "topic access rules in mosquitto's ACL format, for ordinary topics and $queue/ alike; re-read on SIGHUP"),
+    Option("allow_anonymous", "--allow-anonymous", None, _optional(_parse_bool), "BOOL",
+           "clients without a username may connect (not set: only when no password_file or client certificate "
+           "identity is configured, and then the broker listens on loopback only)"),
+    Option("auto_create_queues", "--auto-create-queues", True, _parse_bool, "BOOL",
+           "a publish or subscription to an unknown queue creates it (false: only queues in the configuration or "
+           "already stored exist)"),
+    Option("max_queues", "--max-queues", 0, _int_parser(0, 1 << 31), "N",
+           "most queues this node holds; one more is not created on first use (0: no limit)"),
 )
 
 #: Settings only the configuration file can give (nested mappings): key -> parser of the raw value.
@@ -240,7 +291,7 @@ FILE_SECTIONS: dict[str, Callable[[Any], Any]] = {
 class Config:
     """The broker's effective configuration (defaults, then the config file, then flags)."""
 
-    listen: HostPort = HostPort.parse("127.0.0.1:1883")
+    listen: HostPort | None = HostPort.parse("127.0.0.1:1883")
     data_dir: Path = Path("./data")
     log_level: str = "info"
     sync: str = "fsync"
@@ -266,6 +317,17 @@ class Config:
     #: --replication-factor, folded into ``queue_defaults`` (None: as the defaults say).
     replication_factor: int | None = None
     assigner: str = "hash"
+    tls_listen: HostPort | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    cafile: Path | None = None
+    require_certificate: bool = False
+    use_identity_as_username: bool = False
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    allow_anonymous: bool | None = None
+    auto_create_queues: bool = True
+    max_queues: int = 0
     #: Queues declared in the configuration file (others are created on first use with ``queue_defaults``).
     queues: Mapping[str, QueueConfig] = dataclasses.field(default_factory=dict)
     queue_defaults: QueueConfig = QueueConfig(replication_factor=1)
@@ -273,6 +335,17 @@ class Config:
     @property
     def log_level_number(self) -> int:
         return logging.getLevelNamesMapping()[self.log_level.upper()]
+
+    @property
+    def listeners(self) -> list[HostPort]:
+        return [address for address in (self.listen, self.tls_listen) if address is not None]
+
+    @property
+    def mqtt_address(self) -> HostPort:
+        """The listener other nodes advertise to clients: the plain one, else the TLS one."""
+        address = self.listen or self.tls_listen
+        assert address is not None
+        return address
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -338,7 +411,22 @@ def build_config(file_values: Mapping[str, Any] | None = None,
     except ConfigError as exc:
         raise ConfigError(f"--replication-factor: {exc}") from None
     _fit_payloads(values, file_values)
+    _check_tls(values)
     return Config(**values)
+
+
+def _check_tls(values: dict[str, Any]) -> None:
+    """The listeners and their TLS settings must make sense together."""
+    if values.get("listen") is None and values.get("tls_listen") is None:
+        raise ConfigError("--listen none: with no --tls-listen either, the broker would accept no client")
+    if values.get("tls_listen") is not None and (values.get("certfile") is None or values.get("keyfile") is None):
+        raise ConfigError("--tls-listen needs --certfile and --keyfile")
+    if values.get("require_certificate") and values.get("cafile") is None:
+        raise ConfigError("--require-certificate needs --cafile (the CA that signs client certificates)")
+    if values.get("require_certificate") and values.get("tls_listen") is None:
+        raise ConfigError("--require-certificate needs --tls-listen")
+    if values.get("use_identity_as_username") and not values.get("require_certificate"):
+        raise ConfigError("--use-identity-as-username needs --require-certificate")
 
 
 def publish_size(topic: str, payload: int) -> int:

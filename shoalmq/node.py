@@ -11,9 +11,10 @@ from typing import Any
 
 from shoalmq import __version__
 from shoalmq.broker import MqttFrontEnd
+from shoalmq.broker.security import is_loopback
 from shoalmq.config import Config
 from shoalmq.datadir import DataDir
-from shoalmq.errors import ShoalError, StartupError
+from shoalmq.errors import ConfigError, ShoalError, StartupError
 from shoalmq.queue.manager import QueueManager
 from shoalmq.queue.storage import open_lmdb_store
 
@@ -35,6 +36,7 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         config = self.config
+        check_exposure(config)
         with DataDir.open(config.data_dir) as data_dir:
             store = open_lmdb_store(data_dir.path, sync=config.sync, batch_size=config.batch_size,
                                     flush_interval=config.flush_interval_ms / 1000,
@@ -46,6 +48,7 @@ class Node:
             queues: QueueManager | None = None
             try:
                 queues = QueueManager(store, config.queues, config.queue_defaults, config.consumer_window)
+                queues.auto_create, queues.max_queues = config.auto_create_queues, config.max_queues
                 for name, info in queues.describe().items():
                     log.info("queue %s: %d partition(s), %d message(s)", name, info["partitions"], info["depth"])
                 cluster = ClusterMember(config, queues) if config.etcd else None
@@ -54,13 +57,15 @@ class Node:
                         await cluster.start()
                     front_end = MqttFrontEnd(config, queues)
                     await front_end.start()
+                    loop.add_signal_handler(signal.SIGHUP, front_end.reload)
                     mode = cluster.describe() if cluster is not None else "embedded (single node)"
-                    log.info("ShoalMQ %s ready: mqtt://%s, data %s, %s, event loop %s", __version__,
-                             front_end.address, data_dir.path, mode, type(loop).__module__.split(".")[0])
+                    log.info("ShoalMQ %s ready: %s, data %s, %s, event loop %s", __version__,
+                             ", ".join(front_end.addresses), data_dir.path, mode, type(loop).__module__.split(".")[0])
                     try:
                         await self._stop.wait()
                     finally:
                         log.info("shutting down")
+                        loop.remove_signal_handler(signal.SIGHUP)
                         await front_end.stop()
                 finally:
                     if cluster is not None:
@@ -70,6 +75,20 @@ class Node:
                     queues.close()
                 await store.close()
         log.info("stopped")
+
+
+def check_exposure(config: Config) -> None:
+    """Like mosquitto 2.0: a broker that authenticates nobody listens on loopback only. ConfigError (one line,
+    exit code 2) for a listener on another address without a password file, client certificate identity or an
+    explicit ``allow_anonymous: true``."""
+    if config.password_file is not None or config.allow_anonymous is not None:
+        return
+    exposed = [str(address) for address in config.listeners if not is_loopback(address.host)
+               and not (address is config.tls_listen and config.require_certificate)]
+    if exposed:
+        raise ConfigError(f"refusing to listen on {', '.join(exposed)} with no authentication: set password_file "
+                          "(or a TLS listener with require_certificate), or allow_anonymous: true to accept "
+                          "anyone")
 
 
 class ClusterMember:
@@ -101,8 +120,8 @@ class ClusterMember:
         from shoalmq.cluster.transport import start_server
 
         config = self.config
-        advertise = config.advertise or config.listen.host
-        grpc_listen = str(config.grpc_listen) if config.grpc_listen else f"{config.listen.host}:0"
+        advertise = config.advertise or config.mqtt_address.host
+        grpc_listen = str(config.grpc_listen) if config.grpc_listen else f"{config.mqtt_address.host}:0"
         # Before anything can arrive over gRPC: ownership is checked (and refused until claims are made), and
         # nothing is delivered, to local consumers or peers' route streams, from a partition not claimed yet.
         self.queues.cluster = self.coordinator
@@ -110,7 +129,7 @@ class ClusterMember:
         self.queues.refresh_sources()
         self.server, port = await start_server(self.queues, grpc_listen, NodeServicer(self.queues, self.coordinator))
         self.membership.info.update({
-            "mqtt": f"{advertise}:{config.listen.port}",
+            "mqtt": f"{advertise}:{config.mqtt_address.port}",
             "grpc": f"{advertise}:{port}",
             "version": __version__,
         })

@@ -38,7 +38,8 @@ class Cluster:
         for MQTT and gRPC, and advertises (other than loopback: ``--advertise`` it); ``prefix``: a command it runs
         under (``BrokerProcess``), e.g. to run it in an ``IsolatedHost``'s network namespace."""
         existing = self.nodes.get(node_id)
-        advertise = ["--advertise", host] if host != "127.0.0.1" else []
+        # (a broker that authenticates nobody must be told that it may listen beyond loopback)
+        advertise = ["--advertise", host, "--allow-anonymous", "true"] if host != "127.0.0.1" else []
         node = BrokerProcess(self.workdir / node_id, [
             "--etcd", self.etcd.url, "--node-id", node_id, "--cluster", CLUSTER, "--config", str(self.config),
             "--grpc-listen", f"{host}:{free_port()}", *advertise, "--lease-ttl", str(self.lease_ttl),

@@ -271,3 +271,25 @@ def test_persistent_client_expiration_takes_seconds_or_mosquitto_s_durations(tex
 def test_a_bad_expiration_names_the_flag(text: str) -> None:
     with pytest.raises(ConfigError, match="--persistent-client-expiration: expected a number of seconds"):
         load_config(["--persistent-client-expiration", text])
+
+
+def test_the_tls_and_access_settings_are_checked_together() -> None:
+    config = load_config(["--tls-listen", "0.0.0.0", "--certfile", "s.crt", "--keyfile", "s.key"])
+    assert config.tls_listen == HostPort("0.0.0.0", 8883), "a host alone means port 8883"
+    assert config.listeners == [HostPort("127.0.0.1", 1883), HostPort("0.0.0.0", 8883)]
+    assert load_config(["--listen", "none", "--tls-listen", "[::1]:9883", "--certfile", "c", "--keyfile", "k"]
+                       ).mqtt_address == HostPort("::1", 9883)
+    assert load_config(["--allow-anonymous", "yes"]).allow_anonymous is True
+    assert load_config([]).allow_anonymous is None and load_config([]).auto_create_queues is True
+    for argv, message in [
+        (["--tls-listen", "127.0.0.1:8883"], "--tls-listen needs --certfile and --keyfile"),
+        (["--listen", "none"], "--listen none: with no --tls-listen either"),
+        (["--tls-listen", "h", "--certfile", "c", "--keyfile", "k", "--require-certificate", "true"],
+         "--require-certificate needs --cafile"),
+        (["--use-identity-as-username", "true"], "--use-identity-as-username needs --require-certificate"),
+        (["--allow-anonymous", "maybe"], "--allow-anonymous: expected true or false, got 'maybe'"),
+        (["--max-queues", "-1"], "--max-queues: expected a whole number"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(argv)
+        assert str(info.value).startswith(message), (argv, str(info.value))

@@ -434,6 +434,8 @@ def test_a_partial_frame_is_not_activity_and_silence_mid_frame_closes_at_1_5x_ke
     """A client whose last whole packet came at t0 and that then sends part of a frame and goes silent is closed
     1.5 x its keep-alive after t0: the partial frame does not count as a control packet [MQTT-3.1.2-24]."""
     client = RawMqtt(broker.port, "partial", keep_alive=2)
+    with pytest.raises(TimeoutError):  # 1 s between CONNECT and the last whole packet: the broker's timer, set
+        client.read(1.0)               # at CONNECT, must not wait a whole period more after it
     client.send(b"\xc0\x00")  # PINGREQ: the last whole packet
     assert client.read(5).type == 13
     last_whole = time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any
 
 from amqtt.adapters import StreamWriterAdapter
@@ -17,8 +18,9 @@ from shoalmq.broker.fastpath import QueueFastProtocol
 from shoalmq.broker.frames import FrameGuardReader, MalformedPacket, refusal
 from shoalmq.broker.sessions import Limits
 from shoalmq.broker.queue_broker import ShoalBroker
+from shoalmq.broker.security import Security, load_certificates, server_context
 from shoalmq.config import Config, HostPort
-from shoalmq.errors import StartupError, os_error_text
+from shoalmq.errors import ShoalError, StartupError, os_error_text
 from shoalmq.queue.manager import QueueManager
 
 log = logging.getLogger(__name__)
@@ -69,16 +71,47 @@ class MqttFrontEnd:
         self._config = config
         self._queues = queues
         self._broker: ShoalBroker | None = None
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
+        self._tls_server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self.security = Security(config.password_file, config.acl_file, config.allow_anonymous,
+                                 certificate_identity=config.use_identity_as_username)
+        #: The TLS listener's context (reloaded in place on SIGHUP).
+        self.tls: ssl.SSLContext | None = None
+        if config.tls_listen is not None:
+            assert config.certfile is not None and config.keyfile is not None
+            self.tls = server_context(config.certfile, config.keyfile, config.cafile, config.require_certificate)
+
+    @property
+    def addresses(self) -> list[str]:
+        """The URLs actually listened on (mqtt://, mqtts://)."""
+        urls = []
+        for server in self._servers:
+            host, port = server.sockets[0].getsockname()[:2]
+            scheme = "mqtts" if server is self._tls_server else "mqtt"
+            urls.append(f"{scheme}://{HostPort(host, port)}")
+        return urls
 
     @property
     def address(self) -> HostPort:
-        """The address actually listened on."""
-        if self._server is None:
+        """The first address actually listened on."""
+        if not self._servers:
             raise RuntimeError("front end is not started")
-        host, port = self._server.sockets[0].getsockname()[:2]
+        host, port = self._servers[0].sockets[0].getsockname()[:2]
         return HostPort(host, port)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the password and ACL files and the TLS certificates; open connections stay."""
+        self.security.reload()
+        config = self._config
+        if self.tls is not None:
+            try:
+                load_certificates(self.tls, config.certfile, config.keyfile, config.cafile)  # type: ignore[arg-type]
+                log.info("reloaded the TLS certificate %s", config.certfile)
+            except ShoalError as exc:
+                log.error("reload: %s; keeping the previous certificate", exc)
+        if self._broker is not None:
+            self._broker.rules_changed()
 
     async def start(self) -> None:
         """Start amqtt, then listen. StartupError if the address can't be bound."""
@@ -88,24 +121,34 @@ class MqttFrontEnd:
                                    Limits(max_inflight=config.max_inflight_messages,
                                           max_queued=config.max_queued_messages,
                                           max_queued_bytes=config.max_queued_bytes,
-                                          expiry=config.persistent_client_expiration))
+                                          expiry=config.persistent_client_expiration),
+                                   self.security)
         await self._broker.start()
-        listen = self._config.listen
         max_packet_size = self._config.max_packet_size
-        try:
-            self._server = await asyncio.get_running_loop().create_server(
-                lambda: QueueFastProtocol(self._on_connection, max_packet_size),
-                listen.host, listen.port, reuse_address=True, backlog=1024,
-            )
-        except OSError as exc:
-            await self._broker.shutdown()
-            raise StartupError(f"cannot listen on {listen}: {os_error_text(exc)}") from None
-        log.info("MQTT listening on %s", self.address)
+        loop = asyncio.get_running_loop()
+        for listen, context in ((config.listen, None), (config.tls_listen, self.tls)):
+            if listen is None:
+                continue
+            try:
+                server = await loop.create_server(
+                    lambda: QueueFastProtocol(self._on_connection, max_packet_size),
+                    listen.host, listen.port, reuse_address=True, backlog=1024, ssl=context,
+                    ssl_handshake_timeout=config.connect_timeout if context is not None else None,
+                )
+            except OSError as exc:
+                for server in self._servers:
+                    server.close()
+                await self._broker.shutdown()
+                raise StartupError(f"cannot listen on {listen}: {os_error_text(exc)}") from None
+            self._servers.append(server)
+            if context is not None:
+                self._tls_server = server
+        log.info("MQTT listening on %s", ", ".join(self.addresses))
 
     async def stop(self) -> None:
         """Stop listening, close the client sessions, and wait for them within a deadline."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         if self._broker is not None:
             try:
                 await asyncio.wait_for(self._broker.shutdown(), SHUTDOWN_DEADLINE)
@@ -115,8 +158,9 @@ class MqttFrontEnd:
             task.cancel()
         if self._connections:
             await asyncio.wait(self._connections, timeout=SHUTDOWN_DEADLINE)
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in self._servers:
+            await server.wait_closed()
+        self.security.close()
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._broker is not None

@@ -46,12 +46,15 @@ from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.errors import AMQTTError
+from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
 from shoalmq._native import mqtt_codec
 from shoalmq._native.mqtt_packets import PUBACK, PUBCOMP, PUBREC, SUBACK_FAILURE, frame
+from shoalmq.broker.security import (BAD_CREDENTIALS, NOT_AUTHORIZED, READ, WRITE, Identity, Security,
+                                     certificate_name)
 from shoalmq.broker.session_store import SessionStore
 from shoalmq.broker.sessions import Limits, Message, SessionEngine
 from shoalmq.broker.sessions import Session as OrdinarySession
@@ -98,6 +101,12 @@ class QueueSession(Session):
     queue_qos2: dict[int, asyncio.Future[None]]
     #: The client's session of ordinary topics (``shoalmq.broker.sessions``), once it is connected.
     ordinary: OrdinarySession | None = None
+    #: Who the client is to the ACL (set when it is authenticated), and the CONNACK code of a refusal.
+    identity: Identity | None = None
+    connack_code: int = NOT_AUTHORIZED
+    #: The client's address, and the common name of its verified TLS certificate (if any).
+    peer: str = "?"
+    certificate_name: str | None = None
 
     @property
     def next_packet_id(self) -> int:
@@ -147,6 +156,11 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         self.broker_of_queues = broker
         self.engine = broker.engine
         self._fast: Any = None  # the connection's QueueFastProtocol, once linked
+        self.security: Security = broker.security
+        #: ACL answers for this connection's publishes: topic -> allowed (cleared when the rules change).
+        self._writable: dict[str, bool] = {}
+        self._denied_warned = False
+        self._keep_alive_timer: asyncio.TimerHandle | None = None
         self._held_topics: set[str] | None = None  # topics whose subscribers hold this publisher back
         self.queues = queues
         self.window = queues.consumer_window
@@ -197,6 +211,10 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                 self._refuse(f"publish to {topic!r}: " + ("$SYS topics are reserved for the broker"
                              if topic.startswith("$SYS") else "not a queue topic ($queue/<name>)"))
                 break
+            refusal = self._queue_refusal(topic, WRITE)
+            if refusal is not None:
+                self._refuse(f"publish to {topic!r} refused: {refusal}")
+                break
             if qos == 2:
                 last = self._queue_publishes_qos2(topic, packet_ids, payloads, by_flush) or last
                 continue
@@ -215,6 +233,29 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         for flush, acks in by_flush.values():
             self._acknowledge_in_order(flush, b"".join(acks))
         return last
+
+    def _queue_refusal(self, topic: str, access: int) -> str | None:
+        """Why the client may not publish to (``WRITE``) or consume (``READ``) this ``$queue/`` topic, or None: the
+        ACL, and the creation of a queue on first use (which needs write access and ``auto_create_queues``)."""
+        security = self.security
+        identity = self.session.identity  # type: ignore[union-attr]
+        if security.acl is not None:
+            allowed = self._may_write(topic) if access == WRITE else security.may_subscribe(identity, topic)
+            if not allowed:
+                return "denied by the ACL"
+        try:
+            name = queue_of_filter(topic) if access == READ else topic[len("$queue/"):].split("/", 1)[0]
+        except BadQueueName:
+            return None  # (the queue manager says what is wrong with it)
+        if name is None:
+            return None
+        refusal = self.queues.creation_refused(name)
+        if refusal is not None:
+            return refusal
+        if (access == READ and security.acl is not None and not self.queues.known(name)
+                and not security.may(identity, f"$queue/{name}", WRITE)):
+            return f"queue {name!r} does not exist, and creating it needs write access"
+        return None
 
     def _queue_publishes_qos2(self, topic: str, packet_ids: list[int], payloads: list[bytes],
                               by_flush: dict[int, tuple[asyncio.Future[None], list[bytes]]]
@@ -378,9 +419,14 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         acks = bytearray()
         topics = set()
         engine.take_flush()  # (what was written before these publishes is not theirs to wait for)
+        acl = self.security.acl is not None
         for _, flags, topic, packet_id, payload in publishes:
             topics.add(topic)
             qos = (flags >> 1) & 3
+            if acl and not self._may_write(topic):
+                if qos:  # (MQTT 3.1.1 has no negative acknowledgement: acknowledged, not routed)
+                    acks += (b"\x50\x02" if qos == 2 else b"\x40\x02") + packet_id.to_bytes(2, "big")
+                continue
             if qos == 2:
                 if engine.receive_qos2(session, packet_id):
                     engine.publish(Message(topic, payload, 2, bool(flags & 1)))
@@ -396,6 +442,19 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             self._held_topics = topics
             self._fast.hold("subscribers")
             asyncio.get_running_loop().call_later(HOLD_CHECK, self._check_held)
+
+    def _may_write(self, topic: str) -> bool:
+        """The ACL's answer for a publish to ``topic`` (remembered per connection); a refusal is logged once."""
+        allowed = self._writable.get(topic)
+        if allowed is None:
+            if len(self._writable) >= 1024:
+                self._writable.clear()
+            allowed = self._writable[topic] = self.security.may(self.session.identity, topic, WRITE)  # type: ignore
+        if not allowed and not self._denied_warned:
+            self._denied_warned = True
+            log.warning("%s from %s: publish to %r denied by the ACL; its publishes the ACL denies are dropped "
+                        "(logged once per connection)", self.name, self.session.peer, topic)  # type: ignore[union-attr]
+        return allowed
 
     def _check_held(self) -> None:
         """Read the publisher again once no subscriber of what it sent holds it back."""
@@ -434,6 +493,11 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         for topic_filter, qos in requests:
             if topic_filter.startswith("$queue"):
                 granted.append(self.broker_of_queues.subscribe_queue(topic_filter, qos, self.session))
+            elif self.security.acl is not None and not self.security.may_subscribe(
+                    self.session.identity, topic_filter):  # type: ignore[union-attr]
+                log.info("%s from %s: subscription to %r denied by the ACL", self.name,
+                         self.session.peer, topic_filter)  # type: ignore[union-attr]
+                granted.append(SUBACK_FAILURE)
             else:
                 granted += bytes(self.engine.subscribe(self.session.ordinary, [(topic_filter, qos)]))  # type: ignore
         self._write(frame(0x90, packet_id.to_bytes(2, "big") + bytes(granted)))
@@ -460,7 +524,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         session = self.session
         session.ordinary, _ = self.engine.connect(  # type: ignore[attr-defined]
             session.client_id, session.clean_session, self,
-            busy=lambda packet_id: packet_id in session.queue_inflight)  # type: ignore[attr-defined]
+            busy=lambda packet_id: packet_id in session.queue_inflight,  # type: ignore[attr-defined]
+            username=session.identity.username if session.identity else None)  # type: ignore[attr-defined]
         # Linked before amqtt's start, which may wait (up to 10 s) for a PUBREL that the fast path holds.
         transport = self._transport()
         protocol = transport.get_protocol() if transport is not None else None
@@ -468,18 +533,56 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             self._fast = protocol
             protocol.link(self)
         await super().start()
-        for name, qos in session.ordinary.queues.items():  # type: ignore[attr-defined]
+        for name, qos in list(session.ordinary.queues.items()):  # type: ignore[attr-defined]
+            refusal = self._queue_refusal(f"$queue/{name}", READ)
+            if refusal is not None:
+                log.warning("%s: kept subscription to queue %s dropped: %s", self.name, name, refusal)
+                self.engine.set_queue_subscription(session.ordinary, name, None)  # type: ignore[attr-defined]
+                continue
             if qos == 0:
                 self.session.queue_qos0.add(name)  # type: ignore[attr-defined]
             self.queues.subscribe(self, name, at_most_once=qos == 0)
+
+    async def mqtt_connack_authorize(self, authorize: bool) -> None:
+        """CONNACK: accepted, or refused with the code authentication gave (0x04 bad username or password, 0x05
+        not authorized); amqtt's own sends 0x05 for every refusal."""
+        if authorize:
+            await super().mqtt_connack_authorize(True)
+            return
+        code = getattr(self.session, "connack_code", NOT_AUTHORIZED)
+        await self._send_packet(ConnackPacket.build(0, code))
+
+    def rules_changed(self) -> None:
+        """The ACL was reloaded: forget its remembered answers, and stop consuming the queues it now denies."""
+        self._writable.clear()
+        self._denied_warned = False
+        session = self.session
+        if session is None or self.security.acl is None:
+            return
+        for name in list(self.queues.subscriptions(self)):
+            if not self.security.may_subscribe(session.identity, f"$queue/{name}"):  # type: ignore[attr-defined]
+                log.warning("%s: the reloaded ACL denies reading queue %s: unsubscribed", self.name, name)
+                self.queues.unsubscribe(self, name)
+                if getattr(session, "ordinary", None) is not None:
+                    self.engine.set_queue_subscription(session.ordinary, name, None)  # type: ignore[attr-defined]
+
+    def _keep_alive_due(self) -> None:
+        self._keep_alive_timer = None
+        self.handle_read_timeout()
 
     def handle_read_timeout(self) -> None:
         if self._closing:
             return  # closed already: said once, aborted once
         fast = self._fast
-        if fast is not None and self.session is not None and (
-                asyncio.get_running_loop().time() - fast.last_read < self.session.keep_alive):
-            return  # amqtt saw nothing, but the client is busy on the fast path
+        if fast is not None and self.session is not None:
+            loop = asyncio.get_running_loop()
+            remaining = fast.last_read + self.session.keep_alive - loop.time()
+            if remaining > 0:
+                # amqtt saw nothing, but the client sent whole packets on the fast path: look again when 1.5x
+                # keep-alive has passed since the last of them (amqtt's own timer would wait a whole period more).
+                if self._keep_alive_timer is None:
+                    self._keep_alive_timer = loop.call_later(remaining, self._keep_alive_due)
+                return
         client = self.session.client_id if self.session else "?"
         log.info("client %s sent nothing within 1.5 x its keep-alive: closing its connection", client)
         self._close()
@@ -489,6 +592,9 @@ class QueueProtocolHandler(BrokerProtocolHandler):
 
     async def stop(self) -> None:
         self._closing = True
+        if self._keep_alive_timer is not None:
+            self._keep_alive_timer.cancel()
+            self._keep_alive_timer = None
         if self.session is not None and self._live.get(self.session.client_id) is self:
             del self._live[self.session.client_id]
         if self._pending_acks:
@@ -534,12 +640,14 @@ class ShoalBroker(Broker):
     """amqtt's broker with ``$queue/`` topics served by a ``QueueManager``."""
 
     def __init__(self, config: dict[str, Any], queues: QueueManager, connect_timeout: float = 10.0,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, security: Security | None = None) -> None:
         super().__init__(config)
         self.queues = queues
+        #: Authentication and the ACL (``shoalmq.broker.security``; without files: anyone may do anything).
+        self.security = security or Security()
         #: Sessions, subscriptions and retained messages of ordinary topics (a persistent session also keeps its
         #: queue subscriptions), stored with the queues' commits and read back here.
-        self.engine = SessionEngine(limits, SessionStore(queues.store))
+        self.engine = SessionEngine(limits, SessionStore(queues.store), may_read=self._may_read)
         sessions, messages = self.engine.recover()
         if sessions or self.engine.retained:
             log.info("%d persistent session(s) holding %d message(s), and %d retained message(s), recovered",
@@ -558,6 +666,10 @@ class ShoalBroker(Broker):
             await writer.close()
             raise AMQTTError(f"no CONNECT from {remote_address}:{remote_port} "
                              f"within {self.connect_timeout:.0f} s") from None
+        session.peer = remote_address  # type: ignore[attr-defined]
+        stream = getattr(writer, "_writer", None)  # amqtt's StreamWriterAdapter wraps an asyncio StreamWriter
+        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+        session.certificate_name = certificate_name(ssl_object)  # type: ignore[attr-defined]
         if not isinstance(session, QueueSession):
             session.__class__ = QueueSession
             session.queue_inflight = {}  # type: ignore[attr-defined]
@@ -582,6 +694,38 @@ class ShoalBroker(Broker):
             # [MQTT-3.1.2-24]: one and a half times the keep-alive (amqtt adds its own delay, 0 here).
             session.keep_alive = math.ceil(session.keep_alive * 1.5)
         return handler, session
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        """The password file (or the client certificate) and the anonymous rule decide, not amqtt's plugins; a
+        will must be a topic the client may write. A refusal is logged once, with the client's address (never
+        its password), and its CONNACK code kept for ``mqtt_connack_authorize``."""
+        peer = getattr(session, "peer", "?")
+        password = session.password.encode() if session.password is not None else None
+        code, username = await self.security.authenticate(session.username, password, peer,
+                                                          getattr(session, "certificate_name", None))
+        identity = Identity(session.client_id or "", username)
+        if code == 0 and session.will_flag and session.will_topic and not self.security.may(
+                identity, session.will_topic, WRITE):
+            log.warning("client %s from %s refused: its will's topic %r is denied by the ACL", session.client_id,
+                        peer, session.will_topic)
+            code = NOT_AUTHORIZED
+        elif code:
+            log.warning("client %s from %s refused: %s", session.client_id, peer,
+                        "bad username or password" if code == BAD_CREDENTIALS else
+                        "not authorized (anonymous clients are not allowed)" if session.username is None and
+                        not self.security.certificate_identity else "not authorized (no verified certificate)")
+        session.identity = identity  # type: ignore[attr-defined]
+        session.connack_code = code  # type: ignore[attr-defined]
+        return code == 0
+
+    def _may_read(self, client_id: str, username: str | None, topic: str) -> bool:
+        return self.security.may(Identity(client_id, username), topic, READ)
+
+    def rules_changed(self) -> None:
+        """SIGHUP reloaded the password and ACL files."""
+        self.engine.rules_changed()
+        for handler in list(self._live.values()):
+            handler.rules_changed()
 
     async def _broadcast_message(self, session: Session | None, topic: str | None, data: bytes | bytearray | None,
                                  force_qos: int | None = None) -> None:
@@ -614,6 +758,11 @@ class ShoalBroker(Broker):
             return SUBACK_FAILURE
         handler = self._handler_of(session)
         if name is None or handler is None:
+            return SUBACK_FAILURE
+        refusal = handler._queue_refusal(f"$queue/{name}", READ)
+        if refusal is not None:
+            log.warning("client %s from %s: subscription to queue %s refused: %s", session.client_id,
+                        getattr(session, "peer", "?"), name, refusal)
             return SUBACK_FAILURE
         granted = 1 if qos >= 1 else 0
         if granted == 0:

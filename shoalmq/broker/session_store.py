@@ -10,7 +10,7 @@ Layout (three databases of the node's LMDB environment, ``shoalmq.queue.storage.
 
 ``sessions``          key: client id (UTF-8)
                       value: JSON ``{"subscriptions": {filter: qos}, "queues": {queue: qos}, "inbound": [packet
-                      ids], "left_at": unix time or null}``
+                      ids], "left_at": unix time or null, "username": name or null}``
 ``session_messages``  key: len u16 | client id | seq u64 (a session's messages in the order they reached it)
                       value: qos u8 | flags u8 (1: sent as retained, 2: released, PUBREL sent) | packet id u16
                       (0: queued, not yet sent) | topic length u16 | topic | payload (none once released)
@@ -58,6 +58,7 @@ class StoredSession:
     queues: dict[str, int]
     inbound: list[int]
     left_at: float | None
+    username: str | None = None
     messages: list[StoredMessage] = field(default_factory=list)
 
 
@@ -98,9 +99,9 @@ class SessionStore:
     # -- writes -----------------------------------------------------------------------------------------
 
     def put_session(self, client_id: str, subscriptions: dict[str, int], queues: dict[str, int],
-                    inbound: set[int], left_at: float | None) -> None:
+                    inbound: set[int], left_at: float | None, username: str | None = None) -> None:
         value = json.dumps({"subscriptions": subscriptions, "queues": queues, "inbound": sorted(inbound),
-                            "left_at": left_at}, separators=(",", ":"))
+                            "left_at": left_at, "username": username}, separators=(",", ":"))
         self.store.stage(SESSIONS, client_id.encode(), value.encode())
         self._staged = True
 
@@ -150,7 +151,7 @@ class SessionStore:
                 sessions[client_id] = StoredSession(
                     client_id, {str(f): int(q) for f, q in record.get("subscriptions", {}).items()},
                     {str(n): int(q) for n, q in record.get("queues", {}).items()},
-                    [int(i) for i in record.get("inbound", [])], record.get("left_at"))
+                    [int(i) for i in record.get("inbound", [])], record.get("left_at"), record.get("username"))
             except (ValueError, TypeError, AttributeError) as exc:
                 log.error("stored session %r unreadable, skipped: %s", key, exc)
         orphans = 0

@@ -134,6 +134,10 @@ class Session:
         self.queues: dict[str, int] = {}
         #: When its client left (unix time), for an expiry that outlives a restart.
         self.left_at: float | None = None
+        #: The username its client authenticated as (what the ACL knows it by), and the ACL's answers so far:
+        #: topic -> may receive it.
+        self.username: str | None = None
+        self.readable: dict[str, bool] = {}
         self.connection: Connection | None = None
         #: Packet ids used by others on the same connection (a connection's queue deliveries): skipped.
         self.busy = busy
@@ -278,9 +282,12 @@ class RetainedMessages(Mapping[str, Message]):
 class SessionEngine:
     """Every session of a node, its subscriptions, the retained messages, and the fan-out between them."""
 
-    def __init__(self, limits: Limits | None = None, durable: SessionStore | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, durable: SessionStore | None = None,
+                 may_read: Callable[[str, str | None, str], bool] | None = None) -> None:
         self.limits = limits or Limits()
         self.durable = durable
+        #: The ACL: whether (client id, username) may receive a topic (None: everyone may receive everything).
+        self.may_read = may_read
         self.tree = TopicTree()
         self.sessions: dict[str, Session] = {}
         self.retained = RetainedMessages()
@@ -303,6 +310,7 @@ class SessionEngine:
         now = time.time()
         for record in stored:
             session = Session(record.client_id, True)
+            session.username = record.username
             session.queues = record.queues
             session.inbound_qos2 = set(record.inbound)
             for topic_filter, qos in record.subscriptions.items():
@@ -344,7 +352,7 @@ class SessionEngine:
     def _store_session(self, session: Session) -> None:
         if self.durable is not None and session.persistent:
             self.durable.put_session(session.client_id, session.subscriptions, session.queues,
-                                     session.inbound_qos2, session.left_at)
+                                     session.inbound_qos2, session.left_at, session.username)
 
     def set_queue_subscription(self, session: Session, queue: str, qos: int | None) -> None:
         """A persistent session's subscription to a queue (None: unsubscribed), kept with the session."""
@@ -362,7 +370,7 @@ class SessionEngine:
     # -- connections -------------------------------------------------------------------------------
 
     def connect(self, client_id: str, clean: bool, connection: Connection,
-                busy: Callable[[int], bool] | None = None) -> tuple[Session, bool]:
+                busy: Callable[[int], bool] | None = None, username: str | None = None) -> tuple[Session, bool]:
         """A connection of ``client_id`` was accepted: its session, and whether it was resumed (CONNACK's session
         present flag [MQTT-3.2.2-2]). A resumed session sends what it has in flight again, then its queue."""
         existing = self.sessions.get(client_id)
@@ -384,6 +392,9 @@ class SessionEngine:
                 session._expiry.cancel()
                 session._expiry = None
         session.connection = connection
+        if session.username != username:
+            session.username = username
+            session.readable.clear()
         session.written = session.last_drained_bytes = 0
         session.last_ack = session.last_drained = time.monotonic()
         if session.persistent:
@@ -455,7 +466,8 @@ class SessionEngine:
             session.subscriptions[topic_filter] = qos
             granted.append(qos)
             for message in self.retained.matching(levels):
-                self._deliver(session, message, min(message.qos, qos), retain=True)
+                if self.may_read is None or self._may_read(session, message.topic):
+                    self._deliver(session, message, min(message.qos, qos), retain=True)
         self._store_session(session)
         return granted
 
@@ -488,9 +500,26 @@ class SessionEngine:
         if message.retain:
             self._set_retained(message)
         matched = self.tree.match(message.topic)
+        if self.may_read is not None:
+            topic = message.topic
+            matched = {session: qos for session, qos in matched.items() if self._may_read(session, topic)}
         for session, qos in matched.items():
             self._deliver(session, message, qos if qos < message.qos else message.qos, retain=False)
         return len(matched)
+
+    def _may_read(self, session: Session, topic: str) -> bool:
+        answers = session.readable
+        allowed = answers.get(topic)
+        if allowed is None:
+            if len(answers) >= 1024:
+                answers.clear()
+            allowed = answers[topic] = self.may_read(session.client_id, session.username, topic)  # type: ignore
+        return allowed
+
+    def rules_changed(self) -> None:
+        """The ACL changed: every remembered answer is asked again."""
+        for session in self.sessions.values():
+            session.readable.clear()
 
     def holding_back(self, topic: str, publisher: Session | None = None) -> bool:
         """Whether a subscriber of ``topic`` (other than ``publisher``, whose acks are not read while it is held)

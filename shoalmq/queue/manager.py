@@ -287,6 +287,10 @@ class QueueManager:
         self.replication: Any = None
         #: Checked ``$queue/`` topics: topic -> (queue name, key, record head ``u16 key length | key``).
         self._topics: dict[str, tuple[str, str, bytes]] = {}
+        #: Whether a client's publish or subscription creates a queue on first use, and at most how many queues
+        #: (0: no limit) this node then holds (``creation_refused``; a dead-letter queue is always created).
+        self.auto_create = True
+        self.max_queues = 0
         store.on_readable = self._on_readable
         for name in self._declared:
             self.queue(name)
@@ -336,6 +340,21 @@ class QueueManager:
         if self.cluster is not None:
             self.refresh_sources(queue)
         return queue
+
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is a queue already: open here, declared, stored, or defined in the cluster."""
+        return (name in self._queues or name in self._declared or self.store.queue_definition(name) is not None
+                or (self.cluster is not None and self.cluster.queue_config(name) is not None))
+
+    def creation_refused(self, name: str) -> str | None:
+        """Why a client may not create queue ``name`` on first use (None: it exists, or may be created)."""
+        if name in self._queues or self.known(name):
+            return None
+        if not self.auto_create:
+            return f"queue {name!r} does not exist, and auto_create_queues is off"
+        if self.max_queues and len(self._queues) >= self.max_queues:
+            return f"queue {name!r} does not exist, and this node holds max_queues ({self.max_queues}) already"
+        return None
 
     def adopt_config(self, name: str, config: QueueConfig) -> None:
         """Serve an open queue with the settings the cluster recorded (same partition count; the limits may
