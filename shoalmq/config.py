@@ -273,6 +273,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("allow_anonymous", "--allow-anonymous", None, _optional(_parse_bool), "BOOL",
            "clients without a username may connect (not set: only when no password_file or client certificate "
            "identity is configured, and then the broker listens on loopback only)"),
+    Option("cluster_certfile", "--cluster-certfile", None, _optional(_parse_path), "PATH",
+           "this node's certificate for the gRPC traffic between nodes (PEM; its common name is the node id, its "
+           "subject alternative names the address peers dial)"),
+    Option("cluster_keyfile", "--cluster-keyfile", None, _optional(_parse_path), "PATH",
+           "the private key of --cluster-certfile (PEM)"),
+    Option("cluster_cafile", "--cluster-cafile", None, _optional(_parse_path), "PATH",
+           "the cluster CA (PEM): peers must present a certificate it signed"),
     Option("auto_create_queues", "--auto-create-queues", True, _parse_bool, "BOOL",
            "a publish or subscription to an unknown queue creates it (false: only queues in the configuration or "
            "already stored exist)"),
@@ -326,6 +333,9 @@ class Config:
     password_file: Path | None = None
     acl_file: Path | None = None
     allow_anonymous: bool | None = None
+    cluster_certfile: Path | None = None
+    cluster_keyfile: Path | None = None
+    cluster_cafile: Path | None = None
     auto_create_queues: bool = True
     max_queues: int = 0
     #: Queues declared in the configuration file (others are created on first use with ``queue_defaults``).
@@ -427,6 +437,9 @@ def _check_tls(values: dict[str, Any]) -> None:
         raise ConfigError("--require-certificate needs --tls-listen")
     if values.get("use_identity_as_username") and not values.get("require_certificate"):
         raise ConfigError("--use-identity-as-username needs --require-certificate")
+    cluster_tls = [values.get(k) is not None for k in ("cluster_certfile", "cluster_keyfile", "cluster_cafile")]
+    if any(cluster_tls) and not all(cluster_tls):
+        raise ConfigError("--cluster-certfile, --cluster-keyfile and --cluster-cafile go together")
 
 
 def publish_size(topic: str, payload: int) -> int:

@@ -117,11 +117,20 @@ class ClusterMember:
     async def start(self) -> None:
         from shoalmq.cluster.membership import NodeIdInUse
         from shoalmq.cluster.service import NodeServicer
-        from shoalmq.cluster.transport import start_server
+        from shoalmq.cluster.transport import NodeCredentials, start_server, use_credentials
 
         config = self.config
         advertise = config.advertise or config.mqtt_address.host
-        grpc_listen = str(config.grpc_listen) if config.grpc_listen else f"{config.mqtt_address.host}:0"
+        grpc_host = config.grpc_listen.host if config.grpc_listen else config.mqtt_address.host
+        grpc_listen = str(config.grpc_listen) if config.grpc_listen else f"{grpc_host}:0"
+        if config.cluster_certfile is not None:
+            assert config.cluster_keyfile is not None and config.cluster_cafile is not None
+            use_credentials(NodeCredentials.load(config.cluster_certfile, config.cluster_keyfile,
+                                                 config.cluster_cafile))
+        elif not (is_loopback(grpc_host) and is_loopback(advertise)):
+            raise ConfigError(f"refusing to join the cluster with gRPC on {grpc_host} (advertised as {advertise}) "
+                              "without mutual TLS: set --cluster-certfile, --cluster-keyfile and --cluster-cafile "
+                              "(a node reachable beyond loopback would take orders from anyone)")
         # Before anything can arrive over gRPC: ownership is checked (and refused until claims are made), and
         # nothing is delivered, to local consumers or peers' route streams, from a partition not claimed yet.
         self.queues.cluster = self.coordinator

@@ -19,8 +19,12 @@ class Cluster:
     """Nodes ``n1``, ``n2``, ... of one cluster, each a ``broker`` process with ``--etcd``."""
 
     def __init__(self, etcd: EtcdProcess, workdir: Path, queues: dict[str, int] | None = None,
-                 args: Sequence[str] = (), lease_ttl: int = 3) -> None:
+                 args: Sequence[str] = (), lease_ttl: int = 3, tls: bool = False) -> None:
+        """``tls``: mutual TLS between the nodes (each gets a certificate naming it, from a CA of the cluster's);
+        a node on an address other than loopback always has it (a node refuses to join without it there)."""
         self.etcd = etcd
+        self.tls = tls
+        self._authority: Any = None
         self.workdir = workdir
         # Queues of one replica unless a test asks for more (the cluster default is 3): most cluster tests are of
         # the lease-owned partitions.
@@ -40,6 +44,8 @@ class Cluster:
         existing = self.nodes.get(node_id)
         # (a broker that authenticates nobody must be told that it may listen beyond loopback)
         advertise = ["--advertise", host, "--allow-anonymous", "true"] if host != "127.0.0.1" else []
+        if self.tls or host != "127.0.0.1":
+            advertise += self.node_credentials(node_id, host)
         node = BrokerProcess(self.workdir / node_id, [
             "--etcd", self.etcd.url, "--node-id", node_id, "--cluster", CLUSTER, "--config", str(self.config),
             "--grpc-listen", f"{host}:{free_port()}", *advertise, "--lease-ttl", str(self.lease_ttl),
@@ -73,6 +79,15 @@ class Cluster:
 
     def live(self) -> set[str]:
         return set(self.keys("nodes/"))
+
+    def node_credentials(self, node_id: str, host: str = "127.0.0.1") -> list[str]:
+        """The flags of mutual TLS for ``node_id``: a certificate naming it, valid for ``host`` and loopback."""
+        from tests.tls_support import Authority
+        if self._authority is None:
+            self._authority = Authority(self.workdir / "pki", "Cluster CA")
+        pair = self._authority.issue(node_id, server=True, addresses=tuple(dict.fromkeys((host, "127.0.0.1"))))
+        return ["--cluster-certfile", str(pair.cert), "--cluster-keyfile", str(pair.key),
+                "--cluster-cafile", str(self._authority.path)]
 
     def wait_settled(self, queue: str, partitions: int, nodes: Sequence[str] | None = None,
                      timeout: float = 30) -> dict[int, str]:

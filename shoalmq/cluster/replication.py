@@ -556,9 +556,11 @@ class Follower:
 class FollowerSession:
     """The leader's end of one follower node's ``Replicate`` stream."""
 
-    def __init__(self, replicator: Replicator, peer: str) -> None:
+    def __init__(self, replicator: Replicator, peer: str, identity: str | None = None) -> None:
         self.replicator = replicator
         self.peer = peer
+        #: The node its certificate names (None: plain gRPC); the node id it gives must be this one.
+        self.identity = identity
         self.node = ""
         self.outgoing: asyncio.Queue[broker_pb2.ReplicaData | None] = asyncio.Queue()
         self.pending: list[PartitionData] = []
@@ -583,6 +585,10 @@ class FollowerSession:
         try:
             async for request in requests:
                 if request.node:
+                    if self.identity is not None and request.node != self.identity:
+                        log.warning("replication stream from %s refused: it says it is node %s, its certificate "
+                                    "names %s", self.peer, request.node, self.identity or "nobody")
+                        return
                     self.node = request.node
                 if not self.node:
                     continue
@@ -1118,8 +1124,8 @@ class Replicator:
     # -- the leader's side of the streams ----------------------------------------------------------------------
 
     async def serve(self, requests: AsyncIterator[broker_pb2.ReplicaRequest], peer: str,
-                    ) -> AsyncIterator[broker_pb2.ReplicaData]:
-        session = FollowerSession(self, peer)
+                    identity: str | None = None) -> AsyncIterator[broker_pb2.ReplicaData]:
+        session = FollowerSession(self, peer, identity)
         self.sessions.add(session)
         reader = asyncio.ensure_future(session.read(requests))
         try:

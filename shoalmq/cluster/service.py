@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from shoalmq.cluster.routing import serve_route_stream
-from shoalmq.cluster.transport import LinkServicer, answer_batches
+from shoalmq.cluster.transport import LinkServicer, answer_batches, peer_identity
 from shoalmq.proto import broker_pb2
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ class NodeServicer(LinkServicer):
 
     async def Replicate(self, request_iterator: AsyncIterator[broker_pb2.ReplicaRequest],  # noqa: N802
                         context: grpc.aio.ServicerContext) -> AsyncIterator[broker_pb2.ReplicaData]:
-        async for message in self.coordinator.replicator.serve(request_iterator, context.peer()):
+        async for message in self.coordinator.replicator.serve(request_iterator, context.peer(),
+                                                               peer_identity(context)):
             yield message
 
     async def ProbeLeaders(self, request: broker_pb2.LeaderProbe,  # noqa: N802

@@ -27,13 +27,14 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 
 from shoalmq._native import segment
 from shoalmq.cluster import stats
-from shoalmq.errors import NotOwner, PeerUnavailable, ShoalError, StaleEpoch
+from shoalmq.errors import ConfigError, NotOwner, PeerUnavailable, ShoalError, StaleEpoch, os_error_text
 from shoalmq.proto import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,49 @@ CHANNEL_OPTIONS = [
 ]
 
 
+@dataclass(frozen=True)
+class NodeCredentials:
+    """Mutual TLS between the nodes: each presents its certificate (common name: its node id), and accepts only
+    peers whose certificates the cluster CA signed."""
+
+    channel: grpc.ChannelCredentials
+    server: grpc.ServerCredentials
+
+    @classmethod
+    def load(cls, certfile: Path, keyfile: Path, cafile: Path) -> NodeCredentials:
+        """ConfigError if a file cannot be read."""
+        try:
+            cert, key, ca = certfile.read_bytes(), keyfile.read_bytes(), cafile.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cluster TLS: {os_error_text(exc)}") from None
+        return cls(grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert),
+                   grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True))
+
+
+#: The node's credentials, once ``use_credentials`` set them (None: plain gRPC, loopback only).
+_credentials: NodeCredentials | None = None
+
+
+def use_credentials(credentials: NodeCredentials | None) -> None:
+    """Make every channel this process opens, and every server it starts, use ``credentials``."""
+    global _credentials
+    _credentials = credentials
+
+
 def open_channel(target: str) -> grpc.aio.Channel:
-    """A channel to a peer node (the one place channels are made: TLS, when it comes, is a change here)."""
+    """A channel to a peer node (the one place channels are made): mutual TLS once ``use_credentials`` set it;
+    the peer's certificate must name the address ``target`` dials."""
+    if _credentials is not None:
+        return grpc.aio.secure_channel(target, _credentials.channel, options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def peer_identity(context: Any) -> str | None:
+    """The common name of the calling node's verified certificate (None over plain gRPC)."""
+    if _credentials is None:
+        return None
+    names = context.auth_context().get("x509_common_name") or [b""]
+    return names[0].decode(errors="replace")
 
 
 async def peer_ready(target: str, timeout: float) -> bool:
@@ -474,6 +515,9 @@ class _ChannelContext:
     def peer(self) -> str:
         return self._context.peer()
 
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._context.auth_context()
+
 
 class LinkServicer(broker_pb2_grpc.BrokerServicer):
     """Serves ``Link``: each channel a caller opens runs the stream RPC it names (this servicer's method of that
@@ -678,7 +722,8 @@ async def start_server(handler: RemoteEnqueueHandler, listen: str,
                                       ("grpc.http2.min_ping_interval_without_data_ms", 1000)])
     broker_pb2_grpc.add_BrokerServicer_to_server(servicer or EnqueueServicer(handler), server)
     try:
-        port = server.add_insecure_port(listen)
+        port = (server.add_secure_port(listen, _credentials.server) if _credentials is not None
+                else server.add_insecure_port(listen))
         error = None if port or listen.endswith(":0") else "address unavailable"
     except RuntimeError as exc:
         error = str(exc)

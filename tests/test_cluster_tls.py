@@ -1,0 +1,89 @@
+"""Mutual TLS between the nodes of a real cluster: it works end to end, a gRPC client without a certificate of the
+cluster's CA is refused at the handshake, a node whose certificate names another node cannot pose as it, and a
+node reachable beyond loopback refuses to join without TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shoalmq.proto import broker_pb2, broker_pb2_grpc
+from tests.cluster_support import Cluster
+from tests.support import BIN_DIR, EtcdProcess, MqttClient, free_port, wait_until
+from tests.test_cluster import consume
+from tests.tls_support import Authority
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def cluster(etcd: EtcdProcess, tmp_path: Path) -> Iterator[Cluster]:
+    nodes = Cluster(etcd, tmp_path / "cluster", queues={"orders": 6}, args=["--replication-factor", "3"], tls=True)
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def grpc_address(node) -> str:
+    return node.args[node.args.index("--grpc-listen") + 1]
+
+
+async def replicate_as(target: str, credentials: grpc.ChannelCredentials | None, claimed: str) -> str:
+    """Open ``Replicate`` to ``target`` claiming to be node ``claimed``: how the call ended."""
+    channel = (grpc.aio.secure_channel(target, credentials) if credentials is not None
+               else grpc.aio.insecure_channel(target))
+    try:
+        call = broker_pb2_grpc.BrokerStub(channel).Replicate(iter([broker_pb2.ReplicaRequest(node=claimed)]))
+        try:
+            async for _ in call:
+                pass
+            return "ended"
+        except grpc.aio.AioRpcError as exc:
+            return f"failed: {exc.code().name}"
+    finally:
+        await channel.close()
+
+
+def test_a_cluster_with_mutual_tls_works_end_to_end_and_refuses_strangers(
+        cluster: Cluster, mqtt_client: Callable[..., MqttClient], tmp_path: Path) -> None:
+    a, b, c = (cluster.add(n) for n in ("n1", "n2", "n3"))
+    cluster.wait_settled("orders", 6)
+    consumer = mqtt_client(c.port, manual_ack=True)
+    consumer.subscribe("$queue/orders")
+    publisher = mqtt_client(a.port)
+    sent = [f"m{i}".encode() for i in range(200)]
+    for i, payload in enumerate(sent):
+        publisher.publish(f"$queue/orders/k{i % 13}", payload)  # forwarded, replicated and routed, all over TLS
+    assert sorted(consume(consumer, len(sent))) == sorted(sent)
+
+    target = grpc_address(a)
+    assert asyncio.run(replicate_as(target, None, "n2")) == "failed: UNAVAILABLE", "no TLS at all"
+    rogue = Authority(tmp_path / "rogue", "Rogue CA")
+    pair = rogue.issue("n2")
+    foreign = grpc.ssl_channel_credentials(root_certificates=cluster._authority.path.read_bytes(),
+                                           private_key=pair.key.read_bytes(), certificate_chain=pair.cert.read_bytes())
+    assert asyncio.run(replicate_as(target, foreign, "n2")) == "failed: UNAVAILABLE", "a certificate of another CA"
+    intruder = cluster._authority.issue("intruder")
+    signed = grpc.ssl_channel_credentials(root_certificates=cluster._authority.path.read_bytes(),
+                                          private_key=intruder.key.read_bytes(),
+                                          certificate_chain=intruder.cert.read_bytes())
+    mark = len(a.log)
+    assert asyncio.run(replicate_as(target, signed, "n2")) == "ended"
+    wait_until(lambda: "it says it is node n2, its certificate names intruder" in a.log[mark:], 10,
+               "the impostor to be refused")
+    assert "Handshake failed" not in b.log and "Handshake failed" not in c.log
+
+
+def test_a_node_reachable_beyond_loopback_refuses_to_join_without_tls(etcd: EtcdProcess, tmp_path: Path) -> None:
+    done = subprocess.run([str(BIN_DIR / "broker"), "--listen", f"127.0.0.1:{free_port()}", "--data-dir",
+                           str(tmp_path / "data"), "--etcd", etcd.url, "--node-id", "n1",
+                           "--grpc-listen", f"0.0.0.0:{free_port()}"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "refusing to join the cluster with gRPC on 0.0.0.0" in done.stderr
+    assert "--cluster-certfile" in done.stderr
