@@ -46,8 +46,10 @@ def wait_listening(port: int, process: subprocess.Popen, timeout: float = 15.0) 
     raise RuntimeError(f"nothing listening on {port} after {timeout} s")
 
 
-#: Extra load tool flags of every run (``main`` sets them: consumers, QoS, fan-out).
+#: Extra load tool flags of every run (``main`` sets them: consumers, QoS, fan-out, the CA of TLS).
 LOAD_FLAGS: list[str] = []
+#: With ``--tls``: the brokers' certificate and key (both brokers listen on TLS only).
+TLS: dict[str, Path] = {}
 
 
 def load(port: int, pid: int, topic: str, sub_topic: str, messages: int, size: int, clients: int,
@@ -55,7 +57,7 @@ def load(port: int, pid: int, topic: str, sub_topic: str, messages: int, size: i
     subprocess.run([sys.executable, "-m", "bench.loadtool", "--port", str(port), "--topic", topic, "--sub-topic",
                     sub_topic, "--messages", str(messages), "--size", str(size), "--publishers", str(clients),
                     "--consumers", str(clients), "--broker-pid", str(pid), "--json", str(out), *LOAD_FLAGS],
-                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=600)
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=600)  # (its errors: on stderr)
     return json.loads(out.read_text())
 
 
@@ -63,7 +65,9 @@ def run_shoalmq(work: Path, messages: int, size: int, clients: int, ordinary: bo
     port = free_port()
     data = work / f"shoal-{port}"
     # No limit on a client's queue of ordinary messages, as mosquitto's max_queued_messages 0 below.
-    broker = subprocess.Popen([str(BIN / "broker"), "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
+    listen = (["--listen", "none", "--tls-listen", f"127.0.0.1:{port}", "--certfile", str(TLS["cert"]),
+               "--keyfile", str(TLS["key"])] if TLS else ["--listen", f"127.0.0.1:{port}"])
+    broker = subprocess.Popen([str(BIN / "broker"), *listen, "--data-dir", str(data),
                                "--log-level", "warning", "--max-queued-messages", "0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -81,7 +85,8 @@ def run_mosquitto(work: Path, messages: int, size: int, clients: int, ordinary: 
     store = work / f"mosq-{port}"
     store.mkdir()
     conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+    tls = f"certfile {TLS['cert']}\nkeyfile {TLS['key']}\n" if TLS else ""
+    conf.write_text(f"listener {port} 127.0.0.1\n{tls}allow_anonymous true\npersistence true\n"
                     f"persistence_location {store}/\nmax_queued_messages 0\n")
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -105,6 +110,8 @@ def main() -> int:
                         "every consumer gets every message (the load tool's --fan-out)")
     parser.add_argument("--consumers", type=int, default=None, help="consumers per run (default: as --clients)")
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    parser.add_argument("--tls", action="store_true", help="both brokers on TLS only (a certificate made for the "
+                        "run), the load tool over TLS")
     args = parser.parse_args()
     if args.consumers is not None:
         LOAD_FLAGS.extend(["--consumers", str(args.consumers)])  # (the later flag wins)
@@ -114,6 +121,15 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="shoalmq-compare-") as tmp:
         work = Path(tmp)
+        if args.tls:
+            from tests.tls_support import Authority  # (the test extra's cryptography makes the certificate)
+            authority = Authority(work / "pki", "bench CA")
+            pair = authority.issue("localhost", server=True)
+            TLS.update(cert=pair.cert, key=pair.key)
+            # mosquitto started as root reads its files as the user "mosquitto": let it (a throwaway key).
+            for path in (work, work / "pki", pair.cert, pair.key):
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            LOAD_FLAGS.extend(["--cafile", str(authority.path)])
         for size in sizes:
             for n in clients:
                 shoal, mosq = [], []
@@ -123,6 +139,7 @@ def main() -> int:
                 rows.append((n, size, shoal, mosq))
     med = statistics.median
     what = "an ordinary topic" if args.ordinary else "ShoalMQ fsync'd $queue/ vs mosquitto's shared subscription"
+    what += ", over TLS" if args.tls else ""
     fan = f", {args.consumers} consumers" if args.consumers is not None else ""
     print(f"{args.messages} QoS {args.qos} messages per run{fan}, {args.rounds} rounds, medians; {what}")
     print("| pub/con | size | ShoalMQ msgs/s | p50/p99 ms | CPU s/100K | mosquitto msgs/s | p50/p99 ms | CPU s/100K "

@@ -77,6 +77,8 @@ def build_parser() -> OneLineParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="broker host")
     parser.add_argument("--port", type=_port, required=True, metavar="PORT", help="broker port")
+    parser.add_argument("--cafile", default=None, metavar="PATH",
+                        help="connect over TLS, verifying the broker's certificate with this CA (PEM)")
     parser.add_argument("--publishers", type=_positive_int, default=1, metavar="P", help="publisher processes")
     parser.add_argument("--consumers", type=_positive_int, default=1, metavar="C", help="consumer processes")
     parser.add_argument("--messages", type=_positive_int, default=100_000, metavar="N",
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         size=args.size, window=args.window, client_prefix=args.client_prefix,
         drain_timeout=args.drain_timeout, connect_timeout=args.connect_timeout,
         run_id=random.randrange(1, 2**32), per_publisher=per_publisher, consumers=args.consumers,
-        rate=args.rate / p if args.rate > 0 else 0.0, fan_out=args.fan_out,
+        rate=args.rate / p if args.rate > 0 else 0.0, fan_out=args.fan_out, cafile=args.cafile,
     )
     control = ctx.Queue()
     go = ctx.Event()

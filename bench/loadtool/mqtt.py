@@ -8,6 +8,7 @@ cost more than the parsing itself.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
 
@@ -106,11 +107,15 @@ class Connection:
         self.pending = b""
 
     @classmethod
-    def open(cls, host: str, port: int, client_id: str, keep_alive: int, timeout: float) -> Connection:
-        """Connect and wait for a successful CONNACK, all within ``timeout`` seconds."""
+    def open(cls, host: str, port: int, client_id: str, keep_alive: int, timeout: float,
+             cafile: str | None = None) -> Connection:
+        """Connect (over TLS, verifying the broker with ``cafile``, if given) and wait for a successful CONNACK,
+        all within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
+            if cafile is not None:
+                sock = ssl.create_default_context(cafile=cafile).wrap_socket(sock, server_hostname=host)
         except socket.gaierror as exc:
             raise BrokerError(f"cannot resolve host {host!r}: {exc.strerror}") from None
         except OSError as exc:

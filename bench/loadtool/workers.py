@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import struct
 import time
 import traceback
@@ -57,6 +58,11 @@ class Settings:
     consumers: int
     rate: float = 0.0  # messages per second for each publisher; 0: as fast as the window allows
     fan_out: bool = False  # every consumer gets every message (an ordinary topic), not one of the consumers
+    cafile: str | None = None  # TLS to the broker, verified with this CA
+
+
+#: What a socket read or write with a timeout raises when nothing could be done yet (TLS: a record incomplete).
+WOULD_BLOCK = (BlockingIOError, socket.timeout, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 def _cpu() -> float:
@@ -67,7 +73,11 @@ def _cpu() -> float:
 def _kernel_timeouts(sock: socket.socket) -> None:
     """Blocking socket whose recv/send give up after POLL seconds (EAGAIN, raised as BlockingIOError).
 
-    Python's own socket timeout would poll() before every recv and send: one more system call per batch."""
+    Python's own socket timeout would poll() before every recv and send: one more system call per batch. Over
+    TLS that timeout it is (a record read in part would otherwise look like a closed connection)."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(POLL)
+        return
     sock.settimeout(None)
     timeval = struct.pack("ll", int(POLL), int(POLL % 1 * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
@@ -83,7 +93,7 @@ def _send_all(conn: Connection, data: bytes | memoryview, stall: float) -> None:
     while view:
         try:
             sent = sock.send(view)
-        except (BlockingIOError, socket.timeout):
+        except WOULD_BLOCK:
             now = time.monotonic()
             if not blocked_since:
                 blocked_since = now
@@ -117,7 +127,7 @@ def publisher_main(index: int, control: Any, settings: Settings, go: Any) -> Non
 
 def _publisher(index: int, control: Any, settings: Settings, go: Any) -> None:
     conn = Connection.open(settings.host, settings.port, f"{settings.client_prefix}-pub-{index}", KEEP_ALIVE,
-                           settings.connect_timeout)
+                           settings.connect_timeout, settings.cafile)
     control.put(("ready", "publisher", index))
     go.wait()
     try:
@@ -213,7 +223,7 @@ def _publish(conn: Connection, index: int, settings: Settings) -> dict[str, Any]
         # Window full (or everything sent): read PUBACKs, as many as have arrived.
         try:
             chunk = sock.recv(65536)
-        except (BlockingIOError, socket.timeout):
+        except WOULD_BLOCK:
             now = monotonic()
             if now - last_progress > stall:
                 stalled = True
@@ -286,7 +296,7 @@ def consumer_main(index: int, control: Any, settings: Settings, progress: Any, e
 
 def _consumer(index: int, control: Any, settings: Settings, progress: Any, expected: Any, seen: Any) -> None:
     conn = Connection.open(settings.host, settings.port, f"{settings.client_prefix}-sub-{index}", KEEP_ALIVE,
-                           settings.connect_timeout)
+                           settings.connect_timeout, settings.cafile)
     try:
         conn.subscribe(settings.sub_topic, 1, settings.connect_timeout)
         control.put(("ready", "consumer", index))
@@ -341,7 +351,7 @@ def _consume(conn: Connection, index: int, settings: Settings, progress: Any, ex
         if not have_data:
             try:
                 chunk = recv(65536)
-            except (BlockingIOError, socket.timeout):
+            except WOULD_BLOCK:
                 chunk = None
             except OSError as exc:
                 raise BrokerError(f"connection to {conn.where} lost after {len(keys)} deliveries: "
