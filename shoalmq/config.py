@@ -280,6 +280,17 @@ OPTIONS: tuple[Option, ...] = (
            "the private key of --cluster-certfile (PEM)"),
     Option("cluster_cafile", "--cluster-cafile", None, _optional(_parse_path), "PATH",
            "the cluster CA (PEM): peers must present a certificate it signed"),
+    Option("etcd_cafile", "--etcd-cafile", None, _optional(_parse_path), "PATH",
+           "CA (PEM) that etcd's certificate is verified with (https:// endpoints)"),
+    Option("etcd_certfile", "--etcd-certfile", None, _optional(_parse_path), "PATH",
+           "client certificate (PEM) presented to etcd"),
+    Option("etcd_keyfile", "--etcd-keyfile", None, _optional(_parse_path), "PATH",
+           "the private key of --etcd-certfile (PEM)"),
+    Option("etcd_user", "--etcd-user", None, _optional(_parse_name), "NAME",
+           "etcd user the node authenticates as (its password: --etcd-password-file, or the environment variable "
+           "SHOALMQ_ETCD_PASSWORD)"),
+    Option("etcd_password_file", "--etcd-password-file", None, _optional(_parse_path), "PATH",
+           "a file holding the etcd user's password (its first line)"),
     Option("auto_create_queues", "--auto-create-queues", True, _parse_bool, "BOOL",
            "a publish or subscription to an unknown queue creates it (false: only queues in the configuration or "
            "already stored exist)"),
@@ -336,6 +347,11 @@ class Config:
     cluster_certfile: Path | None = None
     cluster_keyfile: Path | None = None
     cluster_cafile: Path | None = None
+    etcd_cafile: Path | None = None
+    etcd_certfile: Path | None = None
+    etcd_keyfile: Path | None = None
+    etcd_user: str | None = None
+    etcd_password_file: Path | None = None
     auto_create_queues: bool = True
     max_queues: int = 0
     #: Queues declared in the configuration file (others are created on first use with ``queue_defaults``).
@@ -437,6 +453,10 @@ def _check_tls(values: dict[str, Any]) -> None:
         raise ConfigError("--require-certificate needs --tls-listen")
     if values.get("use_identity_as_username") and not values.get("require_certificate"):
         raise ConfigError("--use-identity-as-username needs --require-certificate")
+    if (values.get("etcd_certfile") is None) != (values.get("etcd_keyfile") is None):
+        raise ConfigError("--etcd-certfile and --etcd-keyfile go together")
+    if values.get("etcd_password_file") is not None and values.get("etcd_user") is None:
+        raise ConfigError("--etcd-password-file needs --etcd-user")
     cluster_tls = [values.get(k) is not None for k in ("cluster_certfile", "cluster_keyfile", "cluster_cafile")]
     if any(cluster_tls) and not all(cluster_tls):
         raise ConfigError("--cluster-certfile, --cluster-keyfile and --cluster-cafile go together")

@@ -97,14 +97,16 @@ class ClusterMember:
     def __init__(self, config: Config, queues: QueueManager) -> None:
         from shoalmq.cluster.assignment import assigner_named
         from shoalmq.cluster.coordinator import Coordinator
-        from shoalmq.cluster.etcd import Etcd
+        from shoalmq.cluster.etcd import Etcd, etcd_access
         from shoalmq.cluster.membership import Membership
 
         assert config.etcd
         self.config = config
         self.queues = queues
         self.node_id = config.node_id or socket.gethostname().split(".")[0]
-        self.etcd = Etcd(list(config.etcd), timeout=min(2.0, config.lease_ttl / 3))
+        self.etcd = Etcd(list(config.etcd), timeout=min(2.0, config.lease_ttl / 3),
+                         access=etcd_access(config.etcd_cafile, config.etcd_certfile, config.etcd_keyfile,
+                                            config.etcd_user, config.etcd_password_file))
         self.membership = Membership(self.etcd, config.cluster, self.node_id, {}, ttl=config.lease_ttl)
         self.coordinator = Coordinator(self.etcd, self.membership, queues, assigner_named(config.assigner),
                                        config.routing)

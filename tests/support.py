@@ -222,17 +222,21 @@ class EtcdProcess(ManagedProcess):
 
     name = "etcd"
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
-        """``host``: the address clients reach it at (it listens there only; peers stay on loopback)."""
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``host``: the address clients reach it at (it listens there only; peers stay on loopback). ``tls``:
+        (CA, certificate, key): clients must use https and present a certificate the CA signed."""
         super().__init__(workdir)
         self.host = host
+        self.tls = tls
+        #: etcdctl's --user, once authentication is enabled (``enable_auth``).
+        self.root: str | None = None
         self.client_port = free_port()
         self.peer_port = free_port()
         self.data_dir = workdir / "etcd-data"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
 
     @property
     def endpoint(self) -> str:
@@ -248,9 +252,17 @@ class EtcdProcess(ManagedProcess):
             "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
             # Fast elections: ready in ~0.1 s instead of ~0.4 s.
             "--heartbeat-interval", "10", "--election-timeout", "100",
+            *(["--trusted-ca-file", str(self.tls[0]), "--cert-file", str(self.tls[1]), "--key-file", str(self.tls[2]),
+               "--client-cert-auth"] if self.tls else []),
         ]
 
     def is_ready(self) -> bool:
+        if self.tls:
+            try:
+                self.etcdctl("endpoint", "health", timeout=5)
+                return True
+            except (RuntimeError, subprocess.TimeoutExpired):
+                return False
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
                 return json.load(response).get("health") == "true"
@@ -265,11 +277,26 @@ class EtcdProcess(ManagedProcess):
 
     def etcdctl(self, *args: str, timeout: float = 10.0) -> str:
         """Run ``etcdctl`` against this member and return its stdout (raises on a non-zero exit)."""
-        result = subprocess.run(["etcdctl", f"--endpoints={self.endpoint}", *args], capture_output=True,
+        secure = [f"--cacert={self.tls[0]}", f"--cert={self.tls[1]}", f"--key={self.tls[2]}"] if self.tls else []
+        secure += [f"--user={self.root}"] if self.root else []
+        result = subprocess.run(["etcdctl", f"--endpoints={self.endpoint}", *secure, *args], capture_output=True,
                                 text=True, timeout=timeout, env={**os.environ, "ETCDCTL_API": "3"})
         if result.returncode != 0:
             raise RuntimeError(f"etcdctl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result.stdout
+
+    def enable_auth(self, users: dict[str, tuple[str, str]]) -> None:
+        """Turn etcd's authentication on: a root user, and ``users`` (name -> (password, key prefix)), each with
+        a role that may read and write keys under its prefix only."""
+        for name, (password, prefix) in users.items():
+            self.etcdctl("role", "add", f"{name}-role")
+            self.etcdctl("role", "grant-permission", f"{name}-role", "--prefix=true", "readwrite", prefix)
+            self.etcdctl("user", "add", f"{name}:{password}")
+            self.etcdctl("user", "grant-role", name, f"{name}-role")
+        self.etcdctl("user", "add", "root:rootpw")
+        self.etcdctl("user", "grant-role", "root", "root")
+        self.etcdctl("auth", "enable")
+        self.root = "root:rootpw"
 
     def remove_data(self) -> None:
         # A fresh etcd data dir preallocates ~123 MB of WAL: don't leave them behind in pytest's temp dirs.

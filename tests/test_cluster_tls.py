@@ -5,6 +5,7 @@ node reachable beyond loopback refuses to join without TLS."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,13 @@ def cluster(etcd: EtcdProcess, tmp_path: Path) -> Iterator[Cluster]:
         yield nodes
     finally:
         nodes.stop()
+
+
+def round_trip(publisher: MqttClient, consumer: MqttClient, payloads: list[bytes]) -> None:
+    """Publish ``payloads`` to keys of ``$queue/orders`` and check ``consumer`` (subscribed) gets each once."""
+    for i, payload in enumerate(payloads):
+        publisher.publish(f"$queue/orders/k{i % 13}", payload)
+    assert sorted(consume(consumer, len(payloads))) == sorted(payloads)
 
 
 def grpc_address(node) -> str:
@@ -56,11 +64,8 @@ def test_a_cluster_with_mutual_tls_works_end_to_end_and_refuses_strangers(
     cluster.wait_settled("orders", 6)
     consumer = mqtt_client(c.port, manual_ack=True)
     consumer.subscribe("$queue/orders")
-    publisher = mqtt_client(a.port)
-    sent = [f"m{i}".encode() for i in range(200)]
-    for i, payload in enumerate(sent):
-        publisher.publish(f"$queue/orders/k{i % 13}", payload)  # forwarded, replicated and routed, all over TLS
-    assert sorted(consume(consumer, len(sent))) == sorted(sent)
+    # Forwarded, replicated and routed, all over TLS.
+    round_trip(mqtt_client(a.port), consumer, [f"m{i}".encode() for i in range(200)])
 
     target = grpc_address(a)
     assert asyncio.run(replicate_as(target, None, "n2")) == "failed: UNAVAILABLE", "no TLS at all"
@@ -87,3 +92,58 @@ def test_a_node_reachable_beyond_loopback_refuses_to_join_without_tls(etcd: Etcd
     assert done.returncode == 2
     assert "refusing to join the cluster with gRPC on 0.0.0.0" in done.stderr
     assert "--cluster-certfile" in done.stderr
+
+
+def test_a_cluster_on_an_etcd_with_tls_and_authentication(tmp_path: Path,
+                                                           mqtt_client: Callable[..., MqttClient]) -> None:
+    """etcd serves https only, wants a client certificate, and has authentication on: the nodes' user may read
+    and write ``/shoalmq/`` only. Two nodes form the cluster and serve a queue; ``broker cluster status`` reads
+    it with the same flags; a wrong password is refused with one clear line."""
+    authority = Authority(tmp_path / "etcd-pki", "etcd CA")
+    server, client = authority.issue("localhost", server=True), authority.issue("shoalmq-client", anonymous=True)
+    etcd = EtcdProcess(tmp_path / "etcd", tls=(authority.path, server.cert, server.key))
+    etcd.start()
+    try:
+        etcd.enable_auth({"shoalmq": ("s3cret", "/shoalmq/")})
+        password = tmp_path / "etcd-password"
+        password.write_text("s3cret\n")
+        access = ["--etcd-cafile", str(authority.path), "--etcd-certfile", str(client.cert),
+                  "--etcd-keyfile", str(client.key), "--etcd-user", "shoalmq"]
+        cluster = Cluster(etcd, tmp_path / "cluster", queues={"orders": 4},
+                          args=[*access, "--etcd-password-file", str(password)])
+        try:
+            a, b = cluster.add("n1"), cluster.add("n2")
+            status_command = [str(BIN_DIR / "broker"), "cluster", "status", "--etcd", etcd.url, *access,
+                              "--etcd-password-file", str(password), "--json"]
+
+            def owned() -> bool:
+                done = subprocess.run(status_command, capture_output=True, text=True, timeout=30)
+                assert done.returncode == 0, done.stderr
+                status = json.loads(done.stdout)
+                owners = {name: entry["owner"] for name, entry in status["partitions"].items()
+                          if name.startswith("orders/")}
+                return set(status["nodes"]) == {"n1", "n2"} and len(owners) == 4 and set(owners.values()) == {
+                    "n1", "n2"}
+            wait_until(owned, 30, "both nodes and the queue's partitions in etcd")
+            consumer = mqtt_client(b.port, manual_ack=True)
+            consumer.subscribe("$queue/orders")
+            publisher = mqtt_client(a.port)
+            round_trip(publisher, consumer, [f"m{i}".encode() for i in range(40)])
+            etcd.stop()  # its tokens die with it: the nodes must authenticate again
+            etcd.start()
+            mark = len(a.log)
+            wait_until(owned, 30, "the cluster in etcd after its restart")
+            wait_until(lambda: "authenticating again as shoalmq" in a.log[mark:], 30, "n1 to renew its token")
+            round_trip(publisher, consumer, [f"after-{i}".encode() for i in range(20)])
+            assert "etcd refused" not in a.log and "etcd refused" not in b.log
+        finally:
+            cluster.stop()
+        wrong = tmp_path / "wrong"
+        wrong.write_text("nope\n")
+        done = subprocess.run([*status_command[:-3], "--etcd-password-file", str(wrong)], capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode != 0
+        assert "etcd refused user 'shoalmq'" in done.stderr, done.stderr
+    finally:
+        etcd.stop()
+        etcd.remove_data()

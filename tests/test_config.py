@@ -289,6 +289,9 @@ def test_the_tls_and_access_settings_are_checked_together() -> None:
         (["--use-identity-as-username", "true"], "--use-identity-as-username needs --require-certificate"),
         (["--allow-anonymous", "maybe"], "--allow-anonymous: expected true or false, got 'maybe'"),
         (["--max-queues", "-1"], "--max-queues: expected a whole number"),
+        (["--etcd-certfile", "c.crt"], "--etcd-certfile and --etcd-keyfile go together"),
+        (["--etcd-password-file", "pw"], "--etcd-password-file needs --etcd-user"),
+        (["--cluster-certfile", "n1.crt"], "--cluster-certfile, --cluster-keyfile and --cluster-cafile go together"),
     ]:
         with pytest.raises(ConfigError) as info:
             load_config(argv)

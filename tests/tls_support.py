@@ -39,20 +39,24 @@ class Authority:
         self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, common_name: str, *, server: bool = False, expired: bool = False,
-              addresses: tuple[str, ...] = ("127.0.0.1",)) -> Pair:
-        """A certificate for ``common_name`` (``server``: also valid for ``localhost`` and ``addresses``)."""
+              addresses: tuple[str, ...] = ("127.0.0.1",), anonymous: bool = False) -> Pair:
+        """A certificate for ``common_name`` (``server``: also valid for ``localhost`` and ``addresses``;
+        ``anonymous``: the name only as a subject alternative name, no CommonName, as etcd's JSON gateway wants
+        client certificates once its authentication is on)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         start, end = ((now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)) if expired
                       else (now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)))
         builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+                   .subject_name(x509.Name([] if anonymous else [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
                    .issuer_name(self.name).public_key(key.public_key())
                    .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.ExtendedKeyUsage(
                        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
-        if server:
+        if anonymous:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=True)
+        elif server:
             builder = builder.add_extension(x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), *(x509.IPAddress(ipaddress.ip_address(a)) for a in addresses)]),
                 critical=False)

@@ -18,10 +18,12 @@ import base64
 import concurrent.futures
 import json
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,7 +31,7 @@ import etcd3gw
 import requests
 from etcd3gw import exceptions as etcd_exceptions
 
-from shoalmq.errors import ShoalError
+from shoalmq.errors import ConfigError, ShoalError
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +90,51 @@ def parse_endpoints(text: str) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class EtcdAccess:
+    """How to reach etcd securely: TLS (``https://`` endpoints; ``cafile`` to verify etcd, ``certfile`` and
+    ``keyfile`` for a client certificate) and etcd's own authentication (``user`` and its password)."""
+
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+
+def etcd_access(cafile: Any = None, certfile: Any = None, keyfile: Any = None, user: str | None = None,
+                password_file: Any = None) -> EtcdAccess:
+    """The ``EtcdAccess`` of the settings; the password from ``password_file`` (its first line) or the environment
+    variable SHOALMQ_ETCD_PASSWORD, never a flag (a flag's value shows in ``ps``). ConfigError if unreadable."""
+    password = None
+    if user is not None:
+        if password_file is not None:
+            try:
+                text = Path(password_file).read_text(encoding="utf-8")
+                password = text.splitlines()[0] if text else ""
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"--etcd-password-file {password_file}: {exc}") from None
+        else:
+            password = os.environ.get("SHOALMQ_ETCD_PASSWORD")
+            if password is None:
+                raise ConfigError("--etcd-user needs a password: --etcd-password-file, or SHOALMQ_ETCD_PASSWORD")
+    return EtcdAccess(str(cafile) if cafile else None, str(certfile) if certfile else None,
+                      str(keyfile) if keyfile else None, user, password)
+
+
+#: etcd's answers to a request whose token is missing, expired or from before an etcd restart.
+_TOKEN_ERRORS = ("invalid auth token", "user name is empty", "auth: revision in header is old")
+
+
 class Etcd:
     """etcd v3 over etcd3gw, with failover between endpoints. Blocking methods end in ``_sync``; ``call`` runs one
-    on the client's threads from the event loop."""
+    on the client's threads from the event loop. With ``access.user``, every request carries a token from etcd's
+    ``/v3/auth/authenticate``, fetched again when etcd says it is no longer valid (an etcd restart)."""
 
-    def __init__(self, endpoints: list[str], timeout: float = 2.0) -> None:
+    def __init__(self, endpoints: list[str], timeout: float = 2.0, access: EtcdAccess | None = None) -> None:
         self.endpoints = endpoints
         self.timeout = timeout
+        self.access = access or EtcdAccess()
         self._current = 0
         self._lock = threading.Lock()
         self._clients = [self._client(url) for url in endpoints]
@@ -104,8 +144,24 @@ class Etcd:
         parts = urlsplit(url)
         session = requests.Session()
         session.trust_env = False  # REQUESTS_CA_BUNDLE and proxies from the environment must not apply
+        access = self.access
+        if access.cafile:
+            session.verify = access.cafile
+        if access.certfile and access.keyfile:
+            session.cert = (access.certfile, access.keyfile)
         return etcd3gw.Etcd3Client(host=parts.hostname or "", port=parts.port or 2379, protocol=parts.scheme,
                                    timeout=self.timeout, api_path="/v3/", session=session)
+
+    def _authenticate(self, client: etcd3gw.Etcd3Client) -> None:
+        """A fresh token for ``client``'s requests; ShoalError if etcd refuses the user."""
+        client.session.headers.pop("Authorization", None)
+        try:
+            result = client.post(client.get_url("/auth/authenticate"),
+                                 json={"name": self.access.user, "password": self.access.password or ""})
+        except etcd_exceptions.Etcd3Exception as exc:
+            detail = getattr(exc, "detail_text", None) or str(exc)
+            raise ShoalError(f"etcd refused user {self.access.user!r}: {detail}") from None
+        client.session.headers["Authorization"] = result["token"]
 
     @property
     def endpoint(self) -> str:
@@ -122,7 +178,19 @@ class Etcd:
                 index = (self._current + attempt) % len(self._clients)
             client = self._clients[index]
             try:
-                result = client.post(client.get_url(path), json=body)
+                if self.access.user and "Authorization" not in client.session.headers:
+                    self._authenticate(client)
+                try:
+                    result = client.post(client.get_url(path), json=body)
+                except etcd_exceptions.Etcd3Exception as exc:
+                    detail = getattr(exc, "detail_text", None) or str(exc)
+                    if not self.access.user or not any(text in detail for text in _TOKEN_ERRORS) or isinstance(
+                            exc, (etcd_exceptions.ConnectionFailedError, etcd_exceptions.ConnectionTimeoutError)):
+                        raise
+                    log.info("etcd no longer knows this node's token (%s): authenticating again as %s", detail,
+                             self.access.user)
+                    self._authenticate(client)  # (the token died with an etcd restart, or expired): once more
+                    result = client.post(client.get_url(path), json=body)
             except (etcd_exceptions.ConnectionFailedError, etcd_exceptions.ConnectionTimeoutError) as exc:
                 errors.append(f"{self.endpoints[index]}: {type(exc).__name__}")
                 continue
@@ -317,7 +385,10 @@ class PrefixWatch:
                     return
                 if not line.strip():
                     continue
-                result = json.loads(line).get("result", {})
+                message = json.loads(line)
+                if "error" in message:  # (e.g. a token etcd no longer knows: the next request renews it)
+                    raise RuntimeError(f"watch refused: {message['error'].get('message', message['error'])}")
+                result = message.get("result", {})
                 if int(result.get("compact_revision", 0) or 0) > 0:
                     self._relist()
                     return

@@ -29,6 +29,12 @@ def make_parser() -> argparse.ArgumentParser:
                         help="etcd endpoints, comma-separated http://HOST:PORT (tried in turn)")
     status.add_argument("--cluster", metavar="NAME", default="shoalmq", help="the cluster's name (default: shoalmq)")
     status.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    for flag, what in (("--etcd-cafile", "CA (PEM) that etcd's certificate is verified with"),
+                       ("--etcd-certfile", "client certificate (PEM) presented to etcd"),
+                       ("--etcd-keyfile", "the private key of --etcd-certfile"),
+                       ("--etcd-user", "etcd user (password: --etcd-password-file or SHOALMQ_ETCD_PASSWORD)"),
+                       ("--etcd-password-file", "a file holding the etcd user's password")):
+        status.add_argument(flag, metavar="NAME" if flag == "--etcd-user" else "PATH", default=None, help=what)
     return parser
 
 
@@ -126,7 +132,7 @@ def render(status: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    from shoalmq.cluster.etcd import Etcd, parse_endpoints
+    from shoalmq.cluster.etcd import Etcd, etcd_access, parse_endpoints
 
     args = make_parser().parse_args(argv)
     try:
@@ -134,7 +140,13 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"{PROG}: error: --etcd: {exc}", file=sys.stderr)
         return ExitCode.USAGE_ERROR
-    etcd = Etcd(endpoints)
+    try:
+        access = etcd_access(args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile, args.etcd_user,
+                             args.etcd_password_file)
+    except ShoalError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    etcd = Etcd(endpoints, access=access)
     try:
         status = read_status(etcd, args.cluster)
     except ShoalError as exc:
