@@ -416,3 +416,37 @@ def test_an_unauthenticated_broker_refuses_to_listen_beyond_loopback(tmp_path: P
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "refusing to listen on 0.0.0.0:" in lines[0] and "allow_anonymous" in lines[0]
+
+
+def test_a_refused_connect_leaves_the_client_it_names_alone(broker_factory: BrokerFactory,
+                                                           password_file: Path) -> None:
+    """A CONNECT with a wrong password that names a connected client's id neither takes its connection over nor
+    touches its session (its will): authentication comes before any of that."""
+    broker = broker_factory(["--password-file", str(password_file)])
+    watcher = client(broker.port, "watcher", "bob", "builder:42")
+    watcher.subscribe("wills/#", qos=1)
+    victim = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+    body_will = connect_packet("victim", keep_alive=30, will=("wills/victim", b"the real will", 1))
+    # (the same CONNECT with alice's credentials: flags gain username and password, the payload both fields)
+    flags_at = 9
+    connect = bytearray(body_will)
+    connect[flags_at] |= 0xC0
+    extra = len(b"alice").to_bytes(2, "big") + b"alice" + len(b"wonderland").to_bytes(2, "big") + b"wonderland"
+    connect = bytes([connect[0], connect[1] + len(extra)]) + bytes(connect[2:]) + extra
+    victim.sendall(connect)
+    assert victim.recv(4) == b"\x20\x02\x00\x00"
+    for clean in (False, True):
+        attacker = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+        body = bytearray(connect_packet("victim", keep_alive=30, clean_session=clean,
+                                        will=("wills/victim", b"forged", 1)))
+        body[flags_at] |= 0xC0
+        extra_bad = len(b"alice").to_bytes(2, "big") + b"alice" + len(b"guess").to_bytes(2, "big") + b"guess"
+        attacker.sendall(bytes([body[0], body[1] + len(extra_bad)]) + bytes(body[2:]) + extra_bad)
+        assert attacker.recv(4) == b"\x20\x02\x00\x04"
+        attacker.close()
+    victim.sendall(b"\xc0\x00")  # PINGREQ: the victim's connection is still open
+    assert victim.recv(2) == b"\xd0\x00"
+    victim.close()  # abruptly: its will goes out, the one it gave
+    [will] = watcher.expect(1)
+    assert will.payload == b"the real will"
+    watcher.disconnect()

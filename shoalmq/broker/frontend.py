@@ -58,6 +58,8 @@ class QuietClosedConnections(logging.Filter):
             record.msg, record.args = f"connection from {client} closed before sending CONNECT", None
             record.levelno, record.levelname = logging.INFO, "INFO"
             return logging.getLogger("shoalmq").isEnabledFor(logging.INFO)
+        if message.startswith("Failed to initialize client session: client ") and message.endswith(" refused"):
+            return False  # (ShoalMQ logged why, once)
         return not message.startswith("Failed to initialize client session: No data")
 
 

@@ -45,11 +45,11 @@ import math
 from typing import Any
 
 from amqtt.broker import Broker
-from amqtt.errors import AMQTTError
-from amqtt.mqtt.connack import ConnackPacket
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from shoalmq._native import mqtt_codec
 from shoalmq._native.mqtt_packets import PUBACK, PUBCOMP, PUBREC, SUBACK_FAILURE, frame
@@ -101,12 +101,9 @@ class QueueSession(Session):
     queue_qos2: dict[int, asyncio.Future[None]]
     #: The client's session of ordinary topics (``shoalmq.broker.sessions``), once it is connected.
     ordinary: OrdinarySession | None = None
-    #: Who the client is to the ACL (set when it is authenticated), and the CONNACK code of a refusal.
+    #: Who the client is to the ACL (set when it is authenticated), and its address.
     identity: Identity | None = None
-    connack_code: int = NOT_AUTHORIZED
-    #: The client's address, and the common name of its verified TLS certificate (if any).
     peer: str = "?"
-    certificate_name: str | None = None
 
     @property
     def next_packet_id(self) -> int:
@@ -543,15 +540,6 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                 self.session.queue_qos0.add(name)  # type: ignore[attr-defined]
             self.queues.subscribe(self, name, at_most_once=qos == 0)
 
-    async def mqtt_connack_authorize(self, authorize: bool) -> None:
-        """CONNACK: accepted, or refused with the code authentication gave (0x04 bad username or password, 0x05
-        not authorized); amqtt's own sends 0x05 for every refusal."""
-        if authorize:
-            await super().mqtt_connack_authorize(True)
-            return
-        code = getattr(self.session, "connack_code", NOT_AUTHORIZED)
-        await self._send_packet(ConnackPacket.build(0, code))
-
     def rules_changed(self) -> None:
         """The ACL was reloaded: forget its remembered answers, and stop consuming the queues it now denies."""
         self._writable.clear()
@@ -661,15 +649,11 @@ class ShoalBroker(Broker):
                                          remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
         try:
             handler, session = await asyncio.wait_for(
-                super()._initialize_client_session(reader, writer, remote_address, remote_port), self.connect_timeout)
+                self._read_connect(reader, writer, remote_address, remote_port), self.connect_timeout)
         except TimeoutError:
             await writer.close()
             raise AMQTTError(f"no CONNECT from {remote_address}:{remote_port} "
                              f"within {self.connect_timeout:.0f} s") from None
-        session.peer = remote_address  # type: ignore[attr-defined]
-        stream = getattr(writer, "_writer", None)  # amqtt's StreamWriterAdapter wraps an asyncio StreamWriter
-        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-        session.certificate_name = certificate_name(ssl_object)  # type: ignore[attr-defined]
         if not isinstance(session, QueueSession):
             session.__class__ = QueueSession
             session.queue_inflight = {}  # type: ignore[attr-defined]
@@ -695,14 +679,56 @@ class ShoalBroker(Broker):
             session.keep_alive = math.ceil(session.keep_alive * 1.5)
         return handler, session
 
-    async def _authenticate(self, session: Session, listener: Any) -> bool:
-        """The password file (or the client certificate) and the anonymous rule decide, not amqtt's plugins; a
-        will must be a topic the client may write. A refusal is logged once, with the client's address (never
-        its password), and its CONNACK code kept for ``mqtt_connack_authorize``."""
-        peer = getattr(session, "peer", "?")
+    async def _read_connect(self, reader: Any, writer: Any, remote_address: str,
+                            remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's ``_initialize_client_session`` with authentication first: amqtt reads the CONNECT, then (before
+        it checks anything) deletes the stored session of a clean-session CONNECT's client id, or overwrites a live
+        session's will and credentials with the new CONNECT's. Here the client is authenticated before either, so
+        a CONNECT with a wrong password that names a connected client's id gets its CONNACK refusal and touches
+        nothing. The rest is amqtt's, as in 0.12.1."""
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except AMQTTError as exc:
+            raise AMQTTError(f"[MQTT-3.1.0-1] {remote_address}:{remote_port}: can't read the first packet as "
+                             f"CONNECT: {exc}") from exc
+        except MQTTError as exc:
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            self.logger.error(f"No data from (client @={remote_address}:{remote_port}) : {exc}")
+            raise AMQTTError(exc) from exc
+        if session.clean_session and not session.client_id:
+            session.client_id = gen_client_id()
+        stream = getattr(writer, "_writer", None)  # amqtt's StreamWriterAdapter wraps an asyncio StreamWriter
+        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+        code, identity = await self._check_client(session, remote_address, certificate_name(ssl_object))
+        if code:
+            writer.write(b"\x20\x02\x00" + bytes((code,)))  # CONNACK, refused [MQTT-3.2.2-5]
+            await writer.drain()
+            await writer.close()
+            raise AMQTTError(f"client {session.client_id} from {remote_address} refused")
+        if session.clean_session:
+            await self._delete_session(session.client_id)
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username",
+                         "password"):
+                setattr(existing, name, getattr(session, name))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        session.peer = remote_address  # type: ignore[attr-defined]
+        session.identity = identity  # type: ignore[attr-defined]
+        return handler, session
+
+    async def _check_client(self, session: Session, peer: str, certificate: str | None) -> tuple[int, Identity]:
+        """(CONNACK code, identity): the password file (or the client certificate) and the anonymous rule decide,
+        not amqtt's plugins, and a will must be on a topic the client may write. A refusal is logged once, with
+        the client's address, never its password."""
         password = session.password.encode() if session.password is not None else None
-        code, username = await self.security.authenticate(session.username, password, peer,
-                                                          getattr(session, "certificate_name", None))
+        code, username = await self.security.authenticate(session.username, password, peer, certificate)
         identity = Identity(session.client_id or "", username)
         if code == 0 and session.will_flag and session.will_topic and not self.security.may(
                 identity, session.will_topic, WRITE):
@@ -714,9 +740,11 @@ class ShoalBroker(Broker):
                         "bad username or password" if code == BAD_CREDENTIALS else
                         "not authorized (anonymous clients are not allowed)" if session.username is None and
                         not self.security.certificate_identity else "not authorized (no verified certificate)")
-        session.identity = identity  # type: ignore[attr-defined]
-        session.connack_code = code  # type: ignore[attr-defined]
-        return code == 0
+        return code, identity
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        """Done already, before amqtt touched any session (``_read_connect``): a client that gets here is in."""
+        return True
 
     def _may_read(self, client_id: str, username: str | None, topic: str) -> bool:
         return self.security.may(Identity(client_id, username), topic, READ)
