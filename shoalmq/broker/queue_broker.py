@@ -738,8 +738,7 @@ class ShoalBroker(Broker):
         elif code:
             log.warning("client %s from %s refused: %s", session.client_id, peer,
                         "bad username or password" if code == BAD_CREDENTIALS else
-                        "not authorized (anonymous clients are not allowed)" if session.username is None and
-                        not self.security.certificate_identity else "not authorized (no verified certificate)")
+                        "not authorized (anonymous clients are not allowed)")
         return code, identity
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:

@@ -257,11 +257,10 @@ class Security:
 
     async def authenticate(self, username: str | None, password: bytes | None, address: str,
                            certificate_name: str | None = None) -> tuple[int, str | None]:
-        """(CONNACK return code, the username the client acts as). With ``certificate_identity`` the client
-        certificate's common name is the username, and no password is checked."""
-        if self.certificate_identity:
-            if certificate_name is None:
-                return NOT_AUTHORIZED, None
+        """(CONNACK return code, the username the client acts as). With ``certificate_identity``, a client with a
+        verified certificate acts as its common name and no password is checked; one without (on the plain
+        listener) goes by the password file and the anonymous rule, as everywhere else."""
+        if self.certificate_identity and certificate_name is not None:
             return ACCEPTED, certificate_name
         if username is None:
             return (ACCEPTED if self.allow_anonymous else NOT_AUTHORIZED), None
