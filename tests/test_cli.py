@@ -87,3 +87,12 @@ def test_every_exit_code_is_documented_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     for code in ExitCode:
         assert re.search(rf"^\| {code.value} \| .+\|$", readme, re.MULTILINE), f"exit code {code.value} missing"
+
+
+def test_every_flag_is_in_the_readme_s_table() -> None:
+    from shoalmq.config import OPTIONS
+
+    readme = (ROOT / "README.md").read_text()
+    for option in OPTIONS:
+        assert re.search(rf"^\| `{re.escape(option.flag)}[ `].*\| `{option.key}` \|", readme, re.MULTILINE), \
+            f"{option.flag} ({option.key}) missing from the README's flag table"

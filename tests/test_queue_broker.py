@@ -675,3 +675,33 @@ def test_pubacks_follow_the_order_of_the_publishes_across_queues_and_ordinary_to
     assert all(frame.type == 4 for frame in acks)
     assert [int.from_bytes(frame.body[:2], "big") for frame in acks] == list(range(1, len(topics) + 1))
     client.close()
+
+
+def test_the_session_state_machine_behaves_as_amqtt_s() -> None:
+    """``SessionStates`` (which replaces amqtt's ``transitions.Machine`` per session) against amqtt's own, for
+    every sequence of up to five triggers: the same states, the same refusals, the same callbacks."""
+    import itertools
+
+    from amqtt.session import Session
+    from transitions import MachineError
+
+    from shoalmq.broker.queue_broker import AMQTT_INIT_STATES, SessionStates
+
+    def trace(session: Session, triggers: tuple[str, ...]) -> list:
+        out = []
+        for name in triggers:
+            try:
+                getattr(session.transitions, name)()
+                out.append((name, session.transitions.state, session.transitions.is_connected()))
+            except (MachineError, ValueError):
+                out.append((name, "refused", session.transitions.state))
+            out.append((session.last_connect_time is not None, session.last_disconnect_time is not None))
+        return out
+
+    for length in range(1, 6):
+        for triggers in itertools.product(("connect", "disconnect"), repeat=length):
+            ours = Session()
+            assert isinstance(ours.transitions, SessionStates)
+            theirs = Session()
+            AMQTT_INIT_STATES(theirs)
+            assert trace(ours, triggers) == trace(theirs, triggers), triggers
