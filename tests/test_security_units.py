@@ -64,3 +64,11 @@ def test_a_malformed_acl_file_is_refused_with_its_line(tmp_path: Path, text: str
     path.write_text(text)
     with pytest.raises(ConfigError, match=error):
         load_acl_file(path)
+
+
+def test_a_username_nothing_vouches_for_is_anonymous_to_the_acl() -> None:
+    import asyncio
+
+    security = Security(allow_anonymous=True)
+    assert asyncio.run(security.authenticate("alice", b"whatever", "127.0.0.1")) == (0, None)
+    assert asyncio.run(Security().authenticate(None, None, "127.0.0.1")) == (0, None)

@@ -223,11 +223,6 @@ class Security:
         self._slots: dict[str, list] = {}
         self._load(initial=True)
 
-    @property
-    def enforcing(self) -> bool:
-        """Whether any check applies (otherwise every client may do everything, and no check is made)."""
-        return self.acl is not None
-
     def _load(self, initial: bool) -> None:
         users, acl = self.users, self.acl
         try:
@@ -265,8 +260,10 @@ class Security:
         if username is None:
             return (ACCEPTED if self.allow_anonymous else NOT_AUTHORIZED), None
         if self.password_file is None:
-            # No password file: a username is only a name (mosquitto does the same), anonymous rules decide.
-            return (ACCEPTED if self.allow_anonymous else NOT_AUTHORIZED), username
+            # No password file: nothing vouches for the username, so the client is anonymous to the ACL (its
+            # `user` rules and `%u` patterns never apply to a name anyone can claim), and the anonymous rule
+            # decides whether it may connect.
+            return (ACCEPTED if self.allow_anonymous else NOT_AUTHORIZED), None
         hashed = self.users.get(username)
         if hashed is None:
             return BAD_CREDENTIALS, None
