@@ -96,3 +96,9 @@ def test_every_flag_is_in_the_readme_s_table() -> None:
     for option in OPTIONS:
         assert re.search(rf"^\| `{re.escape(option.flag)}[ `].*\| `{option.key}` \|", readme, re.MULTILINE), \
             f"{option.flag} ({option.key}) missing from the README's flag table"
+
+
+def test_help_names_no_default_for_a_setting_that_has_none() -> None:
+    result = subprocess.run([str(BIN_DIR / "broker"), "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "--tls-listen" in result.stdout
+    assert "None" not in result.stdout

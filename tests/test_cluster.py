@@ -119,6 +119,13 @@ def test_cluster_status_prints_nodes_owners_and_depths(cluster: Cluster, etcd: E
     assert sum(p["messages"] for p in json.loads(as_json)["partitions"].values()) == 60
 
 
+def test_cluster_status_of_a_cluster_etcd_does_not_know_is_an_error(etcd: EtcdProcess) -> None:
+    result = subprocess.run([str(BIN_DIR / "broker"), "cluster", "status", "--etcd", etcd.url, "--cluster", "nope"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().endswith("has no cluster named 'nope' (no key under /nope/)"), result.stderr
+
+
 def test_unreachable_etcd_is_a_clear_error(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     result = subprocess.run([str(BIN_DIR / "broker"), "cluster", "status", "--etcd", dead],

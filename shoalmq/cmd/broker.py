@@ -37,7 +37,8 @@ def make_parser() -> argparse.ArgumentParser:
         # default=None so that "not given" is distinguishable from "given the default"; the real default is
         # shown in --help through the help text.
         parser.add_argument(option.flag, dest=option.key, metavar=option.metavar, default=None,
-                            help=f"{option.help} (default: {option.default})")
+                            help=option.help if option.default is None
+                            else f"{option.help} (default: {option.default})")
     return parser
 
 

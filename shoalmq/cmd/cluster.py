@@ -154,6 +154,10 @@ def main(argv: Sequence[str]) -> int:
         return ExitCode.RUNTIME_ERROR
     finally:
         etcd.close()
+    if not (status["nodes"] or status["queues"] or status["partitions"]):
+        print(f"{PROG}: error: etcd at {', '.join(endpoints)} has no cluster named {args.cluster!r} (no key under "
+              f"/{args.cluster}/)", file=sys.stderr)
+        return ExitCode.RUNTIME_ERROR
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
