@@ -72,7 +72,8 @@ def _utf8_field(data: bytes) -> bytes:
 
 
 def connect_packet(client_id: str = "", keep_alive: int = 60, clean_session: bool = True,
-                   will: tuple[str, bytes, int] | None = None) -> bytes:
+                   will: tuple[str, bytes, int] | None = None, username: str | None = None,
+                   password: str | None = None) -> bytes:
     """A CONNECT packet; ``will`` is (topic, message, qos)."""
     flags = 0x02 if clean_session else 0x00
     payload = _utf8_field(client_id.encode())
@@ -80,6 +81,12 @@ def connect_packet(client_id: str = "", keep_alive: int = 60, clean_session: boo
         topic, message, qos = will
         flags |= 0x04 | (qos << 3)
         payload += _utf8_field(topic.encode()) + _utf8_field(message)
+    if username is not None:
+        flags |= 0x80
+        payload += _utf8_field(username.encode())
+    if password is not None:
+        flags |= 0x40
+        payload += _utf8_field(password.encode())
     body = b"\x00\x04MQTT\x04" + bytes([flags]) + struct.pack("!H", keep_alive) + payload
     return b"\x10" + encode_remaining_length(len(body)) + body
 

@@ -63,28 +63,20 @@ def tls_connack(port: int, context: ssl.SSLContext, client_id: str = "probe", us
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
             with context.wrap_socket(raw, server_hostname="localhost") as sock:
-                sock.sendall(connect_packet(client_id, keep_alive=10) if username is None
-                             else connect_with_password(client_id, username, ""))
+                sock.sendall(connect_packet(client_id, keep_alive=10, username=username,
+                                            password=None if username is None else ""))
                 data = sock.recv(4)
                 return data[3] if len(data) == 4 and data[0] == 0x20 else None
     except (OSError, ssl.SSLError):
         return None
 
 
-def connect_with_password(client_id: str, username: str, password: str) -> bytes:
-    def field(data: bytes) -> bytes:
-        return len(data).to_bytes(2, "big") + data
-    body = (b"\x00\x04MQTT\x04" + bytes([0x02 | 0x80 | 0x40]) + (10).to_bytes(2, "big")
-            + field(client_id.encode()) + field(username.encode()) + field(password.encode()))
-    return b"\x10" + bytes([len(body)]) + body
-
-
 def connack_code(port: int, client_id: str, username: str | None = None, password: str | None = None,
                  source: str = "127.0.0.1") -> int | None:
     """CONNECT over plain TCP from ``source``: the CONNACK return code (None if none came)."""
     return mqtt_connack("127.0.0.1", port, timeout=10, source=source,
-                        connect=connect_packet(client_id, keep_alive=10) if username is None
-                        else connect_with_password(client_id, username, password or ""))
+                        connect=connect_packet(client_id, keep_alive=10, username=username,
+                                               password=None if username is None else password or ""))
 
 
 # -- TLS ---------------------------------------------------------------------------------------------------
@@ -232,7 +224,7 @@ def test_a_burst_of_bad_connects_does_not_hold_up_a_good_client(broker_factory: 
         sockets = []
         for i in range(200):
             sock = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
-            sock.sendall(connect_with_password(f"bad-{user}-{i}", user, f"guess{i}"))
+            sock.sendall(connect_packet(f"bad-{user}-{i}", keep_alive=10, username=user, password=f"guess{i}"))
             sockets.append(sock)
         started = time.monotonic()
         assert connack_code(broker.port, "good", "bob", "builder", source="127.0.0.2") == 0
@@ -426,22 +418,13 @@ def test_a_refused_connect_leaves_the_client_it_names_alone(broker_factory: Brok
     watcher = client(broker.port, "watcher", "bob", "builder:42")
     watcher.subscribe("wills/#", qos=1)
     victim = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
-    body_will = connect_packet("victim", keep_alive=30, will=("wills/victim", b"the real will", 1))
-    # (the same CONNECT with alice's credentials: flags gain username and password, the payload both fields)
-    flags_at = 9
-    connect = bytearray(body_will)
-    connect[flags_at] |= 0xC0
-    extra = len(b"alice").to_bytes(2, "big") + b"alice" + len(b"wonderland").to_bytes(2, "big") + b"wonderland"
-    connect = bytes([connect[0], connect[1] + len(extra)]) + bytes(connect[2:]) + extra
-    victim.sendall(connect)
+    victim.sendall(connect_packet("victim", keep_alive=30, will=("wills/victim", b"the real will", 1),
+                                  username="alice", password="wonderland"))
     assert victim.recv(4) == b"\x20\x02\x00\x00"
     for clean in (False, True):
         attacker = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
-        body = bytearray(connect_packet("victim", keep_alive=30, clean_session=clean,
-                                        will=("wills/victim", b"forged", 1)))
-        body[flags_at] |= 0xC0
-        extra_bad = len(b"alice").to_bytes(2, "big") + b"alice" + len(b"guess").to_bytes(2, "big") + b"guess"
-        attacker.sendall(bytes([body[0], body[1] + len(extra_bad)]) + bytes(body[2:]) + extra_bad)
+        attacker.sendall(connect_packet("victim", keep_alive=30, clean_session=clean,
+                                        will=("wills/victim", b"forged", 1), username="alice", password="guess"))
         assert attacker.recv(4) == b"\x20\x02\x00\x04"
         attacker.close()
     victim.sendall(b"\xc0\x00")  # PINGREQ: the victim's connection is still open

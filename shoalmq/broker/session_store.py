@@ -177,6 +177,4 @@ class SessionStore:
                     retained.append((key.decode(), bytes(value[1:]), min(value[0], 2)))
                 except UnicodeDecodeError:
                     log.error("stored retained message %r unreadable, skipped", key)
-        for session in sessions.values():
-            session.messages.sort(key=lambda m: m.seq)
-        return list(sessions.values()), retained
+        return list(sessions.values()), retained  # (messages in seq order: the keys are, big-endian)
