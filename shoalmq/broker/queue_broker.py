@@ -334,7 +334,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         [MQTT-4.6.0-2], whatever each waits for. A publish not stored closes the connection, unacknowledged
         with everything after it."""
         waiting = self._acks_waiting
-        if not waiting and (flush is None or (flush.done() and flush.exception() is None)):
+        if not waiting and (flush is None or (flush.done() and not flush.cancelled() and flush.exception() is None)):
             self._write(acks)
             return
         if waiting and (flush is None or flush is waiting[-1][0]):
@@ -343,13 +343,16 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         waiting.append((flush, [acks]))  # type: ignore[arg-type]
         flush.add_done_callback(self._acks_ready)  # type: ignore[union-attr]
 
-    def _acks_ready(self, _: asyncio.Future[None]) -> None:
+    def _acks_ready(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled():
+            done.exception()  # retrieved here, whether or not its acks are still sent (see below)
         waiting = self._acks_waiting
         while waiting and waiting[0][0].done():
             flush, acks = waiting.popleft()
-            if flush.exception() is not None:
-                waiting.clear()
-                self._refuse(f"publish not stored: {flush.exception()}")
+            error = "cancelled" if flush.cancelled() else flush.exception()
+            if error is not None:
+                waiting.clear()  # (what follows a publish not stored is not acknowledged either)
+                self._refuse(f"publish not stored: {error}")
                 return
             self._write(b"".join(acks))
 
