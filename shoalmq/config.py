@@ -158,6 +158,15 @@ def _parse_tls_listen(value: Any) -> HostPort | None:
     return HostPort.parse(value)
 
 
+def _parse_http_listen(value: Any) -> HostPort | None:
+    """``HOST:PORT`` (port 0: any free one, logged at start), or ``none`` for no HTTP server."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    if isinstance(value, str) and value.endswith(":0"):
+        return HostPort(HostPort.parse(value[:-1] + "1").host, 0)
+    return HostPort.parse(value)
+
+
 def _parse_name(value: Any) -> str:
     if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
         raise ValueError(f"expected 1-64 letters, digits, '.', '_' or '-', got {value!r}")
@@ -296,6 +305,13 @@ OPTIONS: tuple[Option, ...] = (
            "already stored exist)"),
     Option("max_queues", "--max-queues", 0, _int_parser(0, 1 << 31), "N",
            "most queues this node holds; one more is not created on first use (0: no limit)"),
+    Option("http_listen", "--http-listen", "127.0.0.1:18883", _parse_http_listen, "HOST:PORT",
+           "address of the HTTP server: /metrics, the JSON API, the dashboard (none: no HTTP server; port 0: "
+           "any free port)"),
+    Option("http_token_file", "--http-token-file", None, _optional(_parse_path), "PATH",
+           "a file holding a bearer token (its first line) that the HTTP API accepts, also for administration"),
+    Option("sys_interval", "--sys-interval", 10, _int_parser(0, 3600), "SECONDS",
+           "seconds between updates of the $SYS topics (0: none)"),
 )
 
 #: Settings only the configuration file can give (nested mappings): key -> parser of the raw value.
@@ -354,6 +370,9 @@ class Config:
     etcd_password_file: Path | None = None
     auto_create_queues: bool = True
     max_queues: int = 0
+    http_listen: HostPort | None = HostPort.parse("127.0.0.1:18883")
+    http_token_file: Path | None = None
+    sys_interval: int = 10
     #: Queues declared in the configuration file (others are created on first use with ``queue_defaults``).
     queues: Mapping[str, QueueConfig] = dataclasses.field(default_factory=dict)
     queue_defaults: QueueConfig = QueueConfig(replication_factor=1)

@@ -16,17 +16,32 @@ from shoalmq.config import Config
 from shoalmq.datadir import DataDir
 from shoalmq.errors import ConfigError, ShoalError, StartupError
 from shoalmq.queue.manager import QueueManager
-from shoalmq.queue.storage import open_lmdb_store
+from shoalmq.queue.storage import Store, open_lmdb_store
 
 log = logging.getLogger(__name__)
 
 
 class Node:
-    """A running broker node. ``serve()`` runs it until SIGTERM or SIGINT, then shuts down in order."""
+    """A running broker node. ``serve()`` runs it until SIGTERM or SIGINT, then shuts down in order.
+
+    Its parts, once started (None before, and those a node does not have): ``store``, ``queues``, ``cluster``
+    (with ``--etcd``), ``front_end`` and ``http`` (``shoalmq.ops``: metrics, the API, the dashboard, ``$SYS``)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self._stop = asyncio.Event()
+        self.started = time.time()
+        self.store: Store | None = None
+        self.queues: QueueManager | None = None
+        self.cluster: ClusterMember | None = None
+        self.front_end: MqttFrontEnd | None = None
+        self.http: Any = None
+        #: Serving: every part started, not yet stopping (``/readyz`` adds the cluster's own conditions).
+        self.ready = False
+
+    @property
+    def http_address(self) -> str | None:
+        return self.http.address if self.http is not None else None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -38,43 +53,62 @@ class Node:
         config = self.config
         check_exposure(config)
         with DataDir.open(config.data_dir) as data_dir:
-            store = open_lmdb_store(data_dir.path, sync=config.sync, batch_size=config.batch_size,
-                                    flush_interval=config.flush_interval_ms / 1000,
-                                    ring_capacity=config.ring_capacity, ring_bytes=config.ring_bytes,
-                                    memory_budget=config.memory_budget)
+            store = self.store = open_lmdb_store(
+                data_dir.path, sync=config.sync, batch_size=config.batch_size,
+                flush_interval=config.flush_interval_ms / 1000, ring_capacity=config.ring_capacity,
+                ring_bytes=config.ring_bytes, memory_budget=config.memory_budget)
             log.info("partition log: %d partition(s), %d message(s) recovered in %.0f ms (sync: %s)",
                      len(store.known_partitions()), store.recovered_messages, store.recovery_seconds * 1000,
                      config.sync)
-            queues: QueueManager | None = None
             try:
-                queues = QueueManager(store, config.queues, config.queue_defaults, config.consumer_window)
+                queues = self.queues = QueueManager(store, config.queues, config.queue_defaults,
+                                                    config.consumer_window)
                 queues.auto_create, queues.max_queues = config.auto_create_queues, config.max_queues
                 for name, info in queues.describe().items():
                     log.info("queue %s: %d partition(s), %d message(s)", name, info["partitions"], info["depth"])
-                cluster = ClusterMember(config, queues) if config.etcd else None
+                cluster = self.cluster = ClusterMember(config, queues) if config.etcd else None
+                await self._start_http()
                 try:
                     if cluster is not None:
+                        cluster.membership.info["http"] = self.http_address
                         await cluster.start()
-                    front_end = MqttFrontEnd(config, queues)
+                    front_end = self.front_end = MqttFrontEnd(config, queues)
                     await front_end.start()
                     loop.add_signal_handler(signal.SIGHUP, front_end.reload)
+                    if self.http is not None:
+                        self.http.started()
+                    self.ready = True
                     mode = cluster.describe() if cluster is not None else "embedded (single node)"
                     log.info("ShoalMQ %s ready: %s, data %s, %s, event loop %s", __version__,
-                             ", ".join(front_end.addresses), data_dir.path, mode, type(loop).__module__.split(".")[0])
+                             ", ".join(front_end.addresses + ([f"http://{self.http_address}"] if self.http else [])),
+                             data_dir.path, mode, type(loop).__module__.split(".")[0])
                     try:
                         await self._stop.wait()
                     finally:
                         log.info("shutting down")
+                        self.ready = False
                         loop.remove_signal_handler(signal.SIGHUP)
+                        if self.http is not None:
+                            await self.http.stop_background()
                         await front_end.stop()
                 finally:
                     if cluster is not None:
                         await cluster.stop()
+                    if self.http is not None:
+                        await self.http.stop()
             finally:
-                if queues is not None:
-                    queues.close()
+                if self.queues is not None:
+                    self.queues.close()
                 await store.close()
         log.info("stopped")
+
+    async def _start_http(self) -> None:
+        if self.config.http_listen is None:
+            return
+        from shoalmq.ops.http import OpsServer
+
+        self.http = OpsServer(self)
+        await self.http.start()
 
 
 def check_exposure(config: Config) -> None:
@@ -85,6 +119,9 @@ def check_exposure(config: Config) -> None:
         return
     exposed = [str(address) for address in config.listeners if not is_loopback(address.host)
                and not (address is config.tls_listen and config.require_certificate)]
+    if (config.http_listen is not None and not is_loopback(config.http_listen.host)
+            and config.http_token_file is None):
+        exposed.append(f"{config.http_listen} (HTTP)")
     if exposed:
         raise ConfigError(f"refusing to listen on {', '.join(exposed)} with no authentication: set password_file "
                           "(or a TLS listener with require_certificate), or allow_anonymous: true to accept "
@@ -107,6 +144,7 @@ class ClusterMember:
         self.etcd = Etcd(list(config.etcd), timeout=min(2.0, config.lease_ttl / 3),
                          access=etcd_access(config.etcd_cafile, config.etcd_certfile, config.etcd_keyfile,
                                             config.etcd_user, config.etcd_password_file))
+        self.etcd.report_outages = True
         self.membership = Membership(self.etcd, config.cluster, self.node_id, {}, ttl=config.lease_ttl)
         self.coordinator = Coordinator(self.etcd, self.membership, queues, assigner_named(config.assigner),
                                        config.routing)
@@ -146,6 +184,7 @@ class ClusterMember:
         })
         # After a crash, this node's old registration lives until its lease expires: wait that long for it.
         deadline = time.monotonic() + config.lease_ttl + 2
+        waited = False
         while True:
             try:
                 await self.membership.start()
@@ -153,6 +192,10 @@ class ClusterMember:
             except NodeIdInUse:
                 if time.monotonic() >= deadline:
                     raise
+                if not waited:
+                    waited = True
+                    log.info("node id %s is still registered, likely by this node's previous run: waiting up to "
+                             "%.0f s for its lease to expire", self.node_id, deadline - time.monotonic())
                 await asyncio.sleep(0.25)
             except ShoalError as exc:
                 raise StartupError(f"cannot join cluster {config.cluster} through etcd "

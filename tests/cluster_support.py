@@ -50,7 +50,8 @@ class Cluster:
             "--etcd", self.etcd.url, "--node-id", node_id, "--cluster", CLUSTER, "--config", str(self.config),
             "--grpc-listen", f"{host}:{free_port()}", *advertise, "--lease-ttl", str(self.lease_ttl),
             "--log-level", "debug", *self.args, *args], port=existing.port if existing else None,
-            data_dir=existing.data_dir if existing else None, host=host, prefix=prefix)
+            data_dir=existing.data_dir if existing else None, host=host, prefix=prefix,
+            http_port=existing.http_port if existing else None)
         self.nodes[node_id] = node
         if start:
             node.start(timeout=30)

@@ -202,11 +202,14 @@ class BrokerProcess(ManagedProcess):
     name = "broker"
 
     def __init__(self, workdir: Path, args: Sequence[str] = (), port: int | None = None,
-                 data_dir: Path | None = None, host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> None:
-        """``host``: the address it listens on (and is probed at); ``prefix``: a command it runs under, e.g.
+                 data_dir: Path | None = None, host: str = "127.0.0.1", prefix: Sequence[str] = (),
+                 http_port: int | None = None) -> None:
+        """``host``: the address it listens on (and is probed at), its HTTP server too (on ``http_port``, free by
+        default, unless the args give ``--http-listen``); ``prefix``: a command it runs under, e.g.
         ``IsolatedHost.command([])`` to run it in a network namespace (the command must exec() the broker)."""
         super().__init__(workdir)
         self.port = port or free_port()
+        self.http_port = http_port or free_port()
         self.host = host
         self.prefix = list(prefix)
         self.data_dir = data_dir or workdir / "data"
@@ -214,8 +217,15 @@ class BrokerProcess(ManagedProcess):
         #: Whether it has a plain listener (``--listen none`` among the args: TLS only).
         self.plain = "--listen" not in self.args or self.args[self.args.index("--listen") + 1] != "none"
 
+    @property
+    def http(self) -> str:
+        """The base URL of its HTTP server."""
+        return f"http://{self.host}:{self.http_port}"
+
     def command(self) -> list[str]:
         listen = [] if "--listen" in self.args else ["--listen", f"{self.host}:{self.port}"]
+        if "--http-listen" not in self.args:
+            listen += ["--http-listen", f"{self.host}:{self.http_port}"]
         return [*self.prefix, str(BIN_DIR / "broker"), *listen, "--data-dir", str(self.data_dir), *self.args]
 
     def is_ready(self) -> bool:

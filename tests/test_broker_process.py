@@ -66,7 +66,7 @@ def test_sigterm_stops_cleanly_and_sigkill_leaves_the_data_dir_reusable(broker_f
 def test_config_file_sets_the_listen_address_and_flags_override_it(tmp_path: Path, broker_factory) -> None:
     from_file, from_flag = free_port(), free_port()
     config = tmp_path / "shoal.yaml"
-    config.write_text(f"listen: 127.0.0.1:{from_file}\ndata_dir: {tmp_path / 'cfg-data'}\n")
+    config.write_text(f"listen: 127.0.0.1:{from_file}\ndata_dir: {tmp_path / 'cfg-data'}\nhttp_listen: 127.0.0.1:0\n")
 
     process = subprocess.Popen([str(BIN_DIR / "broker"), "--config", str(config)], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -84,7 +84,8 @@ def test_config_file_sets_the_listen_address_and_flags_override_it(tmp_path: Pat
 
 def test_default_data_dir_is_data_under_the_working_directory(tmp_path: Path) -> None:
     port = free_port()
-    process = subprocess.Popen([str(BIN_DIR / "broker"), "--listen", f"127.0.0.1:{port}"], cwd=tmp_path,
+    process = subprocess.Popen([str(BIN_DIR / "broker"), "--listen", f"127.0.0.1:{port}", "--http-listen",
+                                "127.0.0.1:0"], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: mqtt_connack("127.0.0.1", port) == 0, 15, "broker to accept MQTT")
@@ -117,7 +118,8 @@ def test_a_queue_s_partition_count_cannot_change_across_restarts(tmp_path: Path,
 
     config.write_text("queues:\n  orders: {partitions: 3}\n")
     result = subprocess.run([str(BIN_DIR / "broker"), "--listen", f"127.0.0.1:{first.port}", "--data-dir",
-                             str(first.data_dir), "--config", str(config), "--log-level", "warning"],
+                             str(first.data_dir), "--config", str(config), "--log-level", "warning",
+                             "--http-listen", "none"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "queue 'orders' has 2 partitions in the data directory but 3 in the configuration" in result.stderr

@@ -15,7 +15,7 @@ from tests.support import BIN_DIR, BrokerProcess
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = str(BIN_DIR / "broker")
 # Runtime errors are checked without the INFO lines a broker logs while it starts.
-QUIET = ("--log-level", "warning")
+QUIET = ("--log-level", "warning", "--http-listen", "none")
 
 
 def run_broker(*args: str, cwd: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:

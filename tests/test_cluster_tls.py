@@ -88,7 +88,8 @@ def test_a_cluster_with_mutual_tls_works_end_to_end_and_refuses_strangers(
 def test_a_node_reachable_beyond_loopback_refuses_to_join_without_tls(etcd: EtcdProcess, tmp_path: Path) -> None:
     done = subprocess.run([str(BIN_DIR / "broker"), "--listen", f"127.0.0.1:{free_port()}", "--data-dir",
                            str(tmp_path / "data"), "--etcd", etcd.url, "--node-id", "n1",
-                           "--grpc-listen", f"0.0.0.0:{free_port()}"], capture_output=True, text=True, timeout=30)
+                           "--grpc-listen", f"0.0.0.0:{free_port()}", "--http-listen", "127.0.0.1:0"],
+                          capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "refusing to join the cluster with gRPC on 0.0.0.0" in done.stderr
     assert "--cluster-certfile" in done.stderr

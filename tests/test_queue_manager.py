@@ -127,7 +127,7 @@ def test_a_vanished_consumer_s_messages_are_redelivered_with_dup() -> None:
             manager.publish("$queue/q", b"%d" % i)
         await settle(lambda: len(first.received) == 10)
         manager.subscribe(second, "q")
-        assert manager.consumer_gone(first) == 10
+        assert manager.consumer_gone(first) == (10, 0)
         await settle(lambda: len(second.received) == 10)
         assert sorted(d.payload for d in second.received) == sorted(b"%d" % i for i in range(10))
         assert all(d.dup for d in second.received)

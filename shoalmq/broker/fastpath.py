@@ -35,6 +35,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from shoalmq import stats
 from shoalmq._native import mqtt_codec
 from shoalmq._native.mqtt_packets import (
     PINGREQ,
@@ -50,6 +51,7 @@ from shoalmq._native.mqtt_packets import (
 from shoalmq.broker.frames import MalformedPacket, check_first_byte, check_frame, refusal
 
 log = logging.getLogger(__name__)
+STATS = stats.FRONT_END
 
 #: Publishes of one connection waiting for their commit before its socket stops being read.
 MAX_UNACKED = 4096
@@ -96,6 +98,7 @@ class QueueFastProtocol(asyncio.StreamReaderProtocol):
     def data_received(self, data: bytes) -> None:
         if self._dead:
             return
+        STATS.bytes_received += len(data)
         buffer = self._buffer + data if self._buffer else data
         try:
             packets, consumed = mqtt_codec.decode(buffer, self.max_packet_size)

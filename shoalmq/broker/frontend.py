@@ -14,6 +14,7 @@ from typing import Any
 
 from amqtt.adapters import StreamWriterAdapter
 
+from shoalmq import stats
 from shoalmq.broker.fastpath import QueueFastProtocol
 from shoalmq.broker.frames import FrameGuardReader, MalformedPacket, refusal
 from shoalmq.broker.sessions import Limits
@@ -83,6 +84,10 @@ class MqttFrontEnd:
         if config.tls_listen is not None:
             assert config.certfile is not None and config.keyfile is not None
             self.tls = server_context(config.certfile, config.keyfile, config.cafile, config.require_certificate)
+
+    @property
+    def broker(self) -> ShoalBroker | None:
+        return self._broker
 
     @property
     def addresses(self) -> list[str]:
@@ -169,6 +174,7 @@ class MqttFrontEnd:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        stats.FRONT_END.connections += 1
         peer = writer.get_extra_info("peername")
 
         def refused(exc: MalformedPacket) -> None:

@@ -56,13 +56,31 @@ from shoalmq._native import mqtt_codec
 from shoalmq._native.mqtt_packets import PUBACK, PUBCOMP, PUBREC, SUBACK_FAILURE, frame
 from shoalmq.broker.security import (BAD_CREDENTIALS, NOT_AUTHORIZED, READ, WRITE, Identity, Security,
                                      certificate_name)
+from shoalmq import stats
 from shoalmq.broker.session_store import SessionStore
 from shoalmq.broker.sessions import Limits, Message, SessionEngine
 from shoalmq.broker.sessions import Session as OrdinarySession
-from shoalmq.errors import ShoalError
+from shoalmq.errors import PayloadTooLarge, QueueFull, ShoalError, StorageError
+from shoalmq.logs import RepeatLimiter
 from shoalmq.queue.manager import BadQueueName, Delivery, QueueManager, is_queue_topic, queue_of_filter
 
 log = logging.getLogger(__name__)
+#: Refusals and denials, once per client (id and address) and kind a minute, with a count.
+refusals = RepeatLimiter(log)
+STATS = stats.FRONT_END
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The ``reason`` label of a refused queue publish (``shoalmq.stats.FrontEnd.refused``)."""
+    if isinstance(exc, PayloadTooLarge):
+        return "too_large"
+    if isinstance(exc, QueueFull):
+        return "full"
+    if isinstance(exc, StorageError):
+        return "storage"
+    if isinstance(exc, BadQueueName):
+        return "bad_topic"
+    return "other"
 
 #: Seconds between checks whether a publisher held back by its subscribers may be read again.
 HOLD_CHECK = 0.005
@@ -246,15 +264,19 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         by_flush: dict[int, tuple[asyncio.Future[None], list[bytes]]] = {}
         last: asyncio.Future[None] | None = None
         for topic, qos, packet_ids, payloads in runs:
+            STATS.publishes_received += len(payloads)
             if self._closing:
                 break  # refused: nothing after it is stored
             if not is_queue_topic(topic):
+                STATS.refused["", "bad_topic"] += len(payloads)
                 self._refuse(f"publish to {topic!r}: " + ("$SYS topics are reserved for the broker"
-                             if topic.startswith("$SYS") else "not a queue topic ($queue/<name>)"))
+                             if topic.startswith("$SYS") else "not a queue topic ($queue/<name>)"), "bad-topic")
                 break
             refusal = self._queue_refusal(topic, WRITE)
             if refusal is not None:
-                self._refuse(f"publish to {topic!r} refused: {refusal}")
+                STATS.refused[_queue_name(topic), "acl" if refusal.startswith("denied") else "not_created"] += \
+                    len(payloads)
+                self._refuse(f"publish to {topic!r} refused: {refusal}", "publish-refused")
                 break
             if qos == 2:
                 last = self._queue_publishes_qos2(topic, packet_ids, payloads, by_flush) or last
@@ -262,7 +284,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             try:
                 flush = self.queues.publish_many(topic, payloads)
             except ShoalError as exc:
-                self._refuse(f"publish to {topic!r} refused: {exc}")
+                STATS.refused[_queue_name(topic), refusal_reason(exc)] += len(payloads)
+                self._refuse(f"publish to {topic!r} refused: {exc}", "publish-refused")
                 break
             if qos == 0:
                 continue
@@ -316,7 +339,8 @@ class QueueProtocolHandler(BrokerProtocolHandler):
                 try:
                     flush = self.queues.publish(topic, payload)
                 except ShoalError as exc:
-                    self._refuse(f"publish to {topic!r} refused: {exc}")
+                    STATS.refused[_queue_name(topic), refusal_reason(exc)] += 1
+                    self._refuse(f"publish to {topic!r} refused: {exc}", "publish-refused")
                     break
                 qos2[packet_id] = flush
                 if ordinary is not None and ordinary.persistent:
@@ -382,6 +406,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             return
         queue = deliveries[0].queue
         records = [d.message.payload for d in deliveries]
+        STATS.publishes_sent += len(records)
         session: QueueSession = self.session  # type: ignore[assignment]
         if queue.name in session.queue_qos0:  # at most once: the manager removed them as they were handed over
             self._write(mqtt_codec.encode_records(queue.topic_prefix, records, [0] * len(records)))
@@ -456,6 +481,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
         """PUBLISHes to ordinary topics, decoded (``(3, flags, topic, packet id, payload)``), in order: each routed
         to the subscribers it matches, then acknowledged (PUBACK, or PUBREC for QoS 2) in one write. A QoS 2
         publish sent again before its PUBREL is acknowledged again, not routed again [MQTT-4.3.3-2]."""
+        STATS.publishes_received += len(publishes)
         if self._closing:
             return  # refused: nothing after it is taken
         session = self.session.ordinary  # type: ignore[union-attr]
@@ -494,10 +520,14 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             if len(self._writable) >= 1024:
                 self._writable.clear()
             allowed = self._writable[topic] = self.security.may(self.session.identity, topic, WRITE)  # type: ignore
-        if not allowed and not self._denied_warned:
-            self._denied_warned = True
-            log.warning("%s from %s: publish to %r denied by the ACL; its publishes the ACL denies are dropped "
-                        "(logged once per connection)", self.name, self.session.peer, topic)  # type: ignore[union-attr]
+        if not allowed:
+            STATS.refused["" if not is_queue_topic(topic) else _queue_name(topic), "acl"] += 1
+            if not self._denied_warned:
+                self._denied_warned = True
+                session = self.session
+                refusals.log((session.client_id, session.peer, "acl-publish"),  # type: ignore[union-attr]
+                             "%s from %s: publish to %r denied by the ACL; its publishes the ACL denies are dropped",
+                             self.name, session.peer, topic)  # type: ignore[union-attr]
         return allowed
 
     def _check_held(self) -> None:
@@ -638,19 +668,22 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             ordinary = getattr(self.session, "ordinary", None)
             if ordinary is not None:
                 self.engine.end(ordinary, self)  # (a will is published by amqtt's disconnect, through the engine)
-            requeued = self.queues.consumer_gone(self)
-            if requeued:
-                log.info("client %s left with %d unacknowledged queue message(s): requeued",
-                         self.session.client_id, requeued)
+            requeued, dead = self.queues.consumer_gone(self)
+            if requeued or dead:
+                log.info("client %s from %s left with %d unacknowledged queue message(s): %d requeued, %d moved to "
+                         "the dead-letter queue (delivered max_deliveries times)", self.session.client_id,
+                         self.session.peer, requeued + dead, requeued, dead)  # type: ignore[attr-defined]
             self._queue_inflight.clear()
         await super().stop()
 
-    def _refuse(self, reason: str) -> None:
-        """MQTT 3.1.1 has no negative acknowledgement: log the reason once and close the connection."""
+    def _refuse(self, reason: str, kind: str = "refused") -> None:
+        """MQTT 3.1.1 has no negative acknowledgement: log the reason (once a minute per client and kind, with
+        a count) and close the connection."""
         if self._closing:
             return
         client = self.session.client_id if self.session else "?"
-        log.warning("client %s: %s; closing its connection", client, reason)
+        peer = getattr(self.session, "peer", "?")
+        refusals.log((client, peer, kind), "client %s from %s: %s; closing its connection", client, peer, reason)
         self._close()
 
     def _close(self) -> None:
@@ -664,6 +697,7 @@ class QueueProtocolHandler(BrokerProtocolHandler):
             return
         transport = self._transport()
         if transport is not None and not transport.is_closing():
+            STATS.bytes_sent += len(data)
             transport.write(data)
 
     def _transport(self) -> asyncio.Transport | None:
@@ -691,6 +725,11 @@ class ShoalBroker(Broker):
         self._live: dict[str, QueueProtocolHandler] = {}
         #: Seconds a new connection has to send CONNECT.
         self.connect_timeout = connect_timeout
+
+    @property
+    def connected(self) -> int:
+        """Clients connected now."""
+        return len(self._live)
 
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
                                          remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
@@ -750,6 +789,7 @@ class ShoalBroker(Broker):
         ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
         code, identity = await self._check_client(session, remote_address, certificate_name(ssl_object))
         if code:
+            STATS.connects_refused["bad_credentials" if code == BAD_CREDENTIALS else "not_authorized"] += 1
             writer.write(b"\x20\x02\x00" + bytes((code,)))  # CONNACK, refused [MQTT-3.2.2-5]
             await writer.drain()
             await writer.close()
@@ -779,13 +819,15 @@ class ShoalBroker(Broker):
         identity = Identity(session.client_id or "", username)
         if code == 0 and session.will_flag and session.will_topic and not self.security.may(
                 identity, session.will_topic, WRITE):
-            log.warning("client %s from %s refused: its will's topic %r is denied by the ACL", session.client_id,
-                        peer, session.will_topic)
+            refusals.log((session.client_id, peer, "will-denied"), "client %s from %s refused: its will's topic %r "
+                         "is denied by the ACL", session.client_id, peer, session.will_topic)
             code = NOT_AUTHORIZED
         elif code:
-            log.warning("client %s from %s refused: %s", session.client_id, peer,
-                        "bad username or password" if code == BAD_CREDENTIALS else
-                        "not authorized (anonymous clients are not allowed)")
+            # (a generated client id differs on every attempt: an anonymous client is known by its address)
+            refusals.log((session.client_id if session.username else "", peer, session.username, code),
+                         "client %s from %s refused: %s", session.client_id, peer,
+                         "bad username or password" if code == BAD_CREDENTIALS else
+                         "not authorized (anonymous clients are not allowed)")
         return code, identity
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
@@ -882,3 +924,8 @@ class ShoalBroker(Broker):
             await self._stop_handler(handler)
             return
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+
+def _queue_name(topic: str) -> str:
+    """The queue a ``$queue/`` topic names, as the ``queue`` label of a refusal (not checked)."""
+    return topic[len("$queue/"):].split("/", 1)[0][:128]

@@ -43,12 +43,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from shoalmq import stats
 from shoalmq._native import TopicTree, mqtt_codec
 from shoalmq._native.mqtt_packets import PUBLISH, PUBREL, SUBACK_FAILURE, fixed_header
 from shoalmq._native.topic_tree import check_filter
 from shoalmq.broker.session_store import SessionStore
 
 log = logging.getLogger(__name__)
+STATS = stats.FRONT_END
 
 
 
@@ -294,6 +296,8 @@ class SessionEngine:
         self._dirty: list[Session] = []
         self._flush_scheduled = False
         self._seq = 0  # the last seq given to a stored message
+        #: Messages of ordinary topics dropped for any session (its queue full, its connection congested).
+        self.dropped = 0
 
     # -- durability --------------------------------------------------------------------------------
 
@@ -487,7 +491,9 @@ class SessionEngine:
         self._set_retained(Message(topic, payload, qos, True))
 
     def _set_retained(self, message: Message) -> None:
-        durable, topic = self.durable, message.topic
+        topic = message.topic
+        # ($SYS topics are the broker's own, published again every interval: never stored.)
+        durable = self.durable if not topic.startswith("$SYS/") else None
         if message.payload:
             self.retained.set(message)
             if durable is not None:
@@ -591,6 +597,7 @@ class SessionEngine:
 
     def _drop(self, session: Session, why: str, message: Message) -> None:
         session.dropped += 1
+        self.dropped += 1
         if not session._warned:
             session._warned = True
             log.warning("client %s: dropping messages because %s (first: QoS %d on %r); counted, logged once per "
@@ -667,6 +674,7 @@ class SessionEngine:
         for session in dirty:
             out, session._out = session._out, []
             if out and session.connection is not None:
+                STATS.publishes_sent += len(out)
                 data = b"".join(out)
                 session.written += len(data)
                 session.connection.write(data)

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,11 @@ class Etcd:
         self.access = access or EtcdAccess()
         self._current = 0
         self._lock = threading.Lock()
+        #: Requests that failed (etcd unreachable, or refused them).
+        self.errors = 0
+        #: Log when etcd becomes unreachable and when it answers again (a node does; a command does not).
+        self.report_outages = False
+        self._lost_since: float | None = None
         self._clients = [self._client(url) for url in endpoints]
         self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="shoalmq-etcd")
 
@@ -195,10 +201,19 @@ class Etcd:
                 errors.append(f"{self.endpoints[index]}: {type(exc).__name__}")
                 continue
             except etcd_exceptions.Etcd3Exception as exc:
+                self.errors += 1
                 raise ShoalError(f"etcd refused {path}: {getattr(exc, 'detail_text', None) or exc}") from None
             with self._lock:
                 self._current = index
+                lost, self._lost_since = self._lost_since, None
+            if lost is not None and self.report_outages:
+                log.info("etcd reachable again at %s after %.1f s", self.endpoints[index], time.monotonic() - lost)
             return result
+        self.errors += 1
+        with self._lock:
+            first, self._lost_since = self._lost_since is None, self._lost_since or time.monotonic()
+        if first and self.report_outages:
+            log.warning("etcd unreachable (%s): retrying", "; ".join(errors))
         raise EtcdUnavailable(f"etcd unreachable ({'; '.join(errors)})")
 
     # -- key-value ----------------------------------------------------------------------------------------

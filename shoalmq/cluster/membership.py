@@ -80,6 +80,15 @@ class Membership:
                 log.warning("could not revoke lease on leaving: %s (the key expires with it)", exc)
         self.healthy = False
 
+    def serving(self) -> list[str]:
+        """The live nodes that take partitions: not draining (``broker cluster drain``), sorted."""
+        return sorted(n for n, info in self.nodes.items() if not info.get("draining"))
+
+    @property
+    def draining(self) -> bool:
+        """This node is being drained: it hands its partitions to the others and takes none."""
+        return bool(self.info.get("draining"))
+
     #: Seconds of the TTL not trusted (clock rate differences, scheduling delays).
     SAFETY_MARGIN = 0.5
 
@@ -146,19 +155,46 @@ class Membership:
                 except ShoalError as exc:
                     log.warning("cannot register again yet: %s", exc)
 
+    async def update(self, **changes: Any) -> None:
+        """Change what this node registered (``draining``, ``leaving``...) and write it, on the same lease."""
+        self.info.update(changes)
+        if self.lease and self.healthy:
+            value = json.dumps(self.info, sort_keys=True).encode()
+            await self.etcd.call(self.etcd.put_sync, self.key, value, self.lease)
+
     def _on_snapshot(self, kvs: list[KeyValue]) -> None:
+        before = self.nodes
         self.nodes = {}
         for kv in kvs:
             self._apply_put(kv)
+        if before:  # (a watch that started over: say what changed meanwhile)
+            for node_id in sorted(set(before) - set(self.nodes)):
+                log.info("node %s is gone from the cluster", node_id)
+            for node_id in sorted(set(self.nodes) - set(before)):
+                log.info("node %s joined the cluster (%s)", node_id, self.nodes[node_id].get("mqtt", "?"))
         self._changed()
 
     def _on_events(self, events: list[WatchEvent]) -> None:
         for event in events:
             node_id = event.kv.key[len(self.prefix):].decode(errors="replace")
             if event.kind == "delete":
-                self.nodes.pop(node_id, None)
+                info = self.nodes.pop(node_id, None)
+                if node_id != self.node_id:
+                    if info is not None and info.get("leaving"):
+                        log.info("node %s left the cluster", node_id)
+                    else:
+                        log.info("node %s left the cluster without saying so: its lease expired (it crashed, was "
+                                 "stopped or paused, or lost etcd) or it was removed", node_id)
             else:
+                known = self.nodes.get(node_id)
                 self._apply_put(event.kv)
+                info = self.nodes.get(node_id, {})
+                if node_id != self.node_id and known is None:
+                    log.info("node %s joined the cluster (MQTT %s)", node_id, info.get("mqtt", "?"))
+                elif known is not None and node_id != self.node_id and (
+                        bool(known.get("draining")) != bool(info.get("draining"))):
+                    log.info("node %s %s", node_id, "is draining: its partitions move to the other nodes"
+                             if info.get("draining") else "is no longer draining")
         self._changed()
 
     def _apply_put(self, kv: KeyValue) -> None:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from shoalmq.cluster import stats
 from shoalmq.cluster.assignment import PartitionAssigner
 from shoalmq.cluster.definitions import QueueDefinitions
 from shoalmq.cluster.etcd import Etcd
@@ -180,8 +181,9 @@ class Ownership:
             return
         view = self.view
         nodes = view.nodes
-        live = sorted(n for n in nodes if not (self.leaving and n == self.node_id))
-        if not live or (self.node_id not in live and not self.leaving):
+        draining = self.membership.draining
+        live = [n for n in self.membership.serving() if not ((self.leaving or draining) and n == self.node_id)]
+        if not live or (self.node_id not in live and not self.leaving and not draining):
             return  # our own registration is not in the view yet, or nobody is left to take over
         changed = False
         handoffs: list[tuple[Partition, str, int]] = []
@@ -231,6 +233,7 @@ class Ownership:
         self.view.mine[part] = revision
         self._claimed_recently.add(part)
         self.view.record_owner(part, Owner(self.node_id, revision, lease))
+        stats.COUNTERS.leader_changes += 1
         self.manager.set_epoch(*part, revision)  # stored with the partition (its leader epoch, for replication)
         self._changed()  # deliver from it at once; publishes that waited for it go first
         log.info("partition %s/%d owned here from epoch %d", part[0], part[1], revision)
@@ -252,6 +255,7 @@ class Ownership:
         # stores, for the others to find only when it comes back.
         while True:
             try:
+                await self.membership.update(leaving=True)  # (so that the others log a leave, not a lost lease)
                 await self.etcd.call(self.etcd.delete_sync, self.membership.key)
                 break
             except ShoalError as exc:

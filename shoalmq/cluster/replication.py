@@ -324,6 +324,24 @@ class Leader:
                              records=segment.pack(records) if records else b"", offsets=offsets,
                              end_offset=new_end, commit_offset=self.hw, acks=acks)
 
+    def lag(self, now: float) -> tuple[int, float]:
+        """(offsets, seconds) the furthest-behind replica lags: offsets it lacks of the leader's committed log
+        (a replica not following lacks the partition's depth, as far as the leader knows), and seconds since it
+        last had everything (0 for one that has)."""
+        end = self.part.committed_offset
+        worst, oldest = 0, 0.0
+        for node in self.record.replicas:
+            if node == self.replicator.node_id:
+                continue
+            progress = self.followers.get(node)
+            if progress is None or not progress.following:
+                behind, since = self.part.depth, now - (progress.caught_up_at if progress else self.since)
+            else:
+                behind = max(0, end - progress.durable)
+                since = 0.0 if not behind else now - progress.caught_up_at
+            worst, oldest = max(worst, behind), max(oldest, since)
+        return worst, oldest
+
     def check_isr(self, now: float) -> None:
         """Shrink the ISR of members behind for ``replica_lag_ms``, add replicas that caught up, and grow the
         replicas towards the replication factor (each a compare-and-swap; one at a time)."""
@@ -752,7 +770,8 @@ class Replicator:
         if self._stopping:
             return
         view = self.view
-        live = sorted(n for n in view.nodes if not (self.leaving and n == self.node_id))
+        live = [n for n in self.membership.serving() if not ((self.leaving or self.membership.draining)
+                                                             and n == self.node_id)]
         me = self.node_id
         for name, config in list(view.definitions.items()):
             if config.replication_factor < 2 or not self.definitions.servable(name):
@@ -862,6 +881,7 @@ class Replicator:
         leader = Leader(self, part, config, record, hw)
         self.leaders[key] = leader
         self.view.mine[key] = record.epoch
+        stats.COUNTERS.leader_changes += 1
         log.info("partition %s/%d led here from epoch %d (replicas %s, in sync %s)", key[0], key[1], record.epoch,
                  ",".join(record.replicas), ",".join(record.isr))
         leader.advance()
@@ -908,6 +928,7 @@ class Replicator:
                 candidates.add(node)
         if self.leaving:
             candidates.discard(self.node_id)
+        candidates -= {n for n, info in self.view.nodes.items() if info.get("draining")}
         if not candidates:
             return []
         return self.assigner.replicas(key[0], key[1], sorted(candidates), config.replication_factor,

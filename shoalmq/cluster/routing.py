@@ -93,6 +93,7 @@ class RemoteConsumer:
                 inflight[(index, d.message.offset)] = (d, epoch)
             returned = [d.message.returned for d in batch]
             stats.sent("route_deliveries", len(batch))
+            stats.COUNTERS.routed[self.stream.peer] += len(batch)
             self.stream.send(broker_pb2.RouteDeliveries(
                 queue=self.queue, partition=index, epoch=epoch,
                 records=segment.pack([d.message.payload for d in batch]),

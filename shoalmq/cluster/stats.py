@@ -22,3 +22,21 @@ def sent(kind: str, items: int) -> None:
 def snapshot() -> dict[str, list[int]]:
     """kind -> [stream messages, queue messages carried]."""
     return {kind: [count, ITEMS[kind]] for kind, count in sorted(MESSAGES.items())}
+
+
+class Counters:
+    """What the cluster side counts (per peer where it is about one)."""
+
+    def __init__(self) -> None:
+        #: peer -> publishes forwarded to it (records), and routed to it for its consumers (deliveries).
+        self.forwarded: collections.Counter[str] = collections.Counter()
+        self.routed: collections.Counter[str] = collections.Counter()
+        #: peer -> gRPC streams to or from it that ended with an error.
+        self.stream_errors: collections.Counter[str] = collections.Counter()
+        #: etcd requests that failed.
+        self.etcd_errors = 0
+        #: Partitions this node came to own or lead (claimed, elected or handed to it).
+        self.leader_changes = 0
+
+
+COUNTERS = Counters()

@@ -364,11 +364,13 @@ class Link:
                         attempt.outbox.put((part.channel, "", b"", True, ""))
                         stream._ended(PeerGone(f"stream to {self.target} failed"))
         except grpc.aio.AioRpcError as exc:
+            stats.COUNTERS.stream_errors[self.target] += 1
             error = PeerGone(f"peer {self.target} unavailable: {exc.code().name}: {exc.details()}")
         except asyncio.CancelledError:
             error = PeerGone(f"link to {self.target} closed")
             raise
         except Exception:
+            stats.COUNTERS.stream_errors[self.target] += 1
             log.exception("link to %s failed; starting a new one", self.target)
             error = PeerGone(f"link to {self.target} failed")
         else:
@@ -684,7 +686,9 @@ class EnqueueClient:
         self._waiting[batch_id] = future
         partitions = [broker_pb2.PartitionRecords(queue=q, partition=p, epoch=e, records=segment.pack(records))
                       for (q, p, e), records in groups.items()]
-        stats.sent("enqueue", sum(map(len, groups.values())))
+        count = sum(map(len, groups.values()))
+        stats.sent("enqueue", count)
+        stats.COUNTERS.forwarded[self.target] += count
         self._stream.send(broker_pb2.EnqueueBatch(batch_id=batch_id, partitions=partitions))
 
     def _answered(self, ack: broker_pb2.EnqueueAck) -> None:

@@ -29,7 +29,9 @@ def make_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="ShoalMQ: an MQTT broker with durable, partitioned $queue/ work queues.",
         epilog="Every flag has a config-file key of the same name with '_' for '-'; flags override the file. "
-               "`broker cluster status --etcd URLS` prints a cluster's nodes, partition owners and queue depths.",
+               "`broker cluster status --etcd URLS` prints a cluster's nodes, partition owners and queue depths; "
+               "`broker cluster drain NODE` moves a node's partitions away; `broker queues list|describe|purge|"
+               "delete|redrive` administers queues through a node's HTTP API.",
     )
     parser.add_argument("--version", action="version", version=f"ShoalMQ {__version__}")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
@@ -68,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shoalmq.cmd.cluster import main as cluster_main
 
         return cluster_main(args[1:])
+    if args[:1] == ["queues"]:
+        from shoalmq.cmd.queues import main as queues_main
+
+        return queues_main(args[1:])
     try:
         config = load_config(argv)
     except ShoalError as exc:

@@ -29,13 +29,32 @@ def make_parser() -> argparse.ArgumentParser:
                         help="etcd endpoints, comma-separated http://HOST:PORT (tried in turn)")
     status.add_argument("--cluster", metavar="NAME", default="shoalmq", help="the cluster's name (default: shoalmq)")
     status.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    _add_etcd_access(status)
+    drain = sub.add_parser("drain", help="move a node's partitions to the other nodes (before maintenance)",
+                           description="Drain a node: it hands every partition it owns or leads to the other nodes "
+                           "and takes none, until it restarts or --undo. Asks the node's HTTP API (found in etcd, or "
+                           "--http of any node).")
+    drain.add_argument("node", help="the node's id")
+    drain.add_argument("--etcd", metavar="URLS", help="etcd endpoints, to find the node's HTTP address")
+    drain.add_argument("--cluster", metavar="NAME", default="shoalmq", help="the cluster's name (default: shoalmq)")
+    drain.add_argument("--undo", action="store_true", help="end the drain: the node takes partitions again")
+    drain.add_argument("--wait", metavar="SECONDS", type=float, default=0.0,
+                       help="wait up to this long until the node leads no partition (exit 1 if it still does)")
+    _add_etcd_access(drain)
+    from shoalmq.cmd.queues import add_access_flags
+
+    add_access_flags(drain)
+    drain.set_defaults(http=None)
+    return parser
+
+
+def _add_etcd_access(parser: argparse.ArgumentParser) -> None:
     for flag, what in (("--etcd-cafile", "CA (PEM) that etcd's certificate is verified with"),
                        ("--etcd-certfile", "client certificate (PEM) presented to etcd"),
                        ("--etcd-keyfile", "the private key of --etcd-certfile"),
                        ("--etcd-user", "etcd user (password: --etcd-password-file or SHOALMQ_ETCD_PASSWORD)"),
                        ("--etcd-password-file", "a file holding the etcd user's password")):
-        status.add_argument(flag, metavar="NAME" if flag == "--etcd-user" else "PATH", default=None, help=what)
-    return parser
+        parser.add_argument(flag, metavar="NAME" if flag == "--etcd-user" else "PATH", default=None, help=what)
 
 
 def read_status(etcd: Any, cluster: str) -> dict[str, Any]:
@@ -132,9 +151,76 @@ def render(status: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
+    args = make_parser().parse_args(argv)
+    if args.command == "drain":
+        return drain(args)
+    return status(args)
+
+
+def _open_etcd(args: argparse.Namespace) -> Any:
+    """An ``Etcd`` for the flags; ShoalError (or ValueError for --etcd) if they are unusable."""
     from shoalmq.cluster.etcd import Etcd, etcd_access, parse_endpoints
 
-    args = make_parser().parse_args(argv)
+    endpoints = parse_endpoints(args.etcd)
+    access = etcd_access(args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile, args.etcd_user,
+                         args.etcd_password_file)
+    return Etcd(endpoints, access=access)
+
+
+def drain(args: argparse.Namespace) -> int:
+    from shoalmq.cmd.queues import ApiError, call
+
+    what = "undrain" if args.undo else "drain"
+    if args.http is None:
+        if not args.etcd:
+            print(f"{PROG} drain: error: give --etcd URLS (to find the node) or --http HOST:PORT of a node",
+                  file=sys.stderr)
+            return ExitCode.USAGE_ERROR
+        try:
+            etcd = _open_etcd(args)
+        except ValueError as exc:
+            print(f"{PROG} drain: error: --etcd: {exc}", file=sys.stderr)
+            return ExitCode.USAGE_ERROR
+        except ShoalError as exc:
+            print(f"{PROG} drain: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        try:
+            found = etcd.get_sync(f"/{args.cluster}/nodes/{args.node}".encode())
+        except ShoalError as exc:
+            print(f"{PROG} drain: error: {exc}", file=sys.stderr)
+            return ExitCode.RUNTIME_ERROR
+        finally:
+            etcd.close()
+        if found is None:
+            print(f"{PROG} drain: error: no live node {args.node!r} in cluster {args.cluster!r}", file=sys.stderr)
+            return ExitCode.RUNTIME_ERROR
+        args.http = json.loads(found.value).get("http")
+        if not args.http:
+            print(f"{PROG} drain: error: node {args.node} has no HTTP API (--http-listen none)", file=sys.stderr)
+            return ExitCode.RUNTIME_ERROR
+    try:
+        answer = call(args, "DELETE" if args.undo else "POST", f"/v1/nodes/{args.node}/drain")
+        deadline = time.monotonic() + args.wait
+        while not args.undo and answer.get("leads") and time.monotonic() < deadline:
+            time.sleep(0.25)
+            answer = call(args, "POST", f"/v1/nodes/{args.node}/drain")
+    except ApiError as exc:
+        print(f"{PROG} {what}: error: {exc}", file=sys.stderr)
+        return ExitCode.RUNTIME_ERROR
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    elif args.undo:
+        print(f"node {args.node} takes partitions again (it leads {answer['leads']} now)")
+    elif answer["leads"]:
+        print(f"node {args.node} is draining: it still leads {answer['leads']} partition(s)")
+    else:
+        print(f"node {args.node} is drained: it leads no partition")
+    return ExitCode.RUNTIME_ERROR if args.wait and not args.undo and answer["leads"] else ExitCode.OK
+
+
+def status(args: argparse.Namespace) -> int:
+    from shoalmq.cluster.etcd import Etcd, etcd_access, parse_endpoints
+
     try:
         endpoints = parse_endpoints(args.etcd)
     except ValueError as exc:

@@ -49,10 +49,20 @@ MAX_KEY = 0xFFFF
 #: Checked ``$queue/`` topics remembered (the cache starts over when full), if at most this long (characters).
 TOPIC_CACHE = 4096
 CACHED_TOPIC_MAX = 256
+#: Seconds between log lines about a queue's expired messages.
+EXPIRY_LOG_INTERVAL = 10.0
+#: Messages a purge or a redrive takes in one step (the loop runs other work between steps).
+ADMIN_BATCH = 2000
 
 
 class BadQueueName(QueueError):
     """The topic does not name a queue (``$queue/<name>`` with a valid name)."""
+
+
+def check_payload(name: str, config: QueueConfig, size: int) -> None:
+    """PayloadTooLarge unless a payload of ``size`` bytes fits queue ``name``'s ``max_payload``."""
+    if size > config.max_payload:
+        raise PayloadTooLarge(f"payload of {size} bytes exceeds max_payload {config.max_payload} of queue {name!r}")
 
 
 def limits_of(config: QueueConfig) -> Limits:
@@ -89,6 +99,14 @@ def queue_of_filter(topic_filter: str) -> str | None:
     if "+" in name or "#" in name:
         raise BadQueueName(f"bad queue name {name!r}")
     return name
+
+
+class UnknownQueue(QueueError):
+    """No queue of that name exists (administration names an existing queue)."""
+
+
+class QueueInUse(QueueError):
+    """The queue cannot be deleted now (it has consumers, or messages still being written)."""
 
 
 class QueueUndefined(QueueError):
@@ -214,7 +232,14 @@ class Queue:
         self._remote_first = False  # dispatch alternates between other nodes' route streams and local consumers
         self._next_consumer = 0  # where the next dispatch starts among the consumers (ties rotate)
         self.last_served = 0  # the dispatch round that last gave out a message of this queue
+        #: Counts since the node started (``/metrics``): messages given to consumers (and of those, ones given
+        #: before), acked by them, moved to the dead-letter queue, removed by a purge, redriven from it (a DLQ).
+        self.delivered = 0
+        self.redelivered = 0
+        self.acked = 0
         self.dead_lettered = 0
+        self.purged = 0
+        self.redriven = 0
 
     @property
     def depth(self) -> int:
@@ -241,9 +266,7 @@ class Queue:
 
     def check_payload(self, size: int) -> None:
         """PayloadTooLarge unless a payload of ``size`` bytes fits the queue's ``max_payload``."""
-        if size > self.config.max_payload:
-            raise PayloadTooLarge(f"payload of {size} bytes exceeds max_payload {self.config.max_payload} "
-                                  f"of queue {self.name!r}")
+        check_payload(self.name, self.config, size)
 
     def partition(self, index: int) -> PartitionLog:
         if not 0 <= index < len(self.partitions):
@@ -291,6 +314,8 @@ class QueueManager:
         #: (0: no limit) this node then holds (``creation_refused``; a dead-letter queue is always created).
         self.auto_create = True
         self.max_queues = 0
+        #: Queue name -> messages expired since the last expiry log line (see ``_expired``).
+        self._expiries: dict[str, list[int]] = {}
         store.on_readable = self._on_readable
         for name in self._declared:
             self.queue(name)
@@ -350,6 +375,8 @@ class QueueManager:
         """Why a client may not create queue ``name`` on first use (None: it exists, or may be created)."""
         if name in self._queues or self.known(name):
             return None
+        if name.endswith(DLQ_SUFFIX) and not self.known(name[:-len(DLQ_SUFFIX)]):
+            return f"queue {name!r} does not exist: a dead-letter queue comes with its queue"
         if not self.auto_create:
             return f"queue {name!r} does not exist, and auto_create_queues is off"
         if self.max_queues and len(self._queues) >= self.max_queues:
@@ -539,6 +566,9 @@ class QueueManager:
             return _all_of(self._loop, [])
         queue = self._queues.get(name)
         if queue is None:
+            # (A publish the new queue would refuse does not create it.)
+            config = self.cluster.queue_config(name) if self.cluster is not None else None
+            check_payload(name, config or self.local_config(name), max(map(len, payloads)))
             try:
                 queue = self.queue(name)
             except QueueUndefined:
@@ -722,20 +752,21 @@ class QueueManager:
         if not getattr(consumer, "remote", False):
             self._consumers_changed((queue_name,))
 
-    def consumer_gone(self, consumer: Consumer) -> int:
+    def consumer_gone(self, consumer: Consumer) -> tuple[int, int]:
         """The consumer disconnected: its subscriptions end and its unacknowledged messages go back, counted as
         delivery attempts, except for another node's route stream (a stream that broke, or a node that went away,
-        is the broker's failure, not a consumer's). Returns how many were requeued."""
+        is the broker's failure, not a consumer's). Returns how many were requeued, and how many of the others
+        went to the dead-letter queue instead (delivered ``max_deliveries`` times)."""
         state = self._consumers.pop(id(consumer), None)
         if state is None:
-            return 0
+            return 0, 0
         for name in state.queues:
             self._queues[name].consumers.remove(state)
         deliveries = list(state.inflight)
-        self._requeue(deliveries, counted=not getattr(consumer, "remote", False))
+        dead = self._requeue(deliveries, counted=not getattr(consumer, "remote", False))
         if not getattr(consumer, "remote", False):
             self._consumers_changed(state.queues)
-        return len(deliveries)
+        return len(deliveries) - dead, dead
 
     def subscriptions(self, consumer: Consumer) -> set[str]:
         state = self._consumers.get(id(consumer))
@@ -767,7 +798,9 @@ class QueueManager:
                 entry = by_part[delivery.partition] = (delivery.queue, [])
             entry[1].append(delivery.message.offset)
         for part, (queue, offsets) in by_part.items():
-            done += part.ack(offsets)
+            acked = part.ack(offsets)
+            queue.acked += acked
+            done += acked
         # The room freed in a consumer's window is for any of its queues (a window is shared by them): each is
         # dispatched, the one served longest ago first.
         queues = self._queues
@@ -821,12 +854,16 @@ class QueueManager:
         if not taken:
             return
         queue.last_served = self._dispatch_round
+        queue.delivered += len(taken)
+        redelivered = 0
         deadline = time.monotonic() + queue.config.ack_timeout
         if len(consumers) == 1:
             state = consumers[0]
             consumer, inflight = state.consumer, state.inflight
             deliveries = []
             for part, message in taken:
+                if message.deliveries > 1 or message.returned:
+                    redelivered += 1
                 message.last_holder = None
                 delivery = Delivery(queue, part, message, consumer, deadline)
                 inflight[delivery] = None
@@ -842,6 +879,8 @@ class QueueManager:
             for part, message in taken:
                 # A message handed back (timeout, unsubscribe) goes to another consumer if one has room.
                 previous, message.last_holder = message.last_holder, None
+                if message.deliveries > 1 or message.returned:
+                    redelivered += 1
                 state = other = None
                 fewest = fewest_other = 1 << 62
                 at = at_other = 0
@@ -877,12 +916,14 @@ class QueueManager:
                 state.inflight[delivery] = None
                 batches.setdefault(id(state), (state, []))[1].append(delivery)
             queue._next_consumer = pos
+        queue.redelivered += redelivered
         for state, deliveries in batches.values():
             if queue.name in state.at_most_once:
                 # At most once: removed as it is sent.
                 for d in deliveries:
                     del state.inflight[d]
                     d.partition.ack((d.message.offset,))
+                queue.acked += len(deliveries)
             state.consumer.deliver(deliveries)
         if any(s.queues and len(s.inflight) < s.consumer.window for s in consumers):
             # Room left and maybe more on disk: continue on the next loop iteration.
@@ -908,7 +949,10 @@ class QueueManager:
                 if want <= 0:
                     break
                 part = parts[i]
+                expired = part.expired
                 got = part.take(want)
+                if part.expired != expired:
+                    self._expired(queue, part.expired - expired)
                 last = i
                 if len(got) == want and part.ready:
                     more.append(i)
@@ -926,6 +970,24 @@ class QueueManager:
             ready = more
         queue._next_take = last + 1
         return taken
+
+    def _expired(self, queue: Queue, count: int) -> None:
+        """Messages of the queue expired when taken: logged at once, then at most every EXPIRY_LOG_INTERVAL with
+        the count since (a queue whose messages all expire would otherwise log each batch)."""
+        pending = self._expiries.get(queue.name)
+        if pending is not None:
+            pending[0] += count
+            return
+        log.info("queue %s: %d message(s) expired before delivery (ttl %s s)", queue.name, count, queue.config.ttl)
+        self._expiries[queue.name] = [0]
+
+        def report() -> None:
+            left = self._expiries.pop(queue.name, [0])[0]
+            if left:
+                log.info("queue %s: %d more message(s) expired before delivery in the last %.0f s (ttl %s s)",
+                         queue.name, left, EXPIRY_LOG_INTERVAL, queue.config.ttl)
+
+        self._loop.call_later(EXPIRY_LOG_INTERVAL, report)
 
     def _dead_letter(self, queue: Queue, part: PartitionLog, message: Message, holder: Consumer | None) -> None:
         """Move a message to ``<name>.dlq``; the original is acked once the copy is durable. ``holder``: the
@@ -955,9 +1017,11 @@ class QueueManager:
         except ShoalError:
             self._loop.call_later(DEAD_LETTER_RETRY, self._retry_dead_letter, queue, part, message, holder)
 
-    def _requeue(self, deliveries: list[Delivery], counted: bool = True) -> None:
+    def _requeue(self, deliveries: list[Delivery], counted: bool = True) -> int:
         """Hand deliveries back to their partitions, or to the dead-letter queue once delivered too often.
-        ``counted``: see ``hand_back``; an uncounted return never dead-letters."""
+        ``counted``: see ``hand_back``; an uncounted return never dead-letters. Returns how many went to the
+        dead-letter queue."""
+        dead = 0
         by_part: dict[int, tuple[PartitionLog, Queue, list[int]]] = {}
         by_consumer: dict[int, tuple[Consumer, list[Delivery]]] = {}
         for d in deliveries:
@@ -973,6 +1037,7 @@ class QueueManager:
             if counted and limit and d.message.deliveries >= limit and not d.queue.is_dlq and d.partition.pid > 0:
                 try:
                     self._dead_letter(d.queue, d.partition, d.message, d.consumer)
+                    dead += 1
                     continue
                 except ShoalError as exc:  # the DLQ is full or the disk is: back to its queue instead
                     log.warning("cannot dead-letter message %d of %s/%d: %s", d.message.offset, d.queue.name,
@@ -986,6 +1051,7 @@ class QueueManager:
             queues.add(queue)
         for queue in queues:
             self._schedule_dispatch(queue)
+        return dead
 
     # -- ack timeouts -----------------------------------------------------------------------------------
 
@@ -1001,10 +1067,110 @@ class QueueManager:
             expired = [d for s in self._consumers.values() if not getattr(s.consumer, "remote", False)
                        for d in s.inflight if d.deadline <= now]
             if expired:
-                log.info("%d delivery(ies) not acked in time: handed to other consumers", len(expired))
-                self._requeue(expired)
+                dead = self._requeue(expired)
+                log.info("%d delivery(ies) not acked in time: %d handed to other consumers, %d moved to the "
+                         "dead-letter queue (delivered max_deliveries times)", len(expired), len(expired) - dead, dead)
         finally:
             self._arm_ack_timer()
+
+    # -- administration -----------------------------------------------------------------------------------
+
+    def _existing(self, name: str) -> Queue:
+        """An existing queue (opened if it is stored or declared); UnknownQueue if there is none."""
+        queue = self._queues.get(name)
+        if queue is not None:
+            return queue
+        if not self.known(name):
+            raise UnknownQueue(f"no queue named {name!r}")
+        try:
+            return self.queue(name)
+        except QueueUndefined:
+            raise UnknownQueue(f"no queue named {name!r} in the cluster") from None
+
+    async def purge(self, name: str) -> int:
+        """Remove every ready message of the queue stored on this node (on a cluster: of the partitions it
+        writes; a follower's replicas have none ready, and follow their leader's purge). Messages in flight to
+        consumers stay. Done once the removal is durable; returns how many were removed."""
+        queue = self._existing(name)
+        removed = 0
+        for part in queue.partitions:
+            while part.ready:
+                taken = part.take(ADMIN_BATCH)
+                if not taken:
+                    break
+                part.ack([m.offset for m in taken])
+                removed += len(taken)
+                await asyncio.sleep(0)  # (publishers and consumers go on meanwhile)
+        queue.purged += removed
+        await self.store.flush()
+        return removed
+
+    async def redrive(self, name: str, limit: int | None = None) -> int:
+        """Move the ready messages of a dead-letter queue (``<queue>.dlq``) back to its queue, each on the topic it
+        was published on, in order; one is removed from here once its copy is durable there. At most ``limit``
+        (None: all). Returns how many moved. QueueError if the target refuses them (what was not moved stays)."""
+        if not name.endswith(DLQ_SUFFIX):
+            raise QueueError(f"{name!r} is not a dead-letter queue (<queue>{DLQ_SUFFIX}): only those are redriven")
+        dlq = self._existing(name)
+        target = name[:-len(DLQ_SUFFIX)]
+        self._existing(target)
+        moved = 0
+        for part in dlq.partitions:
+            while part.ready and (limit is None or moved < limit):
+                taken = part.take(ADMIN_BATCH if limit is None else min(ADMIN_BATCH, limit - moved))
+                if not taken:
+                    break
+                runs: list[tuple[str, list[bytes]]] = []
+                for message in taken:
+                    key, payload = split_record(message.payload)
+                    topic = QUEUE_PREFIX + target + ("/" + key.decode() if key else "")
+                    if runs and runs[-1][0] == topic:
+                        runs[-1][1].append(payload)
+                    else:
+                        runs.append((topic, [payload]))
+                offsets = [m.offset for m in taken]
+                try:
+                    await _all_of(self._loop, [self.publish_many(topic, payloads) for topic, payloads in runs])
+                except ShoalError as exc:
+                    part.nack(offsets, counted=False)
+                    raise QueueError(f"redrive of {name} stopped after {moved} message(s): {exc}") from None
+                except BaseException:
+                    part.nack(offsets, counted=False)
+                    raise
+                part.ack(offsets)
+                moved += len(taken)
+        dlq.redriven += moved
+        await self.store.flush()
+        return moved
+
+    async def delete(self, name: str) -> int:
+        """Delete the queue here: its messages (ready or not), its partitions and its definition in the data
+        directory. QueueError if it has consumers on this node (they must unsubscribe first). Returns how many
+        messages went with it. (On a cluster the caller removes its etcd definition first.)"""
+        queue = self._existing(name)
+        local = [s for s in queue.consumers if not getattr(s.consumer, "remote", False)]
+        if local:
+            raise QueueInUse(f"queue {name!r} has {len(local)} consumer(s) on this node: they must unsubscribe "
+                             "before it is deleted")
+        for state in list(queue.consumers):  # other nodes' route streams: they learn of it from the definition
+            self.unsubscribe(state.consumer, name)
+        removed = 0
+        for _ in range(100):  # publishes may keep arriving: remove what came meanwhile too
+            removed += await self.purge(name)
+            if all(p.depth == 0 for p in queue.partitions):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise QueueInUse(f"queue {name!r} still holds messages being written or delivered; try again")
+        queue.purged -= removed  # (counted as deleted, not purged)
+        del self._queues[name]
+        self._dispatch_scheduled.discard(queue)
+        for part in queue.partitions:
+            self._by_pid.pop(part.pid, None)
+        self._topics.clear()
+        self.store.drop_queue(name)
+        await self.store.flush()
+        return removed
 
     def close(self) -> None:
         if self._ack_timer is not None:

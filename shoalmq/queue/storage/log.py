@@ -63,6 +63,7 @@ from shoalmq._native import ring as native_ring  # the implementation RingBuffer
 from shoalmq.errors import PayloadTooLarge, QueueFull, ShoalError, StorageError
 from shoalmq.queue.storage import keys as K
 from shoalmq.queue.storage.backend import Backend, Delete, Put
+from shoalmq.stats import COMMIT_MESSAGES_BOUNDS, COMMIT_SECONDS_BOUNDS, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,8 @@ class PartitionLog:
         self.last_offset = next_offset - 1
         #: Messages dropped because their TTL passed before delivery.
         self.expired = 0
+        #: Messages appended by ``enqueue`` and ``enqueue_many`` (publishes, forwarded ones included; not moves).
+        self.published = 0
 
     def set_limits(self, limits: Limits) -> None:
         """Apply the queue's limits (from now on: messages already stored stay)."""
@@ -341,6 +344,7 @@ class PartitionLog:
         self.last_offset = self._next_offset
         self._next_offset += 1
         self._depth += 1
+        self.published += 1
         store._pending_count += 1
         if not store._commit_requested:
             store._request_commit()
@@ -367,6 +371,7 @@ class PartitionLog:
         self._next_offset += count
         self.last_offset = self._next_offset - 1
         self._depth += count
+        self.published += count
         return store._appended(count)
 
     def check_room(self, count: int) -> None:
@@ -1184,6 +1189,11 @@ class Store:
         #: Writes outside the partition logs (``stage``), the last one per key: a value, or None to delete.
         self._staged: dict[tuple[str, bytes], bytes | None] = {}
         self.commits = 0
+        #: Seconds each successful commit's write took, and the messages it wrote (``/metrics``).
+        self.commit_seconds = Histogram(COMMIT_SECONDS_BOUNDS)
+        self.commit_messages = Histogram(COMMIT_MESSAGES_BOUNDS)
+        #: Commits that failed.
+        self.commit_failures = 0
         self._recovered: dict[tuple[str, int], tuple[int, int, int, list[tuple[int, int]], list[_Segment]]] = {}
         self._recover()
 
@@ -1227,6 +1237,34 @@ class Store:
         self._pending_definitions.append((name, definition))
         if not self._commit_requested and self._timer is None:
             self._timer = self._loop.call_later(self.flush_interval, self._commit_now)
+
+    def drop_queue(self, name: str) -> None:
+        """Forget a queue whose partitions hold no message (``depth`` 0, nothing pending: purge them and wait for
+        the commit first): its partitions and its definition are deleted with the next commit. A later
+        ``partition`` of the same name starts a new, empty log. ValueError if a partition still holds messages."""
+        parts = [part for (queue, _), part in self._partitions.items() if queue == name]
+        busy = [part.index for part in parts if part.depth or part._pending or part._pending_runs]
+        if busy:
+            raise ValueError(f"queue {name!r} still holds messages in partition(s) {busy}")
+        for part in parts:
+            del self._partitions[(name, part.index)]
+            self._dirty_partitions.discard(part)
+            for first in part._segment_starts:  # (fully acked segments whose deletion is still to be written)
+                key = K.segment_key(part.pid, first)
+                self.stage(K.SEGMENTS, key, None)
+                self.stage(K.STATES, key, None)
+            part.ring.clear()
+            self.stage(K.PARTITIONS, K.partition_key(name, part.index), None)
+        for key in [key for key in self._recovered if key[0] == name]:  # stored, never opened: must be empty
+            pid, _, _, _, segments = self._recovered.pop(key)
+            for segment in segments:
+                seg_key = K.segment_key(pid, segment.first)
+                self.stage(K.SEGMENTS, seg_key, None)
+                self.stage(K.STATES, seg_key, None)
+            self.stage(K.PARTITIONS, K.partition_key(*key), None)
+        if self._queue_definitions.pop(name, None) is not None:
+            self._pending_definitions = [(n, d) for n, d in self._pending_definitions if n != name]
+            self.stage(K.QUEUES, name.encode(), None)
 
     def stage(self, db: str, key: bytes, value: bytes | None) -> None:
         """Write ``value`` under ``key`` in ``db`` (None: delete the key) with the next commit, which is asked for
@@ -1377,6 +1415,7 @@ class Store:
         self._committing = True
         self._running = commit
         error: StorageError | None = None
+        started = time.perf_counter()
         try:
             self.backend.commit(puts, deletes)
         except StorageError as exc:
@@ -1384,6 +1423,7 @@ class Store:
         except Exception as exc:  # never leave _committing set: no commit would ever run again
             log.exception("unexpected error in a commit")
             error = StorageError(f"commit failed: {exc!r}")
+        commit.seconds = time.perf_counter() - started
         # Resolved on the next loop iteration, so that callbacks never run inside an enqueue or flush call.
         self._loop.call_soon(self._commit_done, commit, error)
 
@@ -1476,6 +1516,8 @@ class Store:
         self._running = None
         if error is None:
             self.commits += 1
+            self.commit_seconds.observe(commit.seconds)
+            self.commit_messages.observe(commit.count)
             if self.failure is not None:
                 log.warning("partition log writable again")
                 self.failure = None
@@ -1521,6 +1563,7 @@ class Store:
                 log.exception("on_durable failed")
 
     def _commit_failed(self, commit: _Commit, error: BaseException) -> None:
+        self.commit_failures += 1
         if not isinstance(error, StorageError):
             error = StorageError(f"commit failed: {error!r}")
         if self.sync == "async":
@@ -1636,3 +1679,5 @@ class _Commit:
     staged: dict[tuple[str, bytes], bytes | None] = field(default_factory=dict)
     #: Per partition: the segment keys (first offsets) a truncation left it to delete or rewrite.
     truncations: list[tuple[PartitionLog, set[int]]] = field(default_factory=list)
+    #: Seconds the backend's write took.
+    seconds: float = 0.0
