@@ -98,6 +98,7 @@ def test_dispatch_takes_only_from_owned_partitions_and_other_nodes_get_only_thos
         class RemoteMessageLike:
             def __init__(self, offset: int) -> None:
                 self.offset, self.payload, self.deliveries, self.last_holder = offset, b"\x00\x00r", 1, None
+                self.returned = False
 
         class Remote(FakeConsumer):
             remote = True

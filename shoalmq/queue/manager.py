@@ -780,26 +780,30 @@ class QueueManager:
         """The consumers acknowledged these deliveries: remove the messages. Returns how many were still theirs."""
         done = 0
         consumers = self._consumers
-        by_part: dict[Any, tuple[Queue, list[int]]] = {}
+        # (partition, whether the acks are a local consumer's) -> the partition's queue and the offsets acked
+        by_part: dict[tuple[Any, bool], tuple[Queue, list[int]]] = {}
         consumer: Any = None
+        local = True
         inflight: dict[Delivery, None] = {}
         freed: list[_ConsumerState] = []
         for delivery in deliveries:
             if delivery.consumer is not consumer:  # a batch usually comes from one consumer: look it up once
                 consumer = delivery.consumer
+                local = not getattr(consumer, "remote", False)
                 state = consumers.get(id(consumer))
                 inflight = state.inflight if state is not None else {}
                 if state is not None and (not freed or freed[-1] is not state):
                     freed.append(state)
             if inflight.pop(delivery, 0) is not None:
                 continue  # requeued meanwhile (timeout, unsubscribe): the ack is too late to count
-            entry = by_part.get(delivery.partition)
+            entry = by_part.get((delivery.partition, local))
             if entry is None:
-                entry = by_part[delivery.partition] = (delivery.queue, [])
+                entry = by_part[delivery.partition, local] = (delivery.queue, [])
             entry[1].append(delivery.message.offset)
-        for part, (queue, offsets) in by_part.items():
+        for (part, local), (queue, offsets) in by_part.items():
             acked = part.ack(offsets)
-            queue.acked += acked
+            if local:  # (a route stream's acks are its node's consumers', counted there)
+                queue.acked += acked
             done += acked
         # The room freed in a consumer's window is for any of its queues (a window is shared by them): each is
         # dispatched, the one served longest ago first.
@@ -854,7 +858,10 @@ class QueueManager:
         if not taken:
             return
         queue.last_served = self._dispatch_round
-        queue.delivered += len(taken)
+        # (Deliveries to another node's route stream are counted by that node, when its consumers get them.)
+        local = not getattr(consumers[0].consumer, "remote", False)
+        if local:
+            queue.delivered += len(taken)
         redelivered = 0
         deadline = time.monotonic() + queue.config.ack_timeout
         if len(consumers) == 1:
@@ -916,7 +923,8 @@ class QueueManager:
                 state.inflight[delivery] = None
                 batches.setdefault(id(state), (state, []))[1].append(delivery)
             queue._next_consumer = pos
-        queue.redelivered += redelivered
+        if local:
+            queue.redelivered += redelivered
         for state, deliveries in batches.values():
             if queue.name in state.at_most_once:
                 # At most once: removed as it is sent.
