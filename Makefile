@@ -3,9 +3,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Debian packages the tests drive: etcd (server and etcdctl), the mosquitto command-line clients, and the
-# mosquitto broker (the reference the load tool is checked and compared against).
-DEB_PACKAGES := etcd-server etcd-client mosquitto-clients mosquitto iproute2
+# Debian packages the tests drive: etcd (server and etcdctl), the mosquitto command-line clients, the
+# mosquitto broker (the reference the load tool is checked and compared against), and chromium with its
+# WebDriver (the dashboard's browser test).
+DEB_PACKAGES := etcd-server etcd-client mosquitto-clients mosquitto iproute2 chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -45,7 +46,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 system-deps:
 	@if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v mosquitto_pub >/dev/null \
 			|| ! command -v mosquitto >/dev/null || ! command -v mosquitto_passwd >/dev/null \
-			|| ! command -v ip >/dev/null; then \
+			|| ! command -v ip >/dev/null || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		echo "installing $(DEB_PACKAGES) with apt-get"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); \

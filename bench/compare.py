@@ -8,6 +8,11 @@ free port, persistence on, ``max_queued_messages 0`` so that it drops nothing it
 ``--ordinary`` compares an ordinary topic instead: publishers and consumers on ``bench/load`` on both brokers, every
 consumer getting every message (the load tool's ``--fan-out``); ``--consumers`` and ``--qos`` set those of each run
 (``--ordinary --clients 1 --consumers 10 --qos 0``: a QoS 0 fan-out to ten).
+
+``--metrics`` compares ShoalMQ with itself instead: metrics off (``--http-listen none --sys-interval 0``: no HTTP
+server, no ``$SYS`` topics; the counters themselves are always kept) against metrics on (the HTTP server, ``$SYS``
+every second, and ``/metrics`` scraped every second through the run, ten times Prometheus's usual rate), alternating
+round by round.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,20 +68,55 @@ def load(port: int, pid: int, topic: str, sub_topic: str, messages: int, size: i
     return json.loads(out.read_text())
 
 
-def run_shoalmq(work: Path, messages: int, size: int, clients: int, ordinary: bool = False) -> dict:
+class Scraper(threading.Thread):
+    """GETs ``/metrics`` every ``interval`` s until stopped; keeps each scrape's duration."""
+
+    def __init__(self, url: str, interval: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.url, self.interval = url, interval
+        self.durations: list[float] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            start = time.perf_counter()
+            with urllib.request.urlopen(self.url, timeout=30) as response:
+                response.read()
+            self.durations.append(time.perf_counter() - start)
+
+
+def run_shoalmq(work: Path, messages: int, size: int, clients: int, ordinary: bool = False,
+                metrics: bool | None = None) -> dict:
+    """One run; ``metrics`` None: as shipped (HTTP on a free port, unscraped), False: off, True: on and scraped."""
     port = free_port()
     data = work / f"shoal-{port}"
     # No limit on a client's queue of ordinary messages, as mosquitto's max_queued_messages 0 below.
     listen = (["--listen", "none", "--tls-listen", f"127.0.0.1:{port}", "--certfile", str(TLS["cert"]),
                "--keyfile", str(TLS["key"])] if TLS else ["--listen", f"127.0.0.1:{port}"])
+    http_port = free_port()
+    if metrics is False:
+        listen += ["--http-listen", "none", "--sys-interval", "0"]
+    else:
+        listen += ["--http-listen", f"127.0.0.1:{http_port}"] + (["--sys-interval", "1"] if metrics else [])
     broker = subprocess.Popen([str(BIN / "broker"), *listen, "--data-dir", str(data),
                                "--log-level", "warning", "--max-queued-messages", "0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scraper = Scraper(f"http://127.0.0.1:{http_port}/metrics") if metrics else None
     try:
         wait_listening(port, broker)
+        if scraper is not None:
+            wait_listening(http_port, broker)
+            scraper.start()
         topic = "bench/load" if ordinary else "$queue/load"
-        return load(port, broker.pid, topic, topic, messages, size, clients, work / "r.json")
+        result = load(port, broker.pid, topic, topic, messages, size, clients, work / "r.json")
+        if scraper is not None:
+            scraper.stopping.set()
+            scraper.join(30)
+            result["scrapes"] = scraper.durations
+        return result
     finally:
+        if scraper is not None:
+            scraper.stopping.set()
         broker.terminate()
         broker.wait(30)
         shutil.rmtree(data, ignore_errors=True)
@@ -112,6 +154,8 @@ def main() -> int:
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1)
     parser.add_argument("--tls", action="store_true", help="both brokers on TLS only (a certificate made for the "
                         "run), the load tool over TLS")
+    parser.add_argument("--metrics", action="store_true", help="ShoalMQ with metrics off against metrics on "
+                        "(scraped every second), instead of against mosquitto")
     args = parser.parse_args()
     if args.consumers is not None:
         LOAD_FLAGS.extend(["--consumers", str(args.consumers)])  # (the later flag wins)
@@ -132,11 +176,17 @@ def main() -> int:
             LOAD_FLAGS.extend(["--cafile", str(authority.path)])
         for size in sizes:
             for n in clients:
-                shoal, mosq = [], []
+                shoal, other = [], []
                 for _ in range(args.rounds):
-                    shoal.append(run_shoalmq(work, args.messages, size, n, args.ordinary))
-                    mosq.append(run_mosquitto(work, args.messages, size, n, args.ordinary))
-                rows.append((n, size, shoal, mosq))
+                    if args.metrics:
+                        other.append(run_shoalmq(work, args.messages, size, n, args.ordinary, metrics=False))
+                        shoal.append(run_shoalmq(work, args.messages, size, n, args.ordinary, metrics=True))
+                    else:
+                        shoal.append(run_shoalmq(work, args.messages, size, n, args.ordinary))
+                        other.append(run_mosquitto(work, args.messages, size, n, args.ordinary))
+                rows.append((n, size, shoal, other))
+    if args.metrics:
+        return print_metrics(args, rows)
     med = statistics.median
     what = "an ordinary topic" if args.ordinary else "ShoalMQ fsync'd $queue/ vs mosquitto's shared subscription"
     what += ", over TLS" if args.tls else ""
@@ -156,6 +206,28 @@ def main() -> int:
               f"{m(shoal, 'latency_p99_ms'):.1f} | {s_cpu:.2f} | {q_rate:,.0f} | {m(mosq, 'latency_p50_ms'):.1f}/"
               f"{m(mosq, 'latency_p99_ms'):.1f} | {q_cpu:.2f} | {s_rate / q_rate:.2f}x | {s_cpu / q_cpu:.2f}x | "
               f"{lost[0]}/{lost[1]}, {lost[2]}/{lost[3]} |")
+    return 0
+
+
+def print_metrics(args: argparse.Namespace, rows: list) -> int:
+    med = statistics.median
+    what = "an ordinary topic" if args.ordinary else "$queue/"
+    print(f"{args.messages} QoS {args.qos} messages per run, {args.rounds} rounds, medians; ShoalMQ {what}, "
+          "metrics off (no HTTP, no $SYS) vs on (/metrics scraped every 1 s, $SYS every 1 s)")
+    print("| pub/con | size | off msgs/s | off CPU s/100K | on msgs/s | on CPU s/100K | throughput on/off "
+          "| CPU on/off | scrapes, median ms | lost/dup (off, on) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n, size, on, off in rows:
+        def m(runs: list[dict], key: str) -> float:
+            return med(r[key] for r in runs)
+        on_rate, off_rate = m(on, "delivered_per_s"), m(off, "delivered_per_s")
+        on_cpu, off_cpu = m(on, "broker_cpu_per_100k"), m(off, "broker_cpu_per_100k")
+        scrapes = [d for r in on for d in r["scrapes"]]
+        lost = (sum(r["lost"] for r in off), sum(r["duplicates"] for r in off),
+                sum(r["lost"] for r in on), sum(r["duplicates"] for r in on))
+        print(f"| {n}/{args.consumers or n} | {size} B | {off_rate:,.0f} | {off_cpu:.2f} | {on_rate:,.0f} | "
+              f"{on_cpu:.2f} | {on_rate / off_rate:.3f}x | {on_cpu / off_cpu:.3f}x | {len(scrapes)}, "
+              f"{med(scrapes) * 1000 if scrapes else 0:.1f} | {lost[0]}/{lost[1]}, {lost[2]}/{lost[3]} |")
     return 0
 
 

@@ -25,8 +25,9 @@ from tests.support import BrokerProcess, EtcdProcess, MqttClient
 #: configuration): they run on their own, anywhere the package is installed.
 UNIT_MODULES = {"test_assignment", "test_cluster_units", "test_config", "test_frames", "test_layout", "test_link",
                 "test_mqtt_codec", "test_native", "test_queue_manager", "test_replica_storage", "test_replication_units",
-                "test_ring", "test_sessions", "test_storage", "test_topic_tree"}
-TOOLS = ("etcd", "etcdctl", "mosquitto_pub", "mosquitto_sub", "mosquitto", "mosquitto_passwd", "stdbuf")
+                "test_ring", "test_sessions", "test_storage", "test_topic_tree", "test_ops_units"}
+TOOLS = ("etcd", "etcdctl", "mosquitto_pub", "mosquitto_sub", "mosquitto", "mosquitto_passwd", "stdbuf", "chromium",
+         "chromedriver")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -119,6 +119,11 @@ class FakeMembership:
         self.on_lease_lost: list[Any] = []
         self.on_lease_regained: list[Any] = []
 
+    draining = False
+
+    def serving(self) -> list[str]:
+        return sorted(self.nodes)
+
     def lease_valid(self) -> bool:
         return True
 

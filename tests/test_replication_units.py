@@ -89,6 +89,11 @@ class Membership:
     def nodes(self) -> dict[str, dict[str, Any]]:
         return {n: {"grpc": n} for n in self.world.live}
 
+    draining = False
+
+    def serving(self) -> list[str]:
+        return sorted(self.nodes)
+
     def lease_valid(self) -> bool:
         return True
 
