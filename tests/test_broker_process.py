@@ -56,9 +56,11 @@ def test_sigterm_stops_cleanly_and_sigkill_leaves_the_data_dir_reusable(broker_f
     assert first.stop() == 0
     assert "stopped" in first.log
     assert mqtt_connack(first.host, first.port, timeout=0.5) is None
+    assert not (first.data_dir / "LOCK").exists()  # a clean stop leaves no lock file behind
 
     first.start()
     assert first.kill() == -signal.SIGKILL
+    assert (first.data_dir / "LOCK").exists()
     first.start()  # the lock died with the process: the same data dir starts again
     assert first.running
 

@@ -8,6 +8,7 @@ import time
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,6 +118,38 @@ def test_cluster_status_prints_nodes_owners_and_depths(cluster: Cluster, etcd: E
     as_json = subprocess.run([str(BIN_DIR / "broker"), "cluster", "status", "--etcd", etcd.url, "--json"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
     assert sum(p["messages"] for p in json.loads(as_json)["partitions"].values()) == 60
+
+
+def test_cluster_status_shows_the_messages_waiting_on_a_dead_node(cluster: Cluster, etcd: EtcdProcess,
+                                                                  mqtt_client: Callable[..., MqttClient]) -> None:
+    """A SIGKILLed node's messages (one replica: nobody else has them) stay visible until it is back."""
+    from shoalmq._native import partition_of
+
+    cluster.add("n1")
+    cluster.add("n2")
+    owners = cluster.wait_settled("orders", 6)
+    keys = [f"k{i}" for i in range(200) if owners[partition_of(f"k{i}".encode(), 6)] == "n2"][:12]
+    publisher = mqtt_client(cluster.nodes["n1"].port)
+    for key in keys:
+        publisher.publish(f"$queue/orders/{key}", b"x")
+
+    def status(json_out: bool = True) -> Any:
+        result = subprocess.run([str(BIN_DIR / "broker"), "cluster", "status", "--etcd", etcd.url,
+                                 *(["--json"] if json_out else [])], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout) if json_out else result.stdout
+
+    wait_until(lambda: sum(p["messages"] or 0 for p in status()["partitions"].values()) == 12, 20,
+               "the 12 messages reported")
+    assert status()["down"] == {}
+    cluster.nodes["n2"].kill()
+    down = wait_until(lambda: status()["down"].get("n2"), 20, "n2 shown as down")
+    assert sum(sum(parts.values()) for parts in down["messages"].values()) == 12 and down["stopped"] is None
+    text = status(json_out=False)
+    assert "node n2 is not live (its last report: " in text and "holds 12 message(s) no live node has" in text
+    assert any(line.split()[:1] == ["orders"] and line.split()[-1] == "12" for line in text.splitlines()), text
+    cluster.add("n2")  # back: its messages go where they belong, and nothing waits on a dead node
+    wait_until(lambda: status()["down"] == {}, 30, "n2 no longer down")
 
 
 def test_cluster_status_of_a_cluster_etcd_does_not_know_is_an_error(etcd: EtcdProcess) -> None:

@@ -1,15 +1,21 @@
 """Unit tests of what operations build on: the counters, purge, redrive and delete in the queue manager on the
-in-memory store, the store's ``drop_queue``, the histogram, and the log's repeat limiter."""
+in-memory store, the store's ``drop_queue``, the histogram, the log's repeat limiter and progress lines, and the data
+directory's lock."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shoalmq.logs import RepeatLimiter
+from shoalmq.datadir import DataDir
+from shoalmq.errors import StartupError
+from shoalmq.logs import Progress, RepeatLimiter
 from shoalmq.queue.config import QueueConfig
 from shoalmq.queue.manager import QueueError, QueueInUse, UnknownQueue
 from shoalmq.queue.storage import MemoryBackend, Store
@@ -166,3 +172,53 @@ def test_repeat_limiter_logs_once_per_key_and_interval_with_a_count(caplog: pyte
         assert limiter.log(("c1", "1.2.3.4"), "refused %s", "c1")
     assert [r.getMessage() for r in caplog.records] == [
         "refused c1", "refused c2", "refused c1 (and 4 more like it in the last 61 s)"]
+
+
+def test_progress_logs_nothing_for_a_short_task_then_at_most_once_per_interval(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("shoalmq.logs.time.monotonic", lambda: now[0])
+    log = logging.getLogger("test.progress")
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        progress = Progress(log, "recovering", 1000, "partitions", interval=3.0)
+        progress.step(10)
+        now[0] += 2.9
+        progress.step(20)
+        assert caplog.messages == [] and not progress.logged
+        now[0] += 0.2
+        progress.step(500, ", 7 messages")
+        now[0] += 1.0
+        progress.step(600)
+    assert caplog.messages == ["recovering: 500 of 1,000 partitions (50%) after 3.1 s, 7 messages"]
+    assert progress.logged
+
+
+def test_a_data_dir_is_locked_once_and_its_lock_file_goes_with_a_clean_close(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "data"
+    first = DataDir.open(path)
+    with pytest.raises(StartupError, match="is in use by process"):
+        DataDir.open(path)
+    # A broker that opened the file just before the holder removed it, and locks it after: it must not take a lock
+    # on a file that is no longer the directory's (a third broker would lock the new one: two holders).
+    real_lock = DataDir._lock
+    calls = []
+
+    def lock_as_the_holder_leaves(cls: type, where: Path) -> int:
+        fd = real_lock(where) if calls else os.open(where / "LOCK", os.O_RDWR)
+        if not calls:
+            first.close()
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (the old, now nameless, file)
+        calls.append(fd)
+        return fd
+
+    monkeypatch.setattr(DataDir, "_lock", classmethod(lock_as_the_holder_leaves))
+    second = DataDir.open(path)
+    assert len(calls) == 2  # it noticed and locked the file at the path
+    assert os.fstat(second._lock_fd).st_ino == os.stat(path / "LOCK").st_ino
+    monkeypatch.setattr(DataDir, "_lock", real_lock)
+    with pytest.raises(StartupError, match="is in use"):
+        DataDir.open(path)
+    second.close()
+    assert not (path / "LOCK").exists()
+    DataDir.open(path).close()

@@ -11,6 +11,7 @@ followers, commit, failover), ``handoff`` (moving messages between nodes),
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from shoalmq.cluster.assignment import PartitionAssigner
@@ -23,10 +24,13 @@ from shoalmq.cluster.ownership import Ownership
 from shoalmq.cluster.replication import Replicator
 from shoalmq.cluster.routing import Router
 from shoalmq.cluster.view import ClusterView
+from shoalmq.errors import ShoalError
 from shoalmq.queue.config import QueueConfig
 
 if TYPE_CHECKING:
     from shoalmq.queue.manager import QueueManager
+
+log = logging.getLogger(__name__)
 
 
 class Coordinator:
@@ -80,6 +84,11 @@ class Coordinator:
     async def leave(self, timeout: float = 30.0) -> None:
         await self.replicator.leave()
         await self.ownership.leave(timeout)
+        try:
+            await asyncio.wait_for(self.load.final(), 2.0)
+        except (ShoalError, asyncio.TimeoutError) as exc:
+            log.warning("the last load report was not written (broker cluster status may show an older one): %s",
+                        exc or "etcd did not answer within 2 s")
 
     def _nodes_changed(self, nodes: dict[str, dict[str, Any]]) -> None:
         self.forwarder.nodes_changed(nodes)

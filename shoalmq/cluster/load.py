@@ -1,7 +1,11 @@
-"""The load report: what each node holds, in ``/<cluster>/load/<node>`` (on its lease), for ``broker cluster
-status``: the depth of every partition it owns (or leads), of those it stores without owning them (messages on their
-way to the owner, or waiting on a node that came back; not the replicas it follows), and the gRPC stream messages
-it sent (``stats``)."""
+"""The load report: what each node holds, in ``/<cluster>/load/<node>``, for ``broker cluster status``: the depth of
+every partition it owns (or leads), of those it stores without owning them (messages on their way to the owner, or
+waiting on a node that came back; not the replicas it follows), and the gRPC stream messages it sent (``stats``).
+
+The key is not on the node's lease: when the node dies (or stops with messages left on its disk) its last report
+stays, so that ``broker cluster status`` can say which messages wait on a node that is down (those of partitions
+with one replica: nobody else has them). A node that leaves writes a last report of what it still stores; its next
+start overwrites it."""
 
 from __future__ import annotations
 
@@ -30,7 +34,6 @@ class LoadReport:
         self.key = f"/{view.cluster}/load/{view.node_id}".encode()
         self._next = 0.0
         self._last: dict[str, Any] | None = None
-        self._last_lease = 0
 
     def load(self) -> dict[str, Any]:
         """Per queue, the depth of each partition this node owns, and of each it stores but does not own."""
@@ -52,8 +55,18 @@ class LoadReport:
             return
         self._next = now + LOAD_INTERVAL
         load = self.load()
-        if load == self._last and self._last_lease == self.membership.lease:
+        if load == self._last:
             return
+        await self._write(load)
+
+    async def final(self) -> None:
+        """The report of a node that is leaving: what stays on its disk (every partition it stores is "not owned"
+        by now). Best effort: etcd may be out of reach as the node stops."""
+        load = self.load()
+        load["stopped"] = int(time.time())
+        await self._write(load)
+
+    async def _write(self, load: dict[str, Any]) -> None:
         value = json.dumps({**load, "updated": int(time.time())}, sort_keys=True).encode()
-        await self.etcd.call(self.etcd.put_sync, self.key, value, self.membership.lease)
-        self._last, self._last_lease = load, self.membership.lease
+        await self.etcd.call(self.etcd.put_sync, self.key, value)
+        self._last = load

@@ -71,6 +71,10 @@ class Ownership:
         self._task: asyncio.Task[None] | None = None
         #: Partitions claimed but whose key the watch may not have shown yet.
         self._claimed_recently: set[Partition] = set()
+        #: Each partition's owner as last seen, and the owner of each whose key went away since (for the log line
+        #: of a claim: why the partition was free).
+        self._seen_owners: dict[Partition, str] = {}
+        self._former: dict[Partition, str] = {}
 
     # -- the answers ------------------------------------------------------------------------------------------
 
@@ -146,6 +150,13 @@ class Ownership:
     def _owners_updated(self) -> None:
         # A key of ours that is gone (or now someone else's) is no longer ours, whatever we thought.
         owners, mine, records = self.view.owners, self.view.mine, self.view.records
+        seen = self._seen_owners
+        for part in [p for p in seen if p not in owners]:
+            self._former[part] = seen.pop(part)
+        for part, owner in owners.items():
+            if seen.get(part) != owner.node:
+                seen[part] = owner.node
+                self._former.pop(part, None)
         lost = [p for p, epoch in mine.items() if p not in records
                 and ((o := owners.get(p)) is None or o.node != self.node_id or o.epoch != epoch)]
         gone = False
@@ -154,7 +165,10 @@ class Ownership:
                 continue  # our own claim, not yet seen by the watch
             del mine[part]
             gone = True
-            log.info("partition %s/%d is no longer owned here", *part)
+            now = owners.get(part)
+            log.info("partition %s/%d is no longer owned here: %s", *part,
+                     f"node {now.node} owns it now" if now is not None and now.node != self.node_id else
+                     "its key is gone (handed over, or our lease ended)")
         if gone:
             self._changed()
         self.wake()
@@ -236,7 +250,10 @@ class Ownership:
         stats.COUNTERS.leader_changes += 1
         self.manager.set_epoch(*part, revision)  # stored with the partition (its leader epoch, for replication)
         self._changed()  # deliver from it at once; publishes that waited for it go first
-        log.info("partition %s/%d owned here from epoch %d", part[0], part[1], revision)
+        former = self._former.pop(part, None)
+        why = ("it had no owner" if former is None else f"handed over by node {former}"
+               if former in self.membership.nodes else f"node {former} is gone (it left, or its lease expired)")
+        log.info("partition %s/%d owned here from epoch %d: %s", part[0], part[1], revision, why)
         # Write the epoch into the readable value too (the key's create revision stays the authority).
         readable = json.dumps({"owner": self.node_id, "epoch": revision}).encode()
         await self.etcd.call(self.etcd.put_if_created_at_sync, key, readable, lease, revision)

@@ -54,6 +54,7 @@ from shoalmq.cluster import stats
 from shoalmq.cluster.replication_record import Record, parse_record
 from shoalmq.cluster.transport import PeerGone, PeerStream, open_channel
 from shoalmq.errors import NotOwner, ShoalError, StaleEpoch
+from shoalmq.logs import Progress
 from shoalmq.proto import broker_pb2, broker_pb2_grpc
 from shoalmq.queue.config import QueueConfig
 
@@ -82,6 +83,8 @@ TICK = 0.05
 #: Bytes of recent commits a leader keeps in memory per partition for its followers (older ones are read from
 #: disk).
 BUFFER_BYTES = 8 << 20
+#: A follower at least this many offsets behind its leader's commit logs its progress until it has caught up.
+CATCH_UP_BEHIND = 10_000
 #: Most messages and bytes of one partition read from disk for a follower catching up, per message sent.
 CATCHUP_MESSAGES = 4096
 CATCHUP_BYTES = 4 << 20
@@ -436,6 +439,8 @@ class Follower:
         self.started = replicator.clock()
         #: Acks of messages not yet durable here (applied after the next commit).
         self.deferred_acks: list[int] = []
+        #: While at least CATCH_UP_BEHIND messages behind the leader's commit: progress logged every few seconds.
+        self._catching_up: tuple[Progress, int] | None = None
 
     def state(self, subscribe: bool = False) -> broker_pb2.FollowerState:
         part = self.part
@@ -506,7 +511,27 @@ class Follower:
             self.deferred_acks.extend(part.ack_stored(data.acks))
         if data.commit_offset > self.leader_commit:
             self.leader_commit = data.commit_offset
+        behind = self.leader_commit - part.next_offset
+        if behind >= CATCH_UP_BEHIND or self._catching_up is not None:
+            self._progress(behind)
         self._mark_synced()
+
+    def _progress(self, behind: int) -> None:
+        """Say how far a follower far behind has come (at most every few seconds), and when it has caught up."""
+        part = self.part
+        if self._catching_up is None:
+            what = f"partition {self.key[0]}/{self.key[1]}: catching up from leader {self.leader}"
+            self._catching_up = (Progress(log, what, behind, "offsets"), part.next_offset)
+            return
+        progress, start = self._catching_up
+        if behind > 0:
+            progress.total = max(progress.total, part.next_offset - start + behind)
+            progress.step(part.next_offset - start, f", at offset {part.next_offset:,} of {self.leader_commit:,}")
+            return
+        if progress.logged:
+            log.info("partition %s/%d: caught up with leader %s: %s offsets copied in %.1f s", *self.key,
+                     self.leader, f"{part.next_offset - start:,}", time.monotonic() - progress.started)
+        self._catching_up = None
 
     def _truncate(self, data: PartitionData) -> None:
         """Cut the log where it parts from the leader's history (invariant 5), adopt the history, report."""

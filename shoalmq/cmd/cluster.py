@@ -1,7 +1,8 @@
 """``broker cluster status``: what etcd says about a cluster, as tables (or JSON).
 
 It reads the same keys ``etcdctl get --prefix /<cluster>/`` shows: the live nodes, the queues, each partition's
-owner and epoch, and the depth each node last reported for the partitions it holds (every 2 s, when changed).
+owner and epoch, and the depth each node last reported for the partitions it holds (every 2 s, when changed). A node
+that is down keeps its last report: the messages only its disk has are shown as waiting on it.
 """
 
 from __future__ import annotations
@@ -87,9 +88,33 @@ def read_status(etcd: Any, cluster: str) -> dict[str, Any]:
         queue, _, index = name.rpartition("/")
         load = loads.get(entry["owner"] or "", {}).get("owned", {})
         entry["messages"] = load.get(queue, {}).get(index)
-    stored = {node: load.get("stored_not_owned", {}) for node, load in loads.items() if load.get("stored_not_owned")}
+    stored = {node: load.get("stored_not_owned", {}) for node, load in loads.items()
+              if load.get("stored_not_owned") and node in nodes}
     return {"cluster": cluster, "revision": revision, "nodes": nodes, "queues": queues, "partitions": partitions,
-            "stored_not_owned": stored}
+            "stored_not_owned": stored, "down": _down(nodes, partitions, loads)}
+
+
+def _down(nodes: dict[str, Any], partitions: dict[str, Any], loads: dict[str, Any]) -> dict[str, Any]:
+    """The messages that wait on nodes that are not live, by their last load report (it outlives the node): those
+    of the partitions they owned with one replica (a replicated partition's followers have its messages) and those
+    they stored without owning them."""
+    down: dict[str, Any] = {}
+    for node, load in loads.items():
+        if node in nodes:
+            continue
+        waiting: dict[str, dict[str, int]] = {}
+        for queue, parts in load.get("owned", {}).items():
+            for index, depth in parts.items():
+                if depth and "replicas" not in partitions.get(f"{queue}/{index}", {}):
+                    waiting.setdefault(queue, {})[index] = depth
+        for queue, parts in load.get("stored_not_owned", {}).items():
+            for index, depth in parts.items():
+                if depth:
+                    mine = waiting.setdefault(queue, {})
+                    mine[index] = mine.get(index, 0) + depth
+        if waiting:
+            down[node] = {"messages": waiting, "updated": load.get("updated"), "stopped": load.get("stopped")}
+    return down
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -119,12 +144,15 @@ def render(status: dict[str, Any]) -> str:
         rows.append([node, str(info.get("mqtt", "?")), str(info.get("grpc", "?")), str(info.get("version", "?")),
                      _age(info.get("started")), str(len(owned)), str(depth)])
     out += [_table(rows), ""]
-    rows = [["QUEUE", "PARTITIONS", "OWNED", "MESSAGES"]]
+    down = status.get("down", {})
+    rows = [["QUEUE", "PARTITIONS", "OWNED", "MESSAGES", "ON DOWN NODES"]]
     for queue, settings in sorted(status["queues"].items()):
         count = settings.get("partitions", 0)
         mine = [entry for name, entry in partitions.items() if name.rpartition("/")[0] == queue]
         known = [e["messages"] for e in mine if e["messages"] is not None]
-        rows.append([queue, str(count), f"{len(mine)}/{count}", str(sum(known)) if known else "?"])
+        waiting = sum(sum(d["messages"].get(queue, {}).values()) for d in down.values())
+        rows.append([queue, str(count), f"{len(mine)}/{count}", str(sum(known)) if known else "?",
+                     str(waiting) if waiting else "-"])
     out += [_table(rows), ""]
     rows = [["PARTITION", "LEADER", "EPOCH", "REPLICAS", "IN SYNC", "MESSAGES"]]
     for queue, settings in sorted(status["queues"].items()):
@@ -147,6 +175,14 @@ def render(status: dict[str, Any]) -> str:
             listed = ", ".join(f"{queue}/{p}: {n}" for p, n in sorted(parts.items(), key=lambda i: int(i[0])))
             out.append(f"\nnode {node} also stores messages of partitions it does not own (on their way to the "
                        f"owner): {listed}")
+    for node, entry in sorted(down.items()):
+        total = sum(sum(parts.values()) for parts in entry["messages"].values())
+        listed = ", ".join(f"{queue}/{p}: {n}" for queue, parts in sorted(entry["messages"].items())
+                           for p, n in sorted(parts.items(), key=lambda i: int(i[0])))
+        when = (f"stopped {_age(entry['stopped'])} ago" if entry.get("stopped") else
+                f"not live (its last report: {_age(entry['updated'])} ago)")
+        out.append(f"\nnode {node} is {when} and holds {total} message(s) no live node has, delivered once it is "
+                   f"back: {listed}")
     return "\n".join(out) + "\n"
 
 

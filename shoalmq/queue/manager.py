@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from shoalmq._native import partition_of
 from shoalmq.errors import ConfigError, NotOwner, PayloadTooLarge, QueueError, ShoalError
+from shoalmq.logs import Progress
 from shoalmq.queue.config import DLQ_SUFFIX, NAME_PATTERN, QueueConfig
 from shoalmq.queue.record import encode_record, payload_size, split_record
 from shoalmq.queue.storage import Limits, Message, PartitionLog, Store
@@ -320,8 +321,13 @@ class QueueManager:
         for name in self._declared:
             self.queue(name)
         # Queues stored before (created on first use in an earlier run) come back with their stored settings.
-        for name in store.queue_names():
-            self.queue(name)
+        stored = store.queue_names()
+        progress = Progress(log, "opening the stored queues", len(store.known_partitions()), "partitions")
+        opened = messages = 0
+        for name in stored:
+            queue = self.queue(name)
+            opened, messages = opened + len(queue.partitions), messages + queue.depth
+            progress.step(opened, f", {messages:,} messages")
         self._arm_ack_timer()
 
     # -- queues -----------------------------------------------------------------------------------------
