@@ -73,7 +73,7 @@ def main() -> int:
         work = Path(tmp)
         config = work / "shoalmq.yaml"
         config.write_text(f"queue_defaults:\n  partitions: {args.partitions}\n")
-        broker = BrokerProcess(work, ["--config", str(config), "--log-level", "warning"])
+        broker = BrokerProcess(work, ["--config", str(config), "--log-level", "warning", "--consumer-window", "1"])
         broker.start(timeout=60)
         try:
             keys = keys_per_partition(args.partitions, args.per_partition)
@@ -89,7 +89,6 @@ def main() -> int:
             consumers = []
             for q in range(args.queues):  # one consumer per queue, holding one message (its window: 1 here)
                 consumer = MqttClient(broker.port, f"scrape-con-{q}", manual_ack=True, timeout=60).connect()
-                consumer.client.max_inflight_messages_set(1)
                 consumer.subscribe(f"$queue/q{q}")
                 consumers.append(consumer)
             # Wait until the first scrape shows every message: ready + unacked = published.

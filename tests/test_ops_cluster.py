@@ -169,3 +169,69 @@ def test_purge_redrive_and_drain_under_load_lose_nothing_acknowledged(
         assert "node n2 is draining" in a.log and "node n2 is no longer draining" in a.log
     finally:
         nodes.stop()
+
+
+def test_deleting_a_queue_of_a_cluster_removes_it_everywhere_and_a_node_away_drops_it_when_back(
+        etcd: EtcdProcess, tmp_path: Path, mqtt_client: Callable[..., MqttClient]) -> None:
+    nodes = Cluster(etcd, tmp_path / "cluster")
+    (tmp_path / "cluster" / "cluster.yaml").write_text(
+        "queues:\n  orders: {partitions: 6}\n  jobs: {partitions: 3, replication_factor: 3}\n")
+    try:
+        a, b, c = (nodes.add(n) for n in ("n1", "n2", "n3"))
+        owners = nodes.wait_settled("orders", 6)
+        wait_until(lambda: len(nodes.owners("jobs")) == 3, 30, "the replicated queue led")
+        publisher = mqtt_client(a.port)
+        for i in range(60):
+            publisher.publish(f"$queue/orders/k{i}", f"o{i}".encode())
+        for i in range(30):
+            publisher.publish(f"$queue/jobs/k{i}", f"j{i}".encode())
+        on_n3 = sum(1 for i in range(60) if owners[_partition(f"k{i}", 6)] == "n3")
+        assert 0 < on_n3 < 60
+
+        # Refused while a consumer is subscribed anywhere, and says where.
+        consumer = MqttClient(b.port, client_id="reader", manual_ack=True).connect()
+        consumer.subscribe("$queue/jobs")
+        consumer.expect(30)  # (never acked: they go back when it leaves)
+        status, body, _ = http(f"{c.http}/v1/queues/jobs", method="DELETE")
+        assert status == 409 and "reader on n2" in body["error"], body
+        consumer.client.disconnect()
+        consumer.client.loop_stop()
+        wait_until(lambda: get(f"{c.http}/v1/queues/jobs")["ready"] == 30, 20, "the consumer gone, its messages back")
+
+        # n3 dies holding messages of orders (one replica): the others delete the queue without it.
+        c.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        c.proc.wait()  # type: ignore[union-attr]
+        wait_until(lambda: nodes.live() == {"n1", "n2"}, 20, "n3's lease expired")
+        done = subprocess.run([str(BIN_DIR / "broker"), "queues", "delete", "orders", "--http",
+                               f"127.0.0.1:{a.http_port}"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"deleted queue orders with {60 - on_n3} message(s) on 2 node(s)"
+        assert "orders" not in nodes.keys("queues/") and not any(
+            key.startswith("orders/") for key in nodes.keys("partitions/"))
+        assert "orders" in nodes.keys("deleted/") and nodes.keys("deleting/") == {}
+        assert nodes.keys("dropped/") == {}
+        for node in (a, b):
+            assert http(f"{node.http}/v1/queues/orders")[0] == 404
+            assert "queue orders deleted in the cluster" in node.log
+        assert get(f"{b.http}/v1/queues/jobs")["ready"] == 30  # the other queue untouched
+
+        # The replicated one: each message counted once, not once per copy; its records go too.
+        status, body, _ = http(f"{b.http}/v1/queues/jobs", method="DELETE")
+        assert status == 200 and body["messages"] == 30 and set(body["nodes"]) == {"n1", "n2"}, body
+        assert not any(key.startswith("jobs/") for key in nodes.keys("partitions/"))
+        assert http(f"{b.http}/v1/queues/jobs", method="DELETE")[0] == 404  # and again: nothing to delete
+
+        # n3 comes back: it drops its copy of orders instead of bringing the queue back.
+        c = nodes.add("n3")
+        assert f"queue orders was deleted in the cluster while this node was away: {on_n3} message(s)" in c.log
+        assert "orders" not in nodes.keys("queues/")
+        # A publish creates the queue anew, empty: a consumer gets the new message only.
+        publisher.publish("$queue/orders/k1", b"new")
+        reader = mqtt_client(c.port, client_id="new-reader")
+        reader.subscribe("$queue/orders")
+        assert [m.payload for m in reader.expect(1, timeout=20)] == [b"new"]
+        assert reader.no_message(1.0)
+        for node in (a, b, c):
+            assert "Traceback" not in node.log and " ERROR " not in node.log, node.log[-3000:]
+    finally:
+        nodes.stop()

@@ -222,3 +222,35 @@ def test_a_data_dir_is_locked_once_and_its_lock_file_goes_with_a_clean_close(tmp
     second.close()
     assert not (path / "LOCK").exists()
     DataDir.open(path).close()
+
+
+def test_drop_cuts_a_queue_with_messages_in_flight_and_its_consumer_gets_it_again_if_it_comes_back() -> None:
+    """What a node does when the cluster deleted a queue: everything goes at once, acks of what was in flight count
+    for nothing, and a consumer still subscribed here is given the queue if it is created anew."""
+    async def scenario() -> None:
+        backend = MemoryBackend()
+        manager = manager_on(backend, queues={"temp": QueueConfig(partitions=2)})
+        for i in range(6):
+            await manager.publish(f"$queue/temp/k{i}", b"t")
+        consumer = FakeConsumer("c", window=4)
+        manager.subscribe(consumer, "temp")
+        await settle(lambda: len(consumer.received) == 4)
+        assert sum(manager.drop("temp").values()) == 6  # 4 in flight, 2 ready
+        await manager.store.flush()
+        assert manager.queues() == [] and manager.subscriptions(consumer) == set()
+        assert consumer.ack_all(manager) == 0  # (late acks: nothing of theirs any more)
+        assert Store(backend).known_partitions() == []
+        await manager.publish("$queue/temp/k1", b"new")  # created anew: the consumer is given it again
+        await settle(lambda: len(consumer.received) == 5)
+        assert consumer.received[-1].message.payload.endswith(b"new")
+        assert manager.subscriptions(consumer) == {"temp"} and manager.queue("temp").depth == 1
+        # A consumer that goes away while orphaned is forgotten.
+        other = FakeConsumer("o")
+        manager.subscribe(other, "temp")
+        manager.drop("temp")
+        manager.consumer_gone(other)
+        manager.consumer_gone(consumer)
+        await manager.publish("$queue/temp", b"later")
+        assert manager.queue("temp").consumers == []
+
+    run(scenario())

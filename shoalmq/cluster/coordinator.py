@@ -24,7 +24,7 @@ from shoalmq.cluster.ownership import Ownership
 from shoalmq.cluster.replication import Replicator
 from shoalmq.cluster.routing import Router
 from shoalmq.cluster.view import ClusterView
-from shoalmq.errors import ShoalError
+from shoalmq.errors import QueueError, ShoalError
 from shoalmq.queue.config import QueueConfig
 
 if TYPE_CHECKING:
@@ -49,13 +49,16 @@ class Coordinator:
         self.load = LoadReport(etcd, membership, self.view, manager)
         #: Proxy routing's consumer side (None in direct mode).
         self.router: Router | None = Router(manager, self.view) if routing == "proxy" else None
+        self.etcd = etcd
         self.started = False
+        self._confirming: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Load the views, check this node's queues against the cluster's, then reconcile until ``stop``."""
         view, ownership = self.view, self.ownership
         self.membership.on_change.append(self._nodes_changed)
         view.on_definitions.append(ownership.wake)
+        view.on_deleted.append(self._queue_deleted)
         ownership.on_change += [self.manager.refresh_sources, self.forwarder.retry_held]
         self.replicator.on_change += [self.manager.refresh_sources, self.forwarder.retry_held]
         ownership.after_reconcile.append(self.load.report)
@@ -89,6 +92,30 @@ class Coordinator:
         except (ShoalError, asyncio.TimeoutError) as exc:
             log.warning("the last load report was not written (broker cluster status may show an older one): %s",
                         exc or "etcd did not answer within 2 s")
+
+    def _queue_deleted(self, name: str) -> None:
+        """The queue's definition is gone from etcd: another node (or this one) is deleting it. Stop leading,
+        following and writing it, drop what this node stores of it, then confirm in etcd (``definitions``)."""
+        # (a follower's copies are not counted: their leader counts those messages)
+        followed = {index for queue, index in self.replicator.followers if queue == name}
+        self.replicator.forget_queue(name)
+        keys = self.ownership.forget_queue(name)
+        removed = sum(n for index, n in self.manager.drop(name).items() if index not in followed)
+        self.forwarder.fail_queue(name, QueueError(f"queue {name!r} was deleted"))
+        self.manager.refresh_sources()
+        log.info("queue %s deleted in the cluster: %d message(s) removed from this node", name, removed)
+        task = asyncio.ensure_future(self._confirm_deleted(name, removed, keys))
+        self._confirming.add(task)
+        task.add_done_callback(self._confirming.discard)
+
+    async def _confirm_deleted(self, name: str, removed: int, keys: list[tuple[Any, int]]) -> None:
+        try:
+            await self.manager.store.flush()
+            await self.ownership.release_keys(keys)
+            await self.definitions.confirm_dropped(name, removed)
+        except ShoalError as exc:
+            log.warning("queue %s: cannot confirm its deletion in etcd now (%s); the deleting node goes on "
+                        "without this node's word", name, exc)
 
     def _nodes_changed(self, nodes: dict[str, dict[str, Any]]) -> None:
         self.forwarder.nodes_changed(nodes)

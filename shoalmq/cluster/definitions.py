@@ -4,6 +4,23 @@
 a subscription, its ``queues:`` configuration, or its data directory). A node whose data directory or
 configuration has another partition count for a queue the cluster knows cannot serve it (at start: it refuses to
 start); other settings are taken from the cluster, with a warning.
+
+Deleting a queue (``delete``, from any node) takes these steps:
+
+1. One transaction, only if the definition is still the one read and no delete of the queue is under way: delete
+   the definition, put ``/<cluster>/deleting/<name>`` on the deleting node's lease (while it exists, no node may
+   define the queue again: a publish to it is refused), and put the tombstone ``/<cluster>/deleted/<name>`` (kept:
+   a node that was down learns of the delete from it when it starts).
+2. Every node, on seeing the definition go (its watch; the deleting node too), stops leading, following and
+   writing the queue's partitions, drops what it stores of them, and once that is durable deletes its ownership
+   keys of them and puts ``/<cluster>/dropped/<name>/<node>`` (on its lease) with the count it removed.
+3. The deleting node waits until every live node has confirmed (or ``DELETE_TIMEOUT``), deletes what is left
+   under ``/<cluster>/partitions/<name>/`` (replicated partitions' records, the keys of nodes that are gone) and
+   the confirmations, and last the ``deleting`` key: from then on a publish creates the queue anew.
+
+A publish a node acknowledged before it saw the definition go is deleted with the queue (it was published before
+the delete ended). If the deleting node dies midway, its ``deleting`` key goes with its lease: the queue stays
+deleted, and the records left under ``partitions/`` are replaced as the queue is created again.
 """
 
 from __future__ import annotations
@@ -13,17 +30,21 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shoalmq.cluster.etcd import Etcd
 from shoalmq.cluster.view import ClusterView, parse_definition
-from shoalmq.errors import ConfigError, ShoalError
+from shoalmq.errors import ConfigError, QueueError, ShoalError
 from shoalmq.queue.config import QueueConfig
 
 if TYPE_CHECKING:
     from shoalmq.queue.manager import QueueManager
 
 log = logging.getLogger(__name__)
+
+#: Seconds a delete waits for every live node to confirm it dropped the queue, and between two looks.
+DELETE_TIMEOUT = 20.0
+DELETE_POLL = 0.1
 
 
 class QueueDefinitions:
@@ -51,7 +72,10 @@ class QueueDefinitions:
         key = self.view.queues_prefix + name.encode()
         config = config.resolved(clustered=True)
         value = json.dumps({**asdict(config), "created": int(time.time())}, sort_keys=True).encode()
-        created, existing = await self.etcd.call(self.etcd.create_sync, key, value)
+        created, existing = await self.etcd.call(self.etcd.create_sync, key, value, 0,
+                                                 self.view.deleting_prefix + name.encode())
+        if not created and existing is None:
+            raise QueueError(f"queue {name!r} is being deleted in the cluster; publish again once it is")
         if not created and existing is not None:
             config = parse_definition(existing.value)
         elif created:
@@ -64,7 +88,16 @@ class QueueDefinitions:
 
     async def check_local_queues(self) -> None:
         """Queues this node stored before (created in an earlier run) or declares are defined in the cluster
-        too; ConfigError for one the cluster knows with another partition count."""
+        too, unless the cluster deleted them while this node was away (then they are dropped here); ConfigError
+        for one the cluster knows with another partition count."""
+        tombstones, _ = await self.etcd.call(self.etcd.get_prefix_sync, self.view.deleted_prefix)
+        deleted = {kv.key[len(self.view.deleted_prefix):].decode(errors="replace") for kv in tombstones}
+        for queue in self.manager.queues():
+            if queue.name in deleted and queue.name not in self.view.definitions:
+                removed = sum(self.manager.drop(queue.name).values())
+                log.info("queue %s was deleted in the cluster while this node was away: %d message(s) removed from "
+                         "this node", queue.name, removed)
+                continue
         for queue in self.manager.queues():
             defined = self.view.definitions.get(queue.name) or await self._define(queue.name, queue.config)
             if defined.partitions != len(queue.partitions):
@@ -87,3 +120,64 @@ class QueueDefinitions:
                 self._unservable.add(name)
                 log.error("queue %s cannot be served by this node: %s", name, exc)
             return False
+
+    # -- deleting -------------------------------------------------------------------------------------------
+
+    async def confirm_dropped(self, name: str, removed: int) -> None:
+        """Step 2's end: this node dropped the queue (durably) and released its keys."""
+        key = self.view.dropped_prefix + f"{name}/{self.view.node_id}".encode()
+        value = json.dumps({"messages": removed}).encode()
+        # (only while the delete is under way: a late word would stay on this node's lease for nothing)
+        await self.etcd.call(self.etcd.put_while_sync, key, value, self.view.membership.lease,
+                             self.view.deleting_prefix + name.encode())
+
+    async def delete(self, name: str, timeout: float = DELETE_TIMEOUT) -> dict[str, Any]:
+        """Delete the queue in the whole cluster (see the module docstring). Returns what each node removed, and
+        the live nodes that did not confirm in time (they drop it when their watch shows the delete). UnknownQueue
+        if the cluster has no such queue; QueueInUse if it is being deleted already."""
+        from shoalmq.queue.manager import QueueInUse, UnknownQueue
+
+        view = self.view
+        key = view.queues_prefix + name.encode()
+        current = await self.etcd.call(self.etcd.get_sync, key)
+        if current is None:
+            raise UnknownQueue(f"no queue {name!r} in cluster {view.cluster}")
+        marker = view.deleting_prefix + name.encode()
+        started = int(time.time())
+        done = await self.etcd.call(
+            self.etcd.delete_queue_sync, key, current.create_revision, marker,
+            json.dumps({"node": view.node_id, "started": started}).encode(), view.membership.lease,
+            view.deleted_prefix + name.encode(),
+            json.dumps({"node": view.node_id, "deleted": started, "created_revision": current.create_revision}
+                       ).encode())
+        if not done:
+            raise QueueInUse(f"queue {name!r} is being deleted already, or was just created again")
+        log.info("deleting queue %s in the cluster", name)
+        dropped_prefix = view.dropped_prefix + f"{name}/".encode()
+        deadline = time.monotonic() + timeout
+        removed: dict[str, int] = {}
+        try:
+            while True:
+                kvs, _ = await self.etcd.call(self.etcd.get_prefix_sync, dropped_prefix)
+                for kv in kvs:
+                    try:
+                        removed[kv.key[len(dropped_prefix):].decode()] = int(json.loads(kv.value)["messages"])
+                    except (ValueError, KeyError, TypeError):
+                        removed[kv.key[len(dropped_prefix):].decode()] = 0
+                waiting = sorted(set(view.nodes) - set(removed))
+                if not waiting or time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(DELETE_POLL)
+            partitions = view.partitions_prefix + f"{name}/".encode()
+            await self.etcd.call(self.etcd.delete_prefix_sync, partitions)
+            await self.etcd.call(self.etcd.delete_prefix_sync, dropped_prefix)
+        finally:
+            await self.etcd.call(self.etcd.delete_sync, marker)
+        if waiting:
+            log.warning("queue %s deleted; node(s) %s did not confirm within %.0f s (they drop it when they see the "
+                        "delete)", name, ", ".join(waiting), timeout)
+        else:
+            log.info("queue %s deleted in the cluster: %d message(s) removed on %d node(s)", name,
+                     sum(removed.values()), len(removed))
+        return {"queue": name, "deleted": True, "messages": sum(removed.values()), "nodes": removed,
+                "unconfirmed": waiting}

@@ -237,13 +237,21 @@ class Etcd:
     def delete_sync(self, key: bytes) -> None:
         self.request_sync("/kv/deleterange", {"key": _b64(key)})
 
-    def create_sync(self, key: bytes, value: bytes, lease: int = 0) -> tuple[bool, KeyValue | None]:
-        """Put ``key`` only if it does not exist. Returns (created, the existing entry if not)."""
+    def delete_prefix_sync(self, prefix: bytes) -> None:
+        self.request_sync("/kv/deleterange", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
+
+    def create_sync(self, key: bytes, value: bytes, lease: int = 0,
+                    unless: bytes | None = None) -> tuple[bool, KeyValue | None]:
+        """Put ``key`` only if it does not exist (and, with ``unless``, neither does that key). Returns (created,
+        the existing entry if not; None if it is ``unless`` that exists)."""
         put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease:
             put["lease"] = str(lease)
+        compare = [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0"}]
+        if unless is not None:
+            compare.append({"key": _b64(unless), "result": "EQUAL", "target": "CREATE", "create_revision": "0"})
         result = self.request_sync("/kv/txn", {
-            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0"}],
+            "compare": compare,
             "success": [{"request_put": put}],
             "failure": [{"request_range": {"key": _b64(key)}}],
         })
@@ -251,6 +259,28 @@ class Etcd:
             return True, None
         kvs = result["responses"][0]["response_range"].get("kvs", [])
         return False, (_kv(kvs[0]) if kvs else None)
+
+    def put_while_sync(self, key: bytes, value: bytes, lease: int, guard: bytes) -> bool:
+        """Put ``key`` on ``lease`` only while ``guard`` exists."""
+        result = self.request_sync("/kv/txn", {
+            "compare": [{"key": _b64(guard), "result": "GREATER", "target": "CREATE", "create_revision": "0"}],
+            "success": [{"request_put": {"key": _b64(key), "value": _b64(value), "lease": str(lease)}}],
+        })
+        return bool(result.get("succeeded"))
+
+    def delete_queue_sync(self, definition: bytes, created: int, marker: bytes, marker_value: bytes, lease: int,
+                          tombstone: bytes, tombstone_value: bytes) -> bool:
+        """In one transaction, if the definition key is still the one created at ``created`` and no ``marker``
+        exists: delete the definition, put ``marker`` on ``lease`` and ``tombstone`` (no lease)."""
+        result = self.request_sync("/kv/txn", {
+            "compare": [{"key": _b64(definition), "result": "EQUAL", "target": "CREATE",
+                         "create_revision": str(created)},
+                        {"key": _b64(marker), "result": "EQUAL", "target": "CREATE", "create_revision": "0"}],
+            "success": [{"request_delete_range": {"key": _b64(definition)}},
+                        {"request_put": {"key": _b64(marker), "value": _b64(marker_value), "lease": str(lease)}},
+                        {"request_put": {"key": _b64(tombstone), "value": _b64(tombstone_value)}}],
+        })
+        return bool(result.get("succeeded"))
 
     def claim_sync(self, key: bytes, value: bytes, lease: int) -> tuple[int, KeyValue | None]:
         """Create ``key`` on ``lease`` if it does not exist. Returns (the revision it was created at, None), or

@@ -283,6 +283,15 @@ class Forwarder:
                 log.exception("forwarding failed")
                 self._fail(forward, exc)
 
+    def fail_queue(self, name: str, error: BaseException) -> None:
+        """The queue was deleted: its held publishes fail now (not after FORWARD_TIMEOUT)."""
+        failed = [f for f in self._held if any(part[0] == name for part in f.groups)]
+        if failed:
+            self._held = [f for f in self._held if f not in failed]
+            for forward in failed:
+                forward.held = False
+                self._fail(forward, error)
+
     def _settle(self, forward: _Forward) -> None:
         if not forward.future.done():
             forward.future.set_result(None)

@@ -182,11 +182,33 @@ class Ownership:
 
     def keep(self, part: Partition, epoch: int) -> None:
         """A handoff did not happen: own the partition again if its key is still ours at that epoch."""
+        if part[0] not in self.view.definitions:
+            return  # (its queue was deleted meanwhile)
         current = self.view.owners.get(part)
         if (current is not None and current.node == self.node_id and current.epoch == epoch
                 and current.lease == self.membership.lease and self.membership.lease_valid()):
             self.view.mine[part] = epoch
             self._changed()
+
+    def forget_queue(self, name: str) -> list[tuple[Partition, int]]:
+        """The queue was deleted: stop writing its partitions at once. Returns the (partition, epoch) of the keys
+        this node holds of it, for ``release_keys``."""
+        mine, records = self.view.mine, self.view.records
+        held = [(part, epoch) for part, epoch in mine.items() if part[0] == name and part not in records]
+        for part, _ in held:
+            del mine[part]
+        for part, owner in self.view.owners.items():  # (keys of ours not written to: a handoff that did not end)
+            if part[0] == name and owner.node == self.node_id and (part, owner.epoch) not in held \
+                    and part not in records:
+                held.append((part, owner.epoch))
+        if held:
+            self._changed()
+        return held
+
+    async def release_keys(self, keys: list[tuple[Partition, int]]) -> None:
+        """Delete this node's ownership keys (each only if it is still the one created at that epoch)."""
+        for part, epoch in keys:
+            await self.etcd.call(self.etcd.delete_if_created_at_sync, self.view.partition_key(part), epoch)
 
     # -- reconciling ------------------------------------------------------------------------------------------
 

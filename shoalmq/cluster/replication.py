@@ -876,6 +876,15 @@ class Replicator:
         else:
             link.start()
 
+    def forget_queue(self, name: str) -> None:
+        """The queue was deleted: lead and follow none of its partitions from now on (its records are deleted by
+        the node deleting it)."""
+        for key, leader in list(self.leaders.items()):
+            if key[0] == name:
+                self._demote(leader, "its queue was deleted")
+        for key in [key for key in self.followers if key[0] == name]:
+            self._stop_following(key)
+
     def _stop_following(self, key: Partition) -> None:
         follower = self.followers.pop(key, None)
         if follower is None:

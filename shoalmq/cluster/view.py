@@ -52,8 +52,16 @@ class ClusterView:
         self.cluster = membership.cluster
         self.queues_prefix = f"/{self.cluster}/queues/".encode()
         self.partitions_prefix = f"/{self.cluster}/partitions/".encode()
+        #: A queue being deleted (on the deleting node's lease), the queues deleted (kept), and the nodes that
+        #: dropped a queue being deleted (``definitions``: deleting a queue of a cluster).
+        self.deleting_prefix = f"/{self.cluster}/deleting/".encode()
+        self.deleted_prefix = f"/{self.cluster}/deleted/".encode()
+        self.dropped_prefix = f"/{self.cluster}/dropped/".encode()
         #: Queue name -> its settings as stored in etcd.
         self.definitions: dict[str, QueueConfig] = {}
+        #: The definitions the watch showed (not those a define put in ``definitions`` before the watch shows them):
+        #: only one of these missing from a new snapshot was deleted.
+        self._watched: set[str] = set()
         #: (queue, partition) -> its owner as recorded in etcd.
         self.owners: dict[Partition, Owner] = {}
         #: (queue, partition) -> the highest epoch the view has shown (kept when the key goes).
@@ -66,6 +74,8 @@ class ClusterView:
         self.records: dict[Partition, Record] = {}
         #: Called after the definitions change.
         self.on_definitions: list[Callable[[], None]] = []
+        #: Called with the name of a queue whose definition was deleted (the queue is being deleted), first.
+        self.on_deleted: list[Callable[[str], None]] = []
         #: Called after the owners change.
         self.on_owners: list[Callable[[], None]] = []
         self._watches: list[PrefixWatch] = []
@@ -97,21 +107,40 @@ class ClusterView:
     # -- queue definitions ----------------------------------------------------------------------------------
 
     def _queues_snapshot(self, kvs: list[KeyValue]) -> None:
-        self.definitions = {}
-        self._queues_apply(kvs)
+        # (a watch that started again after a compaction: a definition that went meanwhile was deleted)
+        present = {kv.key[len(self.queues_prefix):].decode(errors="replace") for kv in kvs}
+        self._queues_apply(kvs, [name for name in self._watched if name not in present])
 
     def _queues_events(self, events: list[WatchEvent]) -> None:
-        self._queues_apply([e.kv for e in events if e.kind == "put"])
-
-    def _queues_apply(self, kvs: list[KeyValue]) -> None:
-        for kv in kvs:
-            name = kv.key[len(self.queues_prefix):].decode(errors="replace")
-            try:
-                self.definitions[name] = parse_definition(kv.value)
-            except (ValueError, TypeError, ShoalError) as exc:
-                log.error("queue %s has unusable settings in etcd (%s); ignoring it", name, exc)
+        for event in events:  # (in order: a queue deleted and created again is dropped, then defined anew)
+            if event.kind == "put":
+                self._define(event.kv)
+            else:
+                self._deleted(event.kv.key[len(self.queues_prefix):].decode(errors="replace"))
         for callback in self.on_definitions:
             callback()
+
+    def _queues_apply(self, kvs: list[KeyValue], deleted: list[str]) -> None:
+        for name in deleted:
+            self._deleted(name)
+        for kv in kvs:
+            self._define(kv)
+        for callback in self.on_definitions:
+            callback()
+
+    def _define(self, kv: KeyValue) -> None:
+        name = kv.key[len(self.queues_prefix):].decode(errors="replace")
+        self._watched.add(name)
+        try:
+            self.definitions[name] = parse_definition(kv.value)
+        except (ValueError, TypeError, ShoalError) as exc:
+            log.error("queue %s has unusable settings in etcd (%s); ignoring it", name, exc)
+
+    def _deleted(self, name: str) -> None:
+        self._watched.discard(name)
+        if self.definitions.pop(name, None) is not None:
+            for callback in self.on_deleted:
+                callback(name)
 
     # -- owners ---------------------------------------------------------------------------------------------
 

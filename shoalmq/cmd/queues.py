@@ -163,7 +163,13 @@ def main(argv: Sequence[str]) -> int:
             text = f"moved {answer['moved']} message(s) from {answer['queue']} back to its queue\n"
         else:
             answer = call(args, "DELETE", f"/v1/queues/{name}")
-            text = f"deleted queue {args.queue} with {answer['messages']} message(s)\n"
+            text = f"deleted queue {args.queue} with {answer['messages']} message(s)"
+            if answer.get("nodes"):
+                text += f" on {len(answer['nodes'])} node(s)"
+            if answer.get("unconfirmed"):
+                text += (f"; node(s) {', '.join(answer['unconfirmed'])} did not confirm in time (they drop it when "
+                         "they see the delete)")
+            text += "\n"
     except ApiError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return ExitCode.RUNTIME_ERROR if exc.status != 400 else ExitCode.USAGE_ERROR

@@ -482,9 +482,20 @@ class OpsServer:
 
     async def delete(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if self.node.cluster is not None:
-            return error(409, "deleting a queue of a cluster is not supported yet: purge it instead (its "
-                              "definition stays in etcd)")
+        cluster = self.node.cluster
+        if cluster is not None:
+            # Refused while a consumer is subscribed on any node that answers (as on a single node); a node without
+            # an HTTP server cannot be asked: its consumers keep their subscription, and get the queue again if it
+            # is created anew.
+            table, missing = await self._queue_table(request)
+            row = table.get(name)
+            if row is not None and row["consumers"]:
+                where = sorted({f"{c['client_id']} on {c['node']}" for c in row["consumers"]})
+                raise QueueInUse(f"queue {name!r} has {len(row['consumers'])} consumer(s) ({', '.join(where)}): "
+                                 "they must unsubscribe before it is deleted")
+            answer = await cluster.coordinator.definitions.delete(name)
+            return web.json_response({**answer, "unreachable": missing},
+                                     status=200 if not answer["unconfirmed"] else 202)
         assert self.node.queues is not None
         removed = await self.node.queues.delete(name)
         log.info("queue %s deleted with %d message(s)", name, removed)

@@ -317,6 +317,9 @@ class QueueManager:
         self.max_queues = 0
         #: Queue name -> messages expired since the last expiry log line (see ``_expired``).
         self._expiries: dict[str, list[int]] = {}
+        #: Queue name -> consumers subscribed here when the cluster deleted it, given it again if it comes back
+        #: (``drop``), with whether each is at most once.
+        self._orphans: dict[str, dict[int, tuple[Consumer, bool]]] = {}
         store.on_readable = self._on_readable
         for name in self._declared:
             self.queue(name)
@@ -370,6 +373,8 @@ class QueueManager:
             self._by_pid[part.pid] = queue
         if self.cluster is not None:
             self.refresh_sources(queue)
+        for consumer, at_most_once in self._orphans.pop(name, {}).values():
+            self.subscribe(consumer, name, at_most_once)
         return queue
 
     def known(self, name: str) -> bool:
@@ -744,6 +749,9 @@ class QueueManager:
 
     def unsubscribe(self, consumer: Consumer, queue_name: str) -> None:
         """Stop delivering ``queue_name`` to ``consumer``; its unacknowledged messages of that queue go back."""
+        orphans = self._orphans.get(queue_name)
+        if orphans is not None and orphans.pop(id(consumer), None) is not None and not orphans:
+            del self._orphans[queue_name]
         state = self._consumers.get(id(consumer))
         if state is None or queue_name not in state.queues:
             return
@@ -763,6 +771,9 @@ class QueueManager:
         delivery attempts, except for another node's route stream (a stream that broke, or a node that went away,
         is the broker's failure, not a consumer's). Returns how many were requeued, and how many of the others
         went to the dead-letter queue instead (delivered ``max_deliveries`` times)."""
+        if self._orphans:
+            for name in [n for n, orphans in self._orphans.items() if id(consumer) in orphans]:
+                self.unsubscribe(consumer, name)
         state = self._consumers.pop(id(consumer), None)
         if state is None:
             return 0, 0
@@ -1184,6 +1195,42 @@ class QueueManager:
         self._topics.clear()
         self.store.drop_queue(name)
         await self.store.flush()
+        return removed
+
+    def drop(self, name: str) -> dict[int, int]:
+        """On a cluster, the queue was deleted (its definition is gone from etcd): forget it here at once, whatever
+        this node holds of it (ready, in flight, a follower's replicas, messages on their way to another node).
+        Every partition is cut to nothing and dropped from the store with the next commit (``store.flush`` to wait
+        for it); a late ack of a message in flight counts for nothing. A consumer connected here that is still
+        subscribed (one that subscribed as the delete began) keeps its subscription: it is given the queue again if
+        the queue is created anew. Returns how many messages went, per partition."""
+        queue = self._queues.pop(name, None)
+        removed: dict[int, int] = {}
+        if queue is None:  # (stored, never opened here: its partitions are still to be read to be cut)
+            parts = [self.store.partition(q, i) for q, i in self.store.known_partitions() if q == name]
+        else:
+            parts = list(queue.partitions)
+            local = False
+            for state in list(queue.consumers):
+                consumer = state.consumer
+                if not getattr(consumer, "remote", False):
+                    self._orphans.setdefault(name, {})[id(consumer)] = (consumer, name in state.at_most_once)
+                    local = True
+                state.queues.discard(name)
+                state.at_most_once.discard(name)
+                for delivery in [d for d in state.inflight if d.queue is queue]:
+                    del state.inflight[delivery]
+                if not state.queues and not state.inflight:
+                    del self._consumers[id(consumer)]
+            self._dispatch_scheduled.discard(queue)
+            for part in parts:
+                self._by_pid.pop(part.pid, None)
+            self._topics.clear()
+            if local:
+                self._consumers_changed((name,))
+        for part in parts:
+            removed[part.index] = part.truncate(0)
+        self.store.drop_queue(name)
         return removed
 
     def close(self) -> None:
