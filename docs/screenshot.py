@@ -49,8 +49,8 @@ def main() -> int:
             driver = webdriver.Chrome(options=options,
                                       service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
             driver.get(nodes[0].http + "/")
-            wait_until(lambda: int(driver.execute_script("return document.body.dataset.refreshes || 0")) >= 8,
-                       60, "eight refreshes of the page")
+            wait_until(lambda: int(driver.execute_script("return document.body.dataset.refreshes || 0")) >= 30,
+                       90, "thirty refreshes of the page (45 s of traffic on the rate charts)")
             driver.save_screenshot(str(target))
             print(f"saved {target}")
         finally:
