@@ -182,6 +182,12 @@ class ClusterMember:
             "grpc": f"{advertise}:{port}",
             "version": __version__,
         })
+        # Before it joins (no peer hands it anything yet): drop its copies of queues deleted while it was away.
+        try:
+            await self.coordinator.definitions.drop_deleted()
+        except ShoalError as exc:
+            raise StartupError(f"cannot join cluster {config.cluster} through etcd "
+                               f"{','.join(config.etcd or ())}: {exc}") from None
         # After a crash, this node's old registration lives until its lease expires: wait that long for it.
         deadline = time.monotonic() + config.lease_ttl + 2
         waited = False

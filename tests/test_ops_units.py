@@ -254,3 +254,20 @@ def test_drop_cuts_a_queue_with_messages_in_flight_and_its_consumer_gets_it_agai
         assert manager.queue("temp").consumers == []
 
     run(scenario())
+
+
+def test_a_queue_definition_is_replaced_with_its_partition_count_kept() -> None:
+    """How a node records which incarnation of a cluster queue its copy is (``cluster_revision``)."""
+    async def scenario() -> None:
+        backend = MemoryBackend()
+        store = Store(backend)
+        store.define_queue("q", {"partitions": 4, "created": 1})
+        with pytest.raises(ValueError, match="already defined"):
+            store.define_queue("q", {"partitions": 4})
+        with pytest.raises(ValueError, match="partitions kept"):
+            store.define_queue("q", {"partitions": 8}, replace=True)
+        store.define_queue("q", {"partitions": 4, "created": 1, "cluster_revision": 42}, replace=True)
+        await store.flush()
+        assert Store(backend).queue_definition("q") == {"partitions": 4, "created": 1, "cluster_revision": 42}
+
+    run(scenario())

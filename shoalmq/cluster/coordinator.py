@@ -59,6 +59,8 @@ class Coordinator:
         self.membership.on_change.append(self._nodes_changed)
         view.on_definitions.append(ownership.wake)
         view.on_deleted.append(self._queue_deleted)
+        view.on_definitions.append(self.definitions.record_revisions)
+        self.manager.on_queue_opened = self.definitions.record_revisions
         ownership.on_change += [self.manager.refresh_sources, self.forwarder.retry_held]
         self.replicator.on_change += [self.manager.refresh_sources, self.forwarder.retry_held]
         ownership.after_reconcile.append(self.load.report)

@@ -18,6 +18,10 @@ Deleting a queue (``delete``, from any node) takes these steps:
    under ``/<cluster>/partitions/<name>/`` (replicated partitions' records, the keys of nodes that are gone) and
    the confirmations, and last the ``deleting`` key: from then on a publish creates the queue anew.
 
+A node that was down reads the tombstones before it joins (``drop_deleted``): each node records in its data
+directory which incarnation of a queue its copy is (the create revision of the definition: ``record_revisions``),
+so a copy of a queue deleted, or deleted and created again, while it was away is dropped.
+
 A publish a node acknowledged before it saw the definition go is deleted with the queue (it was published before
 the delete ended). If the deleting node dies midway, its ``deleting`` key goes with its lease: the queue stays
 deleted, and the records left under ``partitions/`` are replaced as the queue is created again.
@@ -56,6 +60,9 @@ class QueueDefinitions:
         self.manager = manager
         self._defining: dict[str, asyncio.Future[QueueConfig]] = {}
         self._unservable: set[str] = set()
+        #: Set once ``check_local_queues`` has run: from then on this node's copy of a queue is recorded as of the
+        #: incarnation the cluster defines (before, it may be of one deleted while this node was away).
+        self._checked = False
 
     def queue_config(self, name: str) -> QueueConfig | None:
         return self.view.definitions.get(name)
@@ -86,18 +93,36 @@ class QueueDefinitions:
             callback()
         return definitions[name]
 
-    async def check_local_queues(self) -> None:
-        """Queues this node stored before (created in an earlier run) or declares are defined in the cluster
-        too, unless the cluster deleted them while this node was away (then they are dropped here); ConfigError
-        for one the cluster knows with another partition count."""
-        tombstones, _ = await self.etcd.call(self.etcd.get_prefix_sync, self.view.deleted_prefix)
-        deleted = {kv.key[len(self.view.deleted_prefix):].decode(errors="replace") for kv in tombstones}
+    async def drop_deleted(self) -> None:
+        """Before this node joins the cluster (so that no peer hands it anything of the queue meanwhile): drop its
+        copy of each queue the cluster deleted while it was away. A copy is of a deleted incarnation if the queue
+        has a tombstone and is not defined any more, or is defined again at another revision than the one this
+        copy recorded (``record_revisions``)."""
+        view = self.view
+        tombstones, _ = await self.etcd.call(self.etcd.get_prefix_sync, view.deleted_prefix)
+        deleted = {kv.key[len(view.deleted_prefix):].decode(errors="replace") for kv in tombstones}
+        if not deleted:
+            return
+        definitions, _ = await self.etcd.call(self.etcd.get_prefix_sync, view.queues_prefix)
+        defined = {kv.key[len(view.queues_prefix):].decode(errors="replace"): kv.create_revision
+                   for kv in definitions}
+        dropped = False
         for queue in self.manager.queues():
-            if queue.name in deleted and queue.name not in self.view.definitions:
+            if queue.name not in deleted:
+                continue
+            mine = (self.manager.store.queue_definition(queue.name) or {}).get("cluster_revision")
+            if queue.name not in defined or (isinstance(mine, int) and mine != defined[queue.name]):
                 removed = sum(self.manager.drop(queue.name).values())
+                dropped = True
                 log.info("queue %s was deleted in the cluster while this node was away: %d message(s) removed from "
                          "this node", queue.name, removed)
-                continue
+        if dropped:
+            await self.manager.store.flush()
+
+    async def check_local_queues(self) -> None:
+        """Queues this node stored before (created in an earlier run) or declares are defined in the cluster
+        too (those the cluster deleted while it was away are dropped before: ``drop_deleted``); ConfigError for
+        one the cluster knows with another partition count."""
         for queue in self.manager.queues():
             defined = self.view.definitions.get(queue.name) or await self._define(queue.name, queue.config)
             if defined.partitions != len(queue.partitions):
@@ -109,6 +134,21 @@ class QueueDefinitions:
                             ", ".join(f"{k}={v}" for k, v in sorted(asdict(defined).items())
                                       if getattr(queue.config, k) != v))
                 self.manager.adopt_config(queue.name, defined)
+        self._checked = True
+        self.record_revisions()
+
+    def record_revisions(self, name: str | None = None) -> None:
+        """Record in the data directory which incarnation of the queue (``None``: of each open queue) this node's
+        copy is: the create revision of the cluster's definition. A node back from being away compares it with the
+        tombstone of a delete (``check_local_queues``)."""
+        if not self._checked:
+            return
+        store = self.manager.store
+        for queue in [name] if name is not None else [q.name for q in self.manager.queues()]:
+            revision = self.view.revisions.get(queue)
+            stored = store.queue_definition(queue)
+            if revision and stored is not None and stored.get("cluster_revision") != revision:
+                store.define_queue(queue, {**stored, "cluster_revision": revision}, replace=True)
 
     def servable(self, name: str) -> bool:
         """Open the queue here (False, logged once, if this node cannot serve it)."""

@@ -59,6 +59,9 @@ class ClusterView:
         self.dropped_prefix = f"/{self.cluster}/dropped/".encode()
         #: Queue name -> its settings as stored in etcd.
         self.definitions: dict[str, QueueConfig] = {}
+        #: Queue name -> the etcd create revision of its definition: which incarnation of the queue it is (a queue
+        #: deleted and created again is a new one).
+        self.revisions: dict[str, int] = {}
         #: The definitions the watch showed (not those a define put in ``definitions`` before the watch shows them):
         #: only one of these missing from a new snapshot was deleted.
         self._watched: set[str] = set()
@@ -131,6 +134,7 @@ class ClusterView:
     def _define(self, kv: KeyValue) -> None:
         name = kv.key[len(self.queues_prefix):].decode(errors="replace")
         self._watched.add(name)
+        self.revisions[name] = kv.create_revision
         try:
             self.definitions[name] = parse_definition(kv.value)
         except (ValueError, TypeError, ShoalError) as exc:
@@ -138,6 +142,7 @@ class ClusterView:
 
     def _deleted(self, name: str) -> None:
         self._watched.discard(name)
+        self.revisions.pop(name, None)
         if self.definitions.pop(name, None) is not None:
             for callback in self.on_deleted:
                 callback(name)

@@ -317,6 +317,9 @@ class QueueManager:
         self.max_queues = 0
         #: Queue name -> messages expired since the last expiry log line (see ``_expired``).
         self._expiries: dict[str, list[int]] = {}
+        #: Called with a queue's name when it is opened here on a cluster (the cluster records which incarnation
+        #: of the queue this node's copy is).
+        self.on_queue_opened: Any = None
         #: Queue name -> consumers subscribed here when the cluster deleted it, given it again if it comes back
         #: (``drop``), with whether each is at most once.
         self._orphans: dict[str, dict[int, tuple[Consumer, bool]]] = {}
@@ -373,6 +376,8 @@ class QueueManager:
             self._by_pid[part.pid] = queue
         if self.cluster is not None:
             self.refresh_sources(queue)
+            if self.on_queue_opened is not None:
+                self.on_queue_opened(name)
         for consumer, at_most_once in self._orphans.pop(name, {}).values():
             self.subscribe(consumer, name, at_most_once)
         return queue

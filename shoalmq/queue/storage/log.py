@@ -1229,10 +1229,14 @@ class Store:
         """What ``define_queue`` stored for ``name`` (its partition count, ...), or None."""
         return self._queue_definitions.get(name)
 
-    def define_queue(self, name: str, definition: dict) -> None:
-        """Record a new queue's definition; it is written with the next commit (before any of its messages)."""
-        if name in self._queue_definitions:
+    def define_queue(self, name: str, definition: dict, replace: bool = False) -> None:
+        """Record a new queue's definition (``replace``: a new version of a defined queue's, the partition count
+        unchanged); it is written with the next commit (before any of its messages)."""
+        known = self._queue_definitions.get(name)
+        if known is not None and not replace:
             raise ValueError(f"queue {name!r} is already defined")
+        if replace and (known is None or known.get("partitions") != definition.get("partitions")):
+            raise ValueError(f"queue {name!r}: only a defined queue's definition is replaced, its partitions kept")
         self._queue_definitions[name] = definition
         self._pending_definitions.append((name, definition))
         if not self._commit_requested and self._timer is None:
