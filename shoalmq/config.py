@@ -158,6 +158,12 @@ def _parse_tls_listen(value: Any) -> HostPort | None:
     return HostPort.parse(value)
 
 
+def base_url(address: str) -> str:
+    """The URL of a node's HTTP server from its address as registered (``host:port``, or ``https://host:port``
+    when it serves HTTPS)."""
+    return address if "://" in address else f"http://{address}"
+
+
 def _parse_http_listen(value: Any) -> HostPort | None:
     """``HOST:PORT`` (port 0: any free one, logged at start), or ``none`` for no HTTP server."""
     if isinstance(value, str) and value.strip().lower() == "none":
@@ -310,6 +316,10 @@ OPTIONS: tuple[Option, ...] = (
            "any free port)"),
     Option("http_token_file", "--http-token-file", None, _optional(_parse_path), "PATH",
            "a file holding a bearer token (its first line) that the HTTP API accepts, also for administration"),
+    Option("http_certfile", "--http-certfile", None, _optional(_parse_path), "PATH",
+           "certificate chain (PEM) of the HTTP server: it then serves HTTPS only"),
+    Option("http_keyfile", "--http-keyfile", None, _optional(_parse_path), "PATH",
+           "the private key (PEM) of --http-certfile"),
     Option("sys_interval", "--sys-interval", 10, _int_parser(0, 3600), "SECONDS",
            "seconds between updates of the $SYS topics (0: none)"),
 )
@@ -372,6 +382,8 @@ class Config:
     max_queues: int = 0
     http_listen: HostPort | None = HostPort.parse("127.0.0.1:18883")
     http_token_file: Path | None = None
+    http_certfile: Path | None = None
+    http_keyfile: Path | None = None
     sys_interval: int = 10
     #: Queues declared in the configuration file (others are created on first use with ``queue_defaults``).
     queues: Mapping[str, QueueConfig] = dataclasses.field(default_factory=dict)
@@ -466,6 +478,8 @@ def _check_tls(values: dict[str, Any]) -> None:
         raise ConfigError("--listen none: with no --tls-listen either, the broker would accept no client")
     if values.get("tls_listen") is not None and (values.get("certfile") is None or values.get("keyfile") is None):
         raise ConfigError("--tls-listen needs --certfile and --keyfile")
+    if (values.get("http_certfile") is None) != (values.get("http_keyfile") is None):
+        raise ConfigError("--http-certfile and --http-keyfile go together (HTTPS needs both)")
     if values.get("require_certificate") and values.get("cafile") is None:
         raise ConfigError("--require-certificate needs --cafile (the CA that signs client certificates)")
     if values.get("require_certificate") and values.get("tls_listen") is None:

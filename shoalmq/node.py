@@ -12,7 +12,7 @@ from typing import Any
 from shoalmq import __version__
 from shoalmq.broker import MqttFrontEnd
 from shoalmq.broker.security import is_loopback
-from shoalmq.config import Config
+from shoalmq.config import Config, base_url
 from shoalmq.datadir import DataDir
 from shoalmq.errors import ConfigError, ShoalError, StartupError
 from shoalmq.queue.manager import QueueManager
@@ -80,7 +80,7 @@ class Node:
                     self.ready = True
                     mode = cluster.describe() if cluster is not None else "embedded (single node)"
                     log.info("ShoalMQ %s ready: %s, data %s, %s, event loop %s", __version__,
-                             ", ".join(front_end.addresses + ([f"http://{self.http_address}"] if self.http else [])),
+                             ", ".join(front_end.addresses + ([base_url(self.http_address)] if self.http_address else [])),
                              data_dir.path, mode, type(loop).__module__.split(".")[0])
                     try:
                         await self._stop.wait()
@@ -122,6 +122,10 @@ def check_exposure(config: Config) -> None:
     if (config.http_listen is not None and not is_loopback(config.http_listen.host)
             and config.http_token_file is None):
         exposed.append(f"{config.http_listen} (HTTP)")
+    if (config.http_listen is not None and not is_loopback(config.http_listen.host)
+            and config.http_certfile is None):
+        log.warning("the HTTP API listens on %s without TLS: its passwords and tokens cross the network in clear "
+                    "(set --http-certfile and --http-keyfile, or keep it on a private network)", config.http_listen)
     if exposed:
         raise ConfigError(f"refusing to listen on {', '.join(exposed)} with no authentication: set password_file "
                           "(or a TLS listener with require_certificate), or allow_anonymous: true to accept "

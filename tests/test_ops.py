@@ -276,6 +276,36 @@ def test_an_http_api_beyond_loopback_needs_authentication(tmp_path: Path) -> Non
     assert done.returncode == 2 and "(HTTP)" in done.stderr and "allow_anonymous" in done.stderr
 
 
+def test_the_http_api_over_https_with_the_cli_verifying_its_certificate(tmp_path: Path, broker_factory) -> None:
+    import ssl
+    import urllib.request
+
+    from tests.tls_support import Authority
+
+    authority = Authority(tmp_path / "pki", "HTTP CA")
+    pair = authority.issue("localhost", server=True)
+    broker = broker_factory(["--http-certfile", str(pair.cert), "--http-keyfile", str(pair.key)])
+    url = f"https://127.0.0.1:{broker.http_port}"
+    assert f"HTTP API, metrics and dashboard on {url}/" in broker.log
+    context = ssl.create_default_context(cafile=str(authority.path))
+    with urllib.request.urlopen(f"{url}/healthz", timeout=10, context=context) as response:
+        assert response.status == 200
+    with pytest.raises(OSError):  # plain HTTP on the HTTPS port gets no answer
+        urllib.request.urlopen(f"{broker.http}/healthz", timeout=10).read()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN_DIR / "broker"), "queues", "list", "--http", url, *args],
+                              capture_output=True, text=True, timeout=30)
+
+    listed = cli("--cafile", str(authority.path), "--json")
+    assert listed.returncode == 0 and '"queues": []' in listed.stdout, listed.stderr
+    refused = cli()  # (the system's CAs do not know this one)
+    assert refused.returncode == 1 and "certificate verify failed" in refused.stderr, refused.stderr
+    half = subprocess.run([str(BIN_DIR / "broker"), "--http-certfile", str(pair.cert), "--data-dir",
+                           str(tmp_path / "d")], capture_output=True, text=True, timeout=30)
+    assert half.returncode == 2 and "--http-certfile and --http-keyfile go together" in half.stderr
+
+
 def test_sys_topics_are_published_as_mosquitto_names_them(tmp_path: Path, broker_factory, mqtt_client) -> None:
     broker = broker_factory(["--sys-interval", "1"])
     publisher = mqtt_client(broker.port)

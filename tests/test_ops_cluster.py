@@ -308,3 +308,41 @@ def test_a_queue_deleted_under_load_loses_nothing_acknowledged_after_the_delete_
             assert " ERROR " not in node.log and "never retrieved" not in node.log, node.log[-3000:]
     finally:
         nodes.stop()
+
+
+def test_nodes_serving_https_answer_for_each_other_and_the_cli_finds_them_through_etcd(
+        etcd: EtcdProcess, tmp_path: Path) -> None:
+    import json
+    import ssl
+    import urllib.request
+
+    nodes = Cluster(etcd, tmp_path / "cluster", queues={"orders": 4}, tls=True)
+    try:
+        nodes.node_credentials("ca")  # (makes the cluster's CA; the HTTP certificates come from it too)
+        authority = nodes._authority
+
+        def https(node: str) -> list[str]:
+            pair = authority.issue(node, server=True)
+            return ["--http-certfile", str(pair.cert), "--http-keyfile", str(pair.key)]
+
+        a = nodes.add("n1", args=https("n1"))
+        nodes.add("n2", args=https("n2"))
+        nodes.wait_settled("orders", 4)
+        registered = nodes.keys("nodes/")
+        assert {n: info["http"].split("://")[0] for n, info in registered.items()} == {"n1": "https", "n2": "https"}
+        context = ssl.create_default_context(cafile=str(authority.path))
+
+        def members() -> list[dict]:
+            url = f"https://127.0.0.1:{a.http_port}/v1/cluster/members"
+            with urllib.request.urlopen(url, timeout=10, context=context) as response:
+                return json.loads(response.read())["members"]
+
+        # n1 asks n2 over HTTPS (verified with the cluster's CA) for its part.
+        wait_until(lambda: [(m["node"], m["reachable"]) for m in members()] == [("n1", True), ("n2", True)], 20,
+                   "both nodes answering over HTTPS")
+        done = subprocess.run([str(BIN_DIR / "broker"), "cluster", "drain", "n2", "--etcd", etcd.url, "--cafile",
+                               str(authority.path), "--wait", "30"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "node n2 is drained: it leads no partition"
+    finally:
+        nodes.stop()

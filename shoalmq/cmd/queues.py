@@ -11,6 +11,7 @@ import argparse
 import base64
 import json
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shoalmq.config import base_url
 from shoalmq.errors import ExitCode
 
 PROG = "broker queues"
@@ -33,7 +35,9 @@ class ApiError(Exception):
 
 def add_access_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http", metavar="HOST:PORT", default=DEFAULT_HTTP,
-                        help=f"the node's HTTP API (default: {DEFAULT_HTTP})")
+                        help=f"the node's HTTP API (default: {DEFAULT_HTTP}; https://HOST:PORT for one serving HTTPS)")
+    parser.add_argument("--cafile", metavar="PATH", help="the CA (PEM) an HTTPS server's certificate is verified "
+                        "with (default: the system's)")
     parser.add_argument("--user", metavar="NAME", help="a user of the broker's password file (an administrator, "
                         "for purge, delete and redrive)")
     parser.add_argument("--password-file", metavar="PATH",
@@ -59,13 +63,19 @@ def authorization(args: argparse.Namespace) -> str | None:
 def call(args: argparse.Namespace, method: str, path: str, query: dict[str, str] | None = None,
          timeout: float = 30.0) -> Any:
     """The JSON answer of the node; ApiError (the API's message) if it refuses or cannot be reached."""
-    url = f"http://{args.http}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    url = base_url(args.http) + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
     request = urllib.request.Request(url, method=method)
     auth = authorization(args)
     if auth:
         request.add_header("Authorization", auth)
+    context = None
+    if url.startswith("https://"):
+        try:
+            context = ssl.create_default_context(cafile=getattr(args, "cafile", None))
+        except (OSError, ssl.SSLError) as exc:
+            raise ApiError(0, f"--cafile: cannot load {args.cafile}: {exc}") from None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         try:

@@ -20,16 +20,17 @@ import binascii
 import hmac
 import importlib.resources
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 
 from shoalmq import __version__
-from shoalmq.broker.security import WRITE, Identity, is_loopback
-from shoalmq.config import HostPort
+from shoalmq.broker.security import WRITE, Identity, is_loopback, server_context
+from shoalmq.config import HostPort, base_url
 from shoalmq.errors import ConfigError, ShoalError, StartupError, os_error_text
 from shoalmq.ops import state
 from shoalmq.ops.metrics import registry_for, render
@@ -96,9 +97,15 @@ class OpsServer:
     async def start(self) -> None:
         listen = self.config.http_listen
         assert listen is not None
+        config = self.config
+        tls = None
+        if config.http_certfile is not None:
+            assert config.http_keyfile is not None
+            tls = server_context(config.http_certfile, config.http_keyfile, None, False)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True, backlog=128)
+        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True, backlog=128,
+                           ssl_context=tls)
         try:
             await site.start()
         except OSError as exc:
@@ -106,8 +113,9 @@ class OpsServer:
             self._runner = None
             raise StartupError(f"cannot listen for HTTP on {listen}: {os_error_text(exc)}") from None
         host, port = site._server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
-        self.address = str(HostPort(host, port))
-        log.info("HTTP API, metrics and dashboard on http://%s/", self.address)
+        # (what peers and the CLI reach it at: host:port for HTTP, with the scheme for HTTPS)
+        self.address = f"https://{HostPort(host, port)}" if tls is not None else str(HostPort(host, port))
+        log.info("HTTP API, metrics and dashboard on %s/", base_url(self.address))
 
     def started(self) -> None:
         """The node serves: sample the rates, publish ``$SYS``."""
@@ -213,13 +221,20 @@ class OpsServer:
                    params: dict[str, str] | None = None) -> tuple[int, Any]:
         """(status, JSON answer) of another node; status 0 if it did not answer."""
         if self._client is None:
-            self._client = ClientSession(timeout=ClientTimeout(total=PEER_TIMEOUT))
+            # A peer serving HTTPS is verified against the system's CAs and the CAs this node is given (its MQTT
+            # and cluster CAs): its certificate must name the address it registered.
+            verify = ssl.create_default_context()
+            for cafile in (self.config.cafile, self.config.cluster_cafile):
+                if cafile is not None:
+                    verify.load_verify_locations(cafile=str(cafile))
+            self._client = ClientSession(timeout=ClientTimeout(total=PEER_TIMEOUT),
+                                         connector=TCPConnector(ssl=verify))
         headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
         try:
-            async with self._client.request(method, f"http://{address}{path}", headers=headers,
+            async with self._client.request(method, f"{base_url(address)}{path}", headers=headers,
                                             params={**(params or {}), "scope": "local"}) as response:
                 return response.status, await response.json(content_type=None)
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (OSError, asyncio.TimeoutError, ValueError, ClientError) as exc:
             return 0, {"error": f"no answer from {address}: {exc or type(exc).__name__}"}
 
     async def _everyone(self, method: str, path: str, request: web.Request, local: Callable[[], Awaitable[Any]],
