@@ -74,7 +74,7 @@ class Node:
                         await cluster.start()
                     front_end = self.front_end = MqttFrontEnd(config, queues)
                     await front_end.start()
-                    loop.add_signal_handler(signal.SIGHUP, front_end.reload)
+                    loop.add_signal_handler(signal.SIGHUP, self._reload)
                     if self.http is not None:
                         self.http.started()
                     self.ready = True
@@ -101,6 +101,13 @@ class Node:
                     self.queues.close()
                 await store.close()
         log.info("stopped")
+
+    def _reload(self) -> None:
+        """SIGHUP: the password and ACL files and the TLS certificates, of MQTT and of HTTPS, are read again."""
+        if self.front_end is not None:
+            self.front_end.reload()
+        if self.http is not None:
+            self.http.reload()
 
     async def _start_http(self) -> None:
         if self.config.http_listen is None:

@@ -301,6 +301,22 @@ def test_the_http_api_over_https_with_the_cli_verifying_its_certificate(tmp_path
     assert listed.returncode == 0 and '"queues": []' in listed.stdout, listed.stderr
     refused = cli()  # (the system's CAs do not know this one)
     assert refused.returncode == 1 and "certificate verify failed" in refused.stderr, refused.stderr
+    # SIGHUP: a new certificate for new connections.
+    import signal
+    import socket
+
+    def serial() -> int:
+        with socket.create_connection(("127.0.0.1", broker.http_port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as tls:
+            return int(tls.getpeercert()["serialNumber"], 16)
+
+    first = serial()
+    renewed = authority.issue("localhost", server=True)
+    pair.cert.write_bytes(renewed.cert.read_bytes())
+    pair.key.write_bytes(renewed.key.read_bytes())
+    broker.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_until(lambda: "reloaded the HTTPS certificate" in broker.log, 10, "the reload")
+    assert serial() != first
     half = subprocess.run([str(BIN_DIR / "broker"), "--http-certfile", str(pair.cert), "--data-dir",
                            str(tmp_path / "d")], capture_output=True, text=True, timeout=30)
     assert half.returncode == 2 and "--http-certfile and --http-keyfile go together" in half.stderr

@@ -4,6 +4,7 @@ processes, real MQTT clients, real HTTP."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -212,6 +213,9 @@ def test_deleting_a_queue_of_a_cluster_removes_it_everywhere_and_a_node_away_dro
             key.startswith("orders/") for key in nodes.keys("partitions/"))
         assert "orders" in nodes.keys("deleted/") and nodes.keys("deleting/") == {}
         assert nodes.keys("dropped/") == {}
+        status = subprocess.run([str(BIN_DIR / "broker"), "cluster", "status", "--etcd", etcd.url, "--json"],
+                                capture_output=True, text=True, timeout=30, check=True)
+        assert json.loads(status.stdout)["down"] == {}  # (n3's copy of a deleted queue waits for nobody)
         for node in (a, b):
             assert http(f"{node.http}/v1/queues/orders")[0] == 404
             assert "queue orders deleted in the cluster" in node.log
@@ -312,7 +316,6 @@ def test_a_queue_deleted_under_load_loses_nothing_acknowledged_after_the_delete_
 
 def test_nodes_serving_https_answer_for_each_other_and_the_cli_finds_them_through_etcd(
         etcd: EtcdProcess, tmp_path: Path) -> None:
-    import json
     import ssl
     import urllib.request
 

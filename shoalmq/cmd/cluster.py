@@ -91,13 +91,15 @@ def read_status(etcd: Any, cluster: str) -> dict[str, Any]:
     stored = {node: load.get("stored_not_owned", {}) for node, load in loads.items()
               if load.get("stored_not_owned") and node in nodes}
     return {"cluster": cluster, "revision": revision, "nodes": nodes, "queues": queues, "partitions": partitions,
-            "stored_not_owned": stored, "down": _down(nodes, partitions, loads)}
+            "stored_not_owned": stored, "down": _down(nodes, queues, partitions, loads)}
 
 
-def _down(nodes: dict[str, Any], partitions: dict[str, Any], loads: dict[str, Any]) -> dict[str, Any]:
+def _down(nodes: dict[str, Any], queues: dict[str, Any], partitions: dict[str, Any],
+          loads: dict[str, Any]) -> dict[str, Any]:
     """The messages that wait on nodes that are not live, by their last load report (it outlives the node): those
     of the partitions they owned with one replica (a replicated partition's followers have its messages) and those
-    they stored without owning them."""
+    they stored without owning them; of the queues that still exist (a deleted queue's copy is dropped when the
+    node is back)."""
     down: dict[str, Any] = {}
     for node, load in loads.items():
         if node in nodes:
@@ -105,11 +107,11 @@ def _down(nodes: dict[str, Any], partitions: dict[str, Any], loads: dict[str, An
         waiting: dict[str, dict[str, int]] = {}
         for queue, parts in load.get("owned", {}).items():
             for index, depth in parts.items():
-                if depth and "replicas" not in partitions.get(f"{queue}/{index}", {}):
+                if depth and queue in queues and "replicas" not in partitions.get(f"{queue}/{index}", {}):
                     waiting.setdefault(queue, {})[index] = depth
         for queue, parts in load.get("stored_not_owned", {}).items():
             for index, depth in parts.items():
-                if depth:
+                if depth and queue in queues:
                     mine = waiting.setdefault(queue, {})
                     mine[index] = mine.get(index, 0) + depth
         if waiting:

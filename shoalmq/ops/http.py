@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 
 from shoalmq import __version__
-from shoalmq.broker.security import WRITE, Identity, is_loopback, server_context
+from shoalmq.broker.security import WRITE, Identity, is_loopback, load_certificates, server_context
 from shoalmq.config import HostPort, base_url
 from shoalmq.errors import ConfigError, ShoalError, StartupError, os_error_text
 from shoalmq.ops import state
@@ -69,6 +69,8 @@ class OpsServer:
         self._client: ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.address: str | None = None
+        #: The server's TLS context with ``http_certfile`` (``reload`` loads the files again into it).
+        self.tls: ssl.SSLContext | None = None
         self.app = self._make_app()
 
     # -- life -----------------------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ class OpsServer:
         tls = None
         if config.http_certfile is not None:
             assert config.http_keyfile is not None
-            tls = server_context(config.http_certfile, config.http_keyfile, None, False)
+            tls = self.tls = server_context(config.http_certfile, config.http_keyfile, None, False)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True, backlog=128,
@@ -116,6 +118,17 @@ class OpsServer:
         # (what peers and the CLI reach it at: host:port for HTTP, with the scheme for HTTPS)
         self.address = f"https://{HostPort(host, port)}" if tls is not None else str(HostPort(host, port))
         log.info("HTTP API, metrics and dashboard on %s/", base_url(self.address))
+
+    def reload(self) -> None:
+        """SIGHUP: load the HTTPS certificate and key again (new connections get them; open ones stay)."""
+        config = self.config
+        if self.tls is None or config.http_certfile is None or config.http_keyfile is None:
+            return
+        try:
+            load_certificates(self.tls, config.http_certfile, config.http_keyfile, None)
+            log.info("reloaded the HTTPS certificate %s", config.http_certfile)
+        except ShoalError as exc:
+            log.error("reload: %s; the HTTP server keeps the previous certificate", exc)
 
     def started(self) -> None:
         """The node serves: sample the rates, publish ``$SYS``."""
