@@ -199,7 +199,6 @@ def main() -> int:
                 rows.append((n, size, shoal, other))
     if args.metrics:
         return print_metrics(args, rows)
-    med = statistics.median
     what = "an ordinary topic" if args.ordinary else "ShoalMQ fsync'd $queue/ vs mosquitto's shared subscription"
     what += ", over TLS" if args.tls else ""
     fan = f", {args.consumers} consumers" if args.consumers is not None else ""
@@ -208,21 +207,26 @@ def main() -> int:
           "| throughput ratio | CPU ratio | lost/dup (ShoalMQ, mosquitto) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, size, shoal, mosq in rows:
-        def m(runs: list[dict], key: str) -> float:
-            return med(r[key] for r in runs)
         s_rate, q_rate = m(shoal, "delivered_per_s"), m(mosq, "delivered_per_s")
         s_cpu, q_cpu = m(shoal, "broker_cpu_per_100k"), m(mosq, "broker_cpu_per_100k")
-        lost = (sum(r["lost"] for r in shoal), sum(r["duplicates"] for r in shoal),
-                sum(r["lost"] for r in mosq), sum(r["duplicates"] for r in mosq))
         print(f"| {n}/{args.consumers or n} | {size} B | {s_rate:,.0f} | {m(shoal, 'latency_p50_ms'):.1f}/"
               f"{m(shoal, 'latency_p99_ms'):.1f} | {s_cpu:.2f} | {q_rate:,.0f} | {m(mosq, 'latency_p50_ms'):.1f}/"
               f"{m(mosq, 'latency_p99_ms'):.1f} | {q_cpu:.2f} | {s_rate / q_rate:.2f}x | {s_cpu / q_cpu:.2f}x | "
-              f"{lost[0]}/{lost[1]}, {lost[2]}/{lost[3]} |")
+              f"{lost_dup(shoal)}, {lost_dup(mosq)} |")
     return 0
 
 
+def m(runs: list[dict], key: str) -> float:
+    """The median of one figure over the rounds."""
+    return statistics.median(r[key] for r in runs)
+
+
+def lost_dup(runs: list[dict]) -> str:
+    """Messages lost and duplicated over the rounds, ``lost/dup``."""
+    return f"{sum(r['lost'] for r in runs)}/{sum(r['duplicates'] for r in runs)}"
+
+
 def print_metrics(args: argparse.Namespace, rows: list) -> int:
-    med = statistics.median
     what = "an ordinary topic" if args.ordinary else "$queue/"
     print(f"{args.messages} QoS {args.qos} messages per run, {args.rounds} rounds, medians; ShoalMQ {what}, "
           f"metrics off (no HTTP, no $SYS) vs on (/metrics scraped every {args.scrape_interval:g} s, $SYS every 1 s)")
@@ -230,16 +234,12 @@ def print_metrics(args: argparse.Namespace, rows: list) -> int:
           "| CPU on/off | scrapes, median ms | lost/dup (off, on) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, size, on, off in rows:
-        def m(runs: list[dict], key: str) -> float:
-            return med(r[key] for r in runs)
         on_rate, off_rate = m(on, "delivered_per_s"), m(off, "delivered_per_s")
         on_cpu, off_cpu = m(on, "broker_cpu_per_100k"), m(off, "broker_cpu_per_100k")
         scrapes = [d for r in on for d in r["scrapes"]]
-        lost = (sum(r["lost"] for r in off), sum(r["duplicates"] for r in off),
-                sum(r["lost"] for r in on), sum(r["duplicates"] for r in on))
         print(f"| {n}/{args.consumers or n} | {size} B | {off_rate:,.0f} | {off_cpu:.2f} | {on_rate:,.0f} | "
               f"{on_cpu:.2f} | {on_rate / off_rate:.3f}x | {on_cpu / off_cpu:.3f}x | {len(scrapes)}, "
-              f"{med(scrapes) * 1000 if scrapes else 0:.1f} | {lost[0]}/{lost[1]}, {lost[2]}/{lost[3]} |")
+              f"{statistics.median(scrapes) * 1000 if scrapes else 0:.1f} | {lost_dup(off)}, {lost_dup(on)} |")
     return 0
 
 

@@ -49,7 +49,6 @@ class Coordinator:
         self.load = LoadReport(etcd, membership, self.view, manager)
         #: Proxy routing's consumer side (None in direct mode).
         self.router: Router | None = Router(manager, self.view) if routing == "proxy" else None
-        self.etcd = etcd
         self.started = False
         self._confirming: set[asyncio.Task[None]] = set()
 

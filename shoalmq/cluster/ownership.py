@@ -71,10 +71,6 @@ class Ownership:
         self._task: asyncio.Task[None] | None = None
         #: Partitions claimed but whose key the watch may not have shown yet.
         self._claimed_recently: set[Partition] = set()
-        #: Each partition's owner as last seen, and the owner of each whose key went away since (for the log line
-        #: of a claim: why the partition was free).
-        self._seen_owners: dict[Partition, str] = {}
-        self._former: dict[Partition, str] = {}
 
     # -- the answers ------------------------------------------------------------------------------------------
 
@@ -150,13 +146,6 @@ class Ownership:
     def _owners_updated(self) -> None:
         # A key of ours that is gone (or now someone else's) is no longer ours, whatever we thought.
         owners, mine, records = self.view.owners, self.view.mine, self.view.records
-        seen = self._seen_owners
-        for part in [p for p in seen if p not in owners]:
-            self._former[part] = seen.pop(part)
-        for part, owner in owners.items():
-            if seen.get(part) != owner.node:
-                seen[part] = owner.node
-                self._former.pop(part, None)
         lost = [p for p, epoch in mine.items() if p not in records
                 and ((o := owners.get(p)) is None or o.node != self.node_id or o.epoch != epoch)]
         gone = False
@@ -272,7 +261,7 @@ class Ownership:
         stats.COUNTERS.leader_changes += 1
         self.manager.set_epoch(*part, revision)  # stored with the partition (its leader epoch, for replication)
         self._changed()  # deliver from it at once; publishes that waited for it go first
-        former = self._former.pop(part, None)
+        former = self.view.former.pop(part, None)
         why = ("it had no owner" if former is None else f"handed over by node {former}"
                if former in self.membership.nodes else f"node {former} is gone (it left, or its lease expired)")
         log.info("partition %s/%d owned here from epoch %d: %s", part[0], part[1], revision, why)

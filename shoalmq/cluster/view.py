@@ -59,16 +59,16 @@ class ClusterView:
         self.dropped_prefix = f"/{self.cluster}/dropped/".encode()
         #: Queue name -> its settings as stored in etcd.
         self.definitions: dict[str, QueueConfig] = {}
-        #: Queue name -> the etcd create revision of its definition: which incarnation of the queue it is (a queue
-        #: deleted and created again is a new one).
+        #: Queue name -> the etcd create revision of its definition, for the definitions the watch showed: which
+        #: incarnation of the queue it is (a queue deleted and created again is a new one). Not those a define put
+        #: in ``definitions`` before the watch shows them: only one of these missing from a new snapshot was deleted.
         self.revisions: dict[str, int] = {}
-        #: The definitions the watch showed (not those a define put in ``definitions`` before the watch shows them):
-        #: only one of these missing from a new snapshot was deleted.
-        self._watched: set[str] = set()
         #: (queue, partition) -> its owner as recorded in etcd.
         self.owners: dict[Partition, Owner] = {}
         #: (queue, partition) -> the highest epoch the view has shown (kept when the key goes).
         self.max_epoch: dict[Partition, int] = {}
+        #: (queue, partition) -> the node whose key of it the watch last showed deleted (why a claim found it free).
+        self.former: dict[Partition, str] = {}
         #: (queue, partition) -> epoch, for the partitions this node holds the key of and writes to (kept by
         #: ``Ownership``: a partition is here only while this node may write it, lease permitting), or leads (kept
         #: by ``Replicator``; those have a record, and are held without the lease: see ``held``).
@@ -112,7 +112,12 @@ class ClusterView:
     def _queues_snapshot(self, kvs: list[KeyValue]) -> None:
         # (a watch that started again after a compaction: a definition that went meanwhile was deleted)
         present = {kv.key[len(self.queues_prefix):].decode(errors="replace") for kv in kvs}
-        self._queues_apply(kvs, [name for name in self._watched if name not in present])
+        for name in [name for name in self.revisions if name not in present]:
+            self._deleted(name)
+        for kv in kvs:
+            self._define(kv)
+        for callback in self.on_definitions:
+            callback()
 
     def _queues_events(self, events: list[WatchEvent]) -> None:
         for event in events:  # (in order: a queue deleted and created again is dropped, then defined anew)
@@ -123,17 +128,8 @@ class ClusterView:
         for callback in self.on_definitions:
             callback()
 
-    def _queues_apply(self, kvs: list[KeyValue], deleted: list[str]) -> None:
-        for name in deleted:
-            self._deleted(name)
-        for kv in kvs:
-            self._define(kv)
-        for callback in self.on_definitions:
-            callback()
-
     def _define(self, kv: KeyValue) -> None:
         name = kv.key[len(self.queues_prefix):].decode(errors="replace")
-        self._watched.add(name)
         self.revisions[name] = kv.create_revision
         try:
             self.definitions[name] = parse_definition(kv.value)
@@ -141,7 +137,6 @@ class ClusterView:
             log.error("queue %s has unusable settings in etcd (%s); ignoring it", name, exc)
 
     def _deleted(self, name: str) -> None:
-        self._watched.discard(name)
         self.revisions.pop(name, None)
         if self.definitions.pop(name, None) is not None:
             for callback in self.on_deleted:
@@ -162,7 +157,9 @@ class ClusterView:
                 self._owner_put(event.kv)
             else:
                 part = self._partition_of(event.kv.key)
-                self.owners.pop(part, None)
+                gone = self.owners.pop(part, None)
+                if gone is not None and part not in self.records:
+                    self.former[part] = gone.node
                 self.records.pop(part, None)
         self._owners_changed()
 

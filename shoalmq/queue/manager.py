@@ -1193,14 +1193,18 @@ class QueueManager:
         else:
             raise QueueInUse(f"queue {name!r} still holds messages being written or delivered; try again")
         queue.purged -= removed  # (counted as deleted, not purged)
-        del self._queues[name]
+        self._forget(queue)
+        self.store.drop_queue(name)
+        await self.store.flush()
+        return removed
+
+    def _forget(self, queue: Queue) -> None:
+        """Take an open queue out of the manager's tables (its partitions stay in the store)."""
+        del self._queues[queue.name]
         self._dispatch_scheduled.discard(queue)
         for part in queue.partitions:
             self._by_pid.pop(part.pid, None)
         self._topics.clear()
-        self.store.drop_queue(name)
-        await self.store.flush()
-        return removed
 
     def drop(self, name: str) -> dict[int, int]:
         """On a cluster, the queue was deleted (its definition is gone from etcd): forget it here at once, whatever
@@ -1209,7 +1213,7 @@ class QueueManager:
         for it); a late ack of a message in flight counts for nothing. A consumer connected here that is still
         subscribed (one that subscribed as the delete began) keeps its subscription: it is given the queue again if
         the queue is created anew. Returns how many messages went, per partition."""
-        queue = self._queues.pop(name, None)
+        queue = self._queues.get(name)
         removed: dict[int, int] = {}
         if queue is None:  # (stored, never opened here: its partitions are still to be read to be cut)
             parts = [self.store.partition(q, i) for q, i in self.store.known_partitions() if q == name]
@@ -1227,10 +1231,7 @@ class QueueManager:
                     del state.inflight[delivery]
                 if not state.queues and not state.inflight:
                     del self._consumers[id(consumer)]
-            self._dispatch_scheduled.discard(queue)
-            for part in parts:
-                self._by_pid.pop(part.pid, None)
-            self._topics.clear()
+            self._forget(queue)
             if local:
                 self._consumers_changed((name,))
         for part in parts:
